@@ -1,0 +1,68 @@
+"""Every exception lorafleet raises on purpose. Nothing here knows about HTTP.
+
+Each category also inherits the builtin it stands for, so callers that only know Python
+can still catch it (`except ValueError`). `lorafleet.api.errors` is the one place that maps
+these categories to HTTP status codes. To add an error: subclass the closest category and
+give it a docstring saying when it is raised.
+"""
+
+from __future__ import annotations
+
+
+class LorafleetError(Exception):
+    """Root of every error raised on purpose."""
+
+
+class InvalidRequest(LorafleetError, ValueError):
+    """The caller asked for something malformed or impossible (HTTP 400)."""
+
+
+class NotFound(LorafleetError, LookupError):
+    """A named thing does not exist, or the caller may not see it (HTTP 404)."""
+
+
+class Conflict(LorafleetError, ValueError):
+    """The request is well formed but contradicts the current state (HTTP 422).
+
+    Never mapped to 409: the Tinker SDK retries 409 for minutes.
+    """
+
+
+class Unauthorized(LorafleetError, PermissionError):
+    """No valid API key was presented (HTTP 401)."""
+
+
+class Expired(LorafleetError, LookupError):
+    """The thing existed but its retention ran out (HTTP 410)."""
+
+
+class NoCapacity(LorafleetError, RuntimeError):
+    """Transient: no free slot, a full queue, or the loader is busy (HTTP 429 + Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Corrupt(LorafleetError, OSError):
+    """Stored bytes do not match their recorded digest; they are never served (HTTP 500)."""
+
+
+class UnknownBaseModel(NotFound):
+    """No base model is registered under the requested name."""
+
+
+class IncompatibleAdapter(InvalidRequest):
+    """An adapter's shapes, rank or target modules do not fit the base model."""
+
+
+class BadTokens(InvalidRequest):
+    """Token ids outside the vocabulary, or an empty prompt."""
+
+
+class UnknownLoss(InvalidRequest):
+    """A loss function name that does not exist."""
+
+
+class MissingLossInput(InvalidRequest):
+    """A datum lacks an input its loss function needs, or has the wrong shape."""
