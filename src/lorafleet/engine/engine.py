@@ -1,0 +1,248 @@
+"""Engine: one resident base model executing training and sampling for many adapters.
+
+Synchronous and single-threaded by design: the API runs it in one worker thread and feeds
+it batches. Adapters are addressed by engine-assigned integer handles; adding or removing
+one never touches the base weights (the LoRA layers read the batch's adapters from the
+runtime, see lora/layers.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lorafleet.engine.batch import right_pad, row_operands
+from lorafleet.engine.generate import generate
+from lorafleet.engine.types import SampleRequest, SampleResult
+from lorafleet.errors import BadTokens, InvalidRequest, NotFound
+from lorafleet.lora.inject import inject
+from lorafleet.lora.io import from_peft_tensors, to_peft_tensors
+from lorafleet.lora.spec import LoraSpec
+from lorafleet.lora.weights import LoraWeights
+from lorafleet.model.registry import LoadedBase
+from lorafleet.train import losses
+from lorafleet.train.optim import AdamState, adamw_step
+from lorafleet.train.types import AdamParams, FwdBwdRequest, FwdBwdResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Live:
+    """An adapter resident in the engine: trainable fp32 leaves and their Adam state."""
+
+    weights: LoraWeights
+    params: list[Tensor]
+    opt: AdamState
+
+
+def _leaves(weights: LoraWeights) -> tuple[LoraWeights, list[Tensor]]:
+    pairs, params = {}, []
+    for path, (a, b) in weights.pairs.items():
+        a = a.detach().to(torch.float32).clone().requires_grad_(True)
+        b = b.detach().to(torch.float32).clone().requires_grad_(True)
+        pairs[path] = (a, b)
+        params += [a, b]
+    return LoraWeights(weights.spec, pairs), params
+
+
+class Engine:
+    """Trains and samples any number of LoRA adapters over one frozen base model."""
+
+    def __init__(self, base: LoadedBase) -> None:
+        self.base = base
+        self.info = base.info
+        self.runtime = inject(base.model, base.info.lora_modules)
+        self._adapters: dict[int, _Live] = {}
+        self._next_handle = 1
+
+    # ---- adapters -------------------------------------------------------------------------
+
+    def create_adapter(self, spec: LoraSpec, seed: int | None = None, weights: LoraWeights | None = None) -> int:
+        """Register an adapter (fresh PEFT-style init, or `weights`); returns its handle."""
+        if weights is None:
+            weights = LoraWeights.init(self.info, spec, seed)
+        elif weights.spec != spec:
+            raise InvalidRequest("weights.spec differs from spec")
+        live_w, params = _leaves(weights.checked(self.info))
+        handle = self._next_handle
+        self._next_handle += 1
+        self._adapters[handle] = _Live(live_w, params, AdamState.zeros(params))
+        return handle
+
+    def remove_adapter(self, handle: int) -> None:
+        self._live(handle)
+        del self._adapters[handle]
+
+    def has_adapter(self, handle: int) -> bool:
+        return handle in self._adapters
+
+    @property
+    def adapter_count(self) -> int:
+        return len(self._adapters)
+
+    def spec(self, handle: int) -> LoraSpec:
+        return self._live(handle).weights.spec
+
+    def get_weights(self, handle: int) -> LoraWeights:
+        """A detached copy of the adapter's current weights."""
+        return self._live(handle).weights.clone()
+
+    def set_weights(self, handle: int, weights: LoraWeights, reset_optimizer: bool = True) -> None:
+        """Replace the adapter's weights in place (same handle); pending gradients are dropped."""
+        live = self._live(handle)
+        if weights.spec != live.weights.spec:
+            raise InvalidRequest(f"weights have spec {weights.spec}, adapter has {live.weights.spec}")
+        live.weights, live.params = _leaves(weights.checked(self.info))
+        if reset_optimizer:
+            live.opt = AdamState.zeros(live.params)
+
+    def get_tensors(self, handle: int) -> dict[str, Tensor]:
+        """The adapter's tensors under PEFT key names."""
+        return to_peft_tensors(self._live(handle).weights)
+
+    def set_tensors(self, handle: int, tensors: dict[str, Tensor]) -> None:
+        self.set_weights(handle, from_peft_tensors(self.spec(handle), tensors))
+
+    def optimizer_state(self, handle: int) -> dict[str, Tensor]:
+        return self._live(handle).opt.to_tensors()
+
+    def load_optimizer_state(self, handle: int, state: dict[str, Tensor]) -> None:
+        live = self._live(handle)
+        live.opt = AdamState.from_tensors(state, live.params)
+
+    def discard_grads(self, handle: int) -> None:
+        for p in self._live(handle).params:
+            p.grad = None
+
+    def has_grads(self, handle: int) -> bool:
+        return any(p.grad is not None for p in self._live(handle).params)
+
+    def _live(self, handle: int) -> _Live:
+        try:
+            return self._adapters[handle]
+        except KeyError:
+            raise NotFound(f"no adapter with handle {handle} in this engine") from None
+
+    # ---- training -------------------------------------------------------------------------
+
+    def validate(self, req: FwdBwdRequest) -> None:
+        """Raise a typed error if `req` cannot run; cheap, no model work."""
+        self._live(req.adapter)
+        losses.resolve_config(req.loss_fn, req.loss_config)
+        if not req.data:
+            raise InvalidRequest("forward_backward needs at least one datum")
+        for i, d in enumerate(req.data):
+            n = int(d.tokens.shape[0]) if d.tokens.ndim == 1 else -1
+            if n < 1:
+                raise BadTokens(f"datum {i}: model_input must be a non-empty 1-D token sequence")
+            self._check_ids(d.tokens, f"datum {i} model_input")
+            losses.check_inputs(req.loss_fn, n, d.loss_inputs)
+            self._check_ids(d.loss_inputs["target_tokens"], f"datum {i} target_tokens")
+            if n > self.info.max_context:
+                raise InvalidRequest(f"datum {i}: {n} tokens exceed the context of {self.info.max_context}")
+
+    def _check_ids(self, ids: Tensor, what: str) -> None:
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise BadTokens(f"{what}: token ids must be integers, got {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.info.vocab_size):
+            raise BadTokens(f"{what}: token ids must be in [0, {self.info.vocab_size}); got {int(ids.min())}..{int(ids.max())}")
+
+    def forward_backward(self, reqs: list[FwdBwdRequest]) -> list[FwdBwdResult]:
+        """Run every request in one fused forward (and one backward for the trainable ones).
+
+        Each adapter's gradient equals what it would get alone: losses are sums and rows of
+        different adapters share no trainable tensor. Gradients accumulate until optim_step.
+        """
+        for req in reqs:
+            self.validate(req)
+        configs = [losses.resolve_config(r.loss_fn, r.loss_config) for r in reqs]
+        train = any(not r.forward_only for r in reqs)
+        # one slot per request: forward-only requests see detached weights (no gradient)
+        slots = [self._slot_weights(r) for r in reqs]
+        rows = [(ri, d) for ri, r in enumerate(reqs) for d in r.data]
+        slot_B = torch.tensor([ri for ri, _ in rows])
+        tokens_BT = right_pad([d.tokens.to(torch.int64) for _, d in rows], pad=0)
+        targets_BT = right_pad([d.loss_inputs["target_tokens"].to(torch.int64) for _, d in rows], pad=0)
+        with torch.set_grad_enabled(train):
+            operands = row_operands(slots, slot_B, self.base.dtype)
+            # right padding needs no mask: causal attention never looks at later positions
+            with self.runtime.use(operands):
+                logits_BTV = self.base.model(input_ids=tokens_BT, use_cache=False).logits
+            lp_BT = -F.cross_entropy(
+                logits_BTV.float().flatten(0, 1), targets_BT.flatten(), reduction="none"
+            ).view(targets_BT.shape)
+            outputs: list[list[dict[str, Tensor]]] = [[] for _ in reqs]
+            sums: list[Tensor] = [lp_BT.new_zeros(()) for _ in reqs]
+            for b, (ri, d) in enumerate(rows):
+                n = d.tokens.shape[0]
+                loss_N = losses.elementwise_loss(reqs[ri].loss_fn, lp_BT[b, :n], d.loss_inputs, configs[ri])
+                sums[ri] = sums[ri] + loss_N.sum()
+                outputs[ri].append({"logprobs": lp_BT[b, :n].detach().clone(), "elementwise_loss": loss_N.detach().clone()})
+            total = sum((s for s, r in zip(sums, reqs) if not r.forward_only), lp_BT.new_zeros(()))
+            if train and total.requires_grad:
+                total.backward()
+        return [
+            FwdBwdResult(outputs=out, metrics={"loss:sum": float(s.detach())})
+            for out, s in zip(outputs, sums)
+        ]
+
+    def _slot_weights(self, req: FwdBwdRequest) -> LoraWeights:
+        w = self._live(req.adapter).weights
+        if not req.forward_only:
+            return w
+        return LoraWeights(w.spec, {p: (a.detach(), b.detach()) for p, (a, b) in w.pairs.items()})
+
+    def optim_step(self, handle: int, hp: AdamParams) -> dict[str, float]:
+        """Apply AdamW to the accumulated gradients, then clear them."""
+        live = self._live(handle)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in live.params]
+        metrics = adamw_step(live.params, grads, live.opt, hp)
+        if not all(math.isfinite(float(p.detach().abs().max())) for p in live.params[:2]):
+            log.warning("adapter %d has non-finite weights after a step", handle)
+        self.discard_grads(handle)
+        return metrics
+
+    # ---- sampling -------------------------------------------------------------------------
+
+    def validate_sample(self, req: SampleRequest) -> None:
+        p = req.params
+        if req.adapter is not None:
+            self._live(req.adapter)
+        if not req.prompt:
+            raise BadTokens("the prompt is empty: give at least one token")
+        self._check_ids(torch.tensor(req.prompt, dtype=torch.int64), "prompt")
+        if p.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be >= 1, got {p.max_tokens}")
+        if req.num_samples < 1:
+            raise InvalidRequest(f"num_samples must be >= 1, got {req.num_samples}")
+        if len(req.prompt) + p.max_tokens > self.info.max_context:
+            raise InvalidRequest(
+                f"prompt ({len(req.prompt)} tokens) + max_tokens ({p.max_tokens}) exceeds the "
+                f"context length {self.info.max_context} of {self.info.name}"
+            )
+        if not (p.temperature >= 0 and math.isfinite(p.temperature)):
+            raise InvalidRequest(f"temperature must be >= 0, got {p.temperature}")
+        if not 0 < p.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}")
+        if p.top_k < -1:
+            raise InvalidRequest(f"top_k must be -1 (off) or >= 0, got {p.top_k}")
+        if p.stop_token_ids is not None:
+            self._check_ids(torch.tensor(list(p.stop_token_ids), dtype=torch.int64), "stop token ids")
+
+    def sample(self, reqs: list[SampleRequest]) -> list[SampleResult]:
+        """Sample all requests in one decode batch (rows of many adapters together)."""
+        for req in reqs:
+            self.validate_sample(req)
+        adapters = [self._slot_weights_for_sampling(r.adapter) for r in reqs]
+        return generate(self.base.model, self.runtime, self.base.tokenizer, self.base.eos_token_id, reqs, adapters)
+
+    def _slot_weights_for_sampling(self, handle: int | None) -> LoraWeights | None:
+        if handle is None:
+            return None
+        return self._live(handle).weights

