@@ -1,0 +1,167 @@
+"""References and names: parse `owner/name[:alias|@rev]`, `tinker://...`, alias gates, ids.
+
+Pure string handling; every malformed input raises InvalidRequest naming what is wrong.
+
+Reference forms (`parse_ref`):
+    owner/name                 the latest revision (or the explicit `latest` alias if set)
+    owner/name:alias           what the alias points at
+    owner/name@rev_01J...      a revision id (or a unique prefix of one)
+    owner/name@3f2a9c          a unique prefix (>= 6 hex) of a revision's sha256; `@sha256:<hex>`
+    rev_01J...                 a revision id on its own
+    tinker://<run>/{weights|sampler_weights}/<name>   a path the Tinker API published
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+from lorafleet.errors import InvalidRequest
+
+_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+OWNER_RE = re.compile(rf"^{_PART}$")
+ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_POLICY_RE = re.compile(rf"^({_PART})/({_PART})$")
+_REF_RE = re.compile(rf"^({_PART})/({_PART})(?:(:)([^@:/]*)|(@)([^@:/]*))?$")
+_REV_ID_RE = re.compile(r"^rev_[0-9a-hjkmnp-tv-z]{26}$")
+_REV_PREFIX_RE = re.compile(r"^rev_[0-9a-hjkmnp-tv-z]{1,26}$")
+_HEX_PREFIX_RE = re.compile(r"^[0-9a-f]{6,64}$")
+_TINKER_RE = re.compile(r"^(?:tinker|mint)://([^/\s]+)/(weights|sampler_weights)/([^/\s]+)$")
+_GATE_RE = re.compile(r"^\s*([A-Za-z0-9_.:/-]+)\s*(>=|<=|==|>|<)\s*([-+0-9.eE]+|inf|-inf)\s*$")
+LATEST = "latest"
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+class RefKind(StrEnum):
+    LATEST = "latest"
+    ALIAS = "alias"
+    REVISION = "revision"  # by id or id prefix
+    HASH = "hash"  # by sha256 prefix
+    TINKER = "tinker"
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """A parsed reference. `owner`/`name` are empty for bare revision ids and tinker paths."""
+
+    kind: RefKind
+    owner: str
+    name: str
+    value: str  # alias name, revision id (prefix), hash prefix or normalized tinker path
+    text: str
+
+    @property
+    def policy(self) -> str:
+        return f"{self.owner}/{self.name}"
+
+
+def parse_policy_name(text: str) -> tuple[str, str]:
+    """`owner/name` -> (owner, name)."""
+    m = _POLICY_RE.match(text or "")
+    if not m:
+        raise InvalidRequest(
+            f"invalid policy name {text!r}: expected owner/name, each 1-64 of [A-Za-z0-9._-] "
+            "starting with a letter or digit"
+        )
+    return m.group(1), m.group(2)
+
+
+def check_alias(name: str) -> str:
+    if not ALIAS_RE.match(name or ""):
+        raise InvalidRequest(
+            f"invalid alias {name!r}: 1-64 of [a-z0-9._-], starting with a letter or digit"
+        )
+    return name
+
+
+def parse_ref(text: str) -> Ref:
+    text = (text or "").strip()
+    if text.startswith(("tinker://", "mint://")):
+        return Ref(RefKind.TINKER, "", "", normalize_tinker_path(text), text)
+    if _REV_ID_RE.match(text):
+        return Ref(RefKind.REVISION, "", "", text, text)
+    m = _REF_RE.match(text)
+    if not m:
+        raise InvalidRequest(
+            f"invalid reference {text!r}: expected owner/name, owner/name:alias, "
+            "owner/name@<revision id or sha256 prefix>, rev_<id> or tinker://<run>/weights/<name>"
+        )
+    owner, name = m.group(1), m.group(2)
+    if m.group(3):
+        alias = check_alias(m.group(4))
+        kind = RefKind.LATEST if alias == LATEST else RefKind.ALIAS
+        return Ref(kind, owner, name, alias, text)
+    if m.group(5):
+        return _parse_at(owner, name, m.group(6), text)
+    return Ref(RefKind.LATEST, owner, name, LATEST, text)
+
+
+def _parse_at(owner: str, name: str, at: str, text: str) -> Ref:
+    if at.startswith("sha256:"):
+        at = at[len("sha256:"):]
+    if _REV_PREFIX_RE.match(at):
+        return Ref(RefKind.REVISION, owner, name, at, text)
+    if _HEX_PREFIX_RE.match(at.lower()):
+        return Ref(RefKind.HASH, owner, name, at.lower(), text)
+    raise InvalidRequest(
+        f"invalid revision selector {at!r} in {text!r}: expected a revision id (rev_...) "
+        "or at least 6 hex digits of its sha256"
+    )
+
+
+def normalize_tinker_path(text: str) -> str:
+    """Accept `tinker://` and `mint://` alike; store and look up the `tinker://` form."""
+    m = _TINKER_RE.match(text.strip())
+    if not m:
+        raise InvalidRequest(
+            f"invalid tinker path {text!r}: expected tinker://<run>/weights/<name> "
+            "or tinker://<run>/sampler_weights/<name>"
+        )
+    return f"tinker://{m.group(1)}/{m.group(2)}/{m.group(3)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """`metric OP value`: an alias may move only to a revision whose evaluation passes."""
+
+    metric: str
+    op: str
+    value: float
+
+    def passes(self, observed: float) -> bool:
+        return {
+            ">=": observed >= self.value, ">": observed > self.value,
+            "<=": observed <= self.value, "<": observed < self.value,
+            "==": observed == self.value,
+        }[self.op]
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
+
+
+def parse_gate(text: str) -> Gate:
+    m = _GATE_RE.match(text or "")
+    if not m:
+        raise InvalidRequest(f"invalid gate {text!r}: expected METRIC>=VALUE (also > <= < ==)")
+    try:
+        value = float(m.group(3))
+    except ValueError:
+        raise InvalidRequest(f"invalid gate {text!r}: {m.group(3)!r} is not a number") from None
+    return Gate(m.group(1), m.group(2), value)
+
+
+def new_id(prefix: str) -> str:
+    """`<prefix>_` + 26 Crockford base32 chars: 48-bit ms time then 80 random bits (ULID).
+
+    Lexicographic order is creation order (to the millisecond), which keeps index inserts
+    append-mostly and makes ids usable as pagination cursors.
+    """
+    n = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        n, r = divmod(n, 32)
+        chars.append(_CROCKFORD[r])
+    return f"{prefix}_{''.join(reversed(chars))}"

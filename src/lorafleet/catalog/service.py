@@ -1,0 +1,595 @@
+"""Catalog use cases: the Python API behind the CLI, the HTTP routes and the servers.
+
+Every call takes the `Principal` asking. A tenant sees its own policies and public ones;
+anything else is reported exactly like a name that does not exist (NotFound), so existence is
+never confirmed. Writes need ownership (or admin).
+
+Publishing is ordered for crash safety: blobs are written and fsynced first (store/blobs.py),
+then one transaction inserts the revision row, its file rows and any alias moves. A crash
+before the commit leaves only unreferenced blobs, which `gc` removes; nobody can resolve a
+revision before its row commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import Connection
+from sqlalchemy.exc import IntegrityError
+
+from lorafleet.catalog import repo
+from lorafleet.catalog.records import (
+    Alias, AliasEvent, CheckReport, Comparison, Evaluation, GcReport, Lineage, LoraConfig,
+    MetricDelta, Page, Policy, PolicyId, Principal, Provenance, Revision, RevisionId,
+    RevisionKind, LOCAL_TENANT,
+)
+from lorafleet.catalog.refs import (
+    LATEST, OWNER_RE, Gate, Ref, RefKind, check_alias, new_id, normalize_tinker_path,
+    parse_gate, parse_policy_name, parse_ref,
+)
+from lorafleet.db import Database, open_database, upgrade
+from lorafleet.errors import Conflict, Corrupt, Expired, IncompatibleAdapter, InvalidRequest, NotFound, Unauthorized
+from lorafleet.lora.spec import LoraSpec
+from lorafleet.store.blobs import BlobStore, open_store
+from lorafleet.store.manifest import Manifest
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+OPTIMIZER_FILE = "optimizer_state.safetensors"  # required in kind=state revisions
+KEY_PREFIX = "tml-"  # the Tinker SDK only accepts keys that start with this
+MAX_PAGE = 1000
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def hash_key(key: str) -> str:
+    """Keys are 32 random bytes, so a plain sha256 is enough (no password-style stretching)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Catalog:
+    """Policies, revisions, aliases, evaluations, lineage, tenants: over one DB and one store."""
+
+    def __init__(self, db: Database, store: BlobStore, clock: Callable[[], datetime] = _now) -> None:
+        self.db = db
+        self.store = store
+        self.clock = clock
+
+    @classmethod
+    def open(cls, database_url: str, store_url: str, *, migrate: bool = True) -> Catalog:
+        """Open (and by default migrate to head) the catalog at `database_url`."""
+        db = open_database(database_url)
+        if migrate:
+            upgrade(db)
+        cat = cls(db, open_store(store_url))
+        with db.write() as conn:
+            repo.ensure_tenant(conn, LOCAL_TENANT, cat.clock())
+        return cat
+
+    def close(self) -> None:
+        self.db.dispose()
+
+    # ---- tenants and keys ---------------------------------------------------------------
+
+    def create_tenant(self, name: str) -> None:
+        if not OWNER_RE.match(name or ""):
+            raise InvalidRequest(f"invalid tenant name {name!r}: 1-64 of [A-Za-z0-9._-]")
+        with self.db.write() as conn:
+            repo.ensure_tenant(conn, name, self.clock())
+
+    def create_key(self, tenant: str, label: str | None = None) -> str:
+        """A new API key for `tenant` (created if missing). The plaintext is returned once only."""
+        self.create_tenant(tenant)
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        with self.db.write() as conn:
+            repo.insert_key(conn, hash_key(key), tenant, label, self.clock())
+        return key
+
+    def principal_for_key(self, key: str) -> Principal:
+        with self.db.read() as conn:
+            tenant = repo.tenant_for_key(conn, hash_key(key or ""))
+        if tenant is None:
+            raise Unauthorized("invalid API key")
+        return Principal(tenant)
+
+    # ---- policies -----------------------------------------------------------------------
+
+    def create_policy(
+        self, who: Principal, name: str, base_model: str, lora: LoraConfig | LoraSpec, *,
+        base_digest: str | None = None, public: bool = False,
+        metadata: Mapping[str, str] | None = None, parent: str | None = None,
+        tinker_run_id: str | None = None,
+    ) -> Policy:
+        """Register `owner/name`. `parent` (a reference) branches it from an existing revision."""
+        owner, short = parse_policy_name(name)
+        if not who.can_write(owner):
+            raise InvalidRequest(f"tenant {who.tenant!r} cannot create policies owned by {owner!r}")
+        metadata = _check_metadata(metadata or {})
+        lora = _lora_config(lora)
+        parent_id = self.resolve(parent, who).id if parent else None
+        policy = Policy(
+            id=PolicyId(new_id("pol")), owner=owner, name=short, base_model=base_model,
+            base_digest=base_digest, lora=lora, parent_revision_id=parent_id, public=public,
+            created_at=self.clock(), metadata=metadata, tinker_run_id=tinker_run_id,
+        )
+        try:
+            with self.db.write() as conn:
+                repo.ensure_tenant(conn, owner, policy.created_at)
+                repo.insert_policy(conn, policy)
+        except IntegrityError as e:
+            raise Conflict(f"policy {name} already exists (or tinker run {tinker_run_id!r} is taken)") from e
+        return policy
+
+    def get_policy(self, who: Principal, name: str) -> Policy:
+        owner, short = parse_policy_name(name)
+        with self.db.read() as conn:
+            return self._visible_policy(conn, who, owner, short, repo.get_policy(conn, owner, short))
+
+    def policy_for_run(self, who: Principal, run_id: str) -> Policy:
+        """The policy a Tinker training run (`{session}:train:{n}`) publishes into."""
+        with self.db.read() as conn:
+            p = repo.get_policy_by_run(conn, run_id)
+        if p is None or p.deleted_at or not who.can_see(p.owner, p.public):
+            raise NotFound(f"no training run {run_id!r}")
+        return p
+
+    def list_policies(
+        self, who: Principal, *, owner: str | None = None, base_model: str | None = None,
+        metadata: Mapping[str, str] | None = None, query: str | None = None,
+        limit: int = 50, cursor: str | None = None,
+    ) -> Page[Policy]:
+        """Visible policies in creation order; pass `next_cursor` back to get the next page."""
+        limit = _check_limit(limit)
+        with self.db.read() as conn:
+            items = repo.list_policies(conn, who, owner=owner, base_model=base_model,
+                                       metadata=metadata or {}, query=query, limit=limit, after=cursor)
+        return Page(tuple(items), items[-1].id if len(items) == limit else None)
+
+    def delete_policy(self, who: Principal, name: str) -> None:
+        """Soft delete: the policy and its revisions stop resolving; names are never reused."""
+        p = self._writable_policy(who, name)
+        with self.db.write() as conn:
+            repo.soft_delete_policy(conn, p.id, self.clock())
+
+    # ---- publishing ---------------------------------------------------------------------
+
+    def publish(
+        self, who: Principal, policy: str, files: Mapping[str, bytes], *,
+        kind: RevisionKind | str = RevisionKind.SAMPLER, step: int | None = None,
+        provenance: Provenance | None = None, tinker_path: str | None = None,
+        expires_at: datetime | None = None, aliases: Sequence[str] = (), reason: str | None = None,
+    ) -> Revision:
+        """Store `files` (filename -> bytes) and commit them as a new immutable revision.
+
+        `provenance.parent_revision_id` may be any reference; it defaults to the policy's
+        branch point for the first revision of a branched policy. `aliases` are moved to the
+        new revision in the same transaction.
+        """
+        p = self._writable_policy(who, policy)
+        kind = _kind(kind)
+        _check_files(p, kind, files)
+        for a in aliases:
+            check_alias(a)
+        tinker_path = normalize_tinker_path(tinker_path) if tinker_path else None
+        prov = provenance or Provenance()
+        parent = self.resolve(prov.parent_revision_id, who).id if prov.parent_revision_id else None
+        manifest = Manifest.for_bytes(files)
+        for data in files.values():  # blobs first, fsynced; the row commits only after
+            self.store.put(data)
+        return self._commit_revision(who, p, manifest, kind, step, prov, parent, tinker_path,
+                                     expires_at, aliases, reason)
+
+    def _commit_revision(
+        self, who: Principal, p: Policy, manifest: Manifest, kind: RevisionKind, step: int | None,
+        prov: Provenance, parent: str | None, tinker_path: str | None, expires_at: datetime | None,
+        aliases: Sequence[str], reason: str | None,
+    ) -> Revision:
+        now = self.clock()
+        try:
+            with self.db.write() as conn:
+                repo.lock_policy(conn, p.id)
+                seq = repo.next_seq(conn, p.id)
+                if parent is None and seq == 1:
+                    parent = p.parent_revision_id
+                rev = Revision(
+                    id=RevisionId(new_id("rev")), policy_id=p.id, policy=p.full_name, seq=seq,
+                    kind=kind, sha256=manifest.digest, size_bytes=manifest.size_bytes,
+                    store_url=self.store.url, step=step,
+                    provenance=Provenance(parent, prov.loss_fn, prov.loss_config,  # type: ignore[arg-type]
+                                          prov.optimizer_config, prov.data_digest, prov.code_version),
+                    created_by=who.tenant, created_at=now, expires_at=expires_at,
+                    tinker_path=tinker_path, manifest=manifest,
+                )
+                repo.insert_revision(conn, rev, manifest)
+                for a in aliases:
+                    repo.move_alias(conn, p, a, rev.id, action="set", actor=who.tenant,
+                                    reason=reason or "publish", now=now)
+        except IntegrityError as e:
+            if tinker_path:
+                raise Conflict(f"tinker path {tinker_path} already names a revision") from e
+            raise
+        return rev
+
+    def publish_peft_dir(
+        self, who: Principal, path: str | Path, policy: str, *, create: bool = True,
+        public: bool = False, aliases: Sequence[str] = (), provenance: Provenance | None = None,
+        step: int | None = None,
+    ) -> Revision:
+        """Import a PEFT LoRA folder; checks it fits its base model; creates the policy if needed."""
+        from lorafleet.catalog.peft import load_peft_dir  # torch is needed on this path only
+
+        adapter = load_peft_dir(Path(path))
+        owner, short = parse_policy_name(policy)
+        with self.db.read() as conn:
+            existing = repo.get_policy(conn, owner, short)
+        if existing is None or existing.deleted_at:
+            if not create:
+                raise NotFound(f"no policy {policy}")
+            self.create_policy(who, policy, adapter.base_model, adapter.spec,
+                               base_digest=adapter.base_digest, public=public)
+        return self.publish(who, policy, adapter.files, step=step, provenance=provenance,
+                            aliases=aliases, reason="import")
+
+    def read_files(self, who: Principal, ref: str) -> dict[str, bytes]:
+        """The verified bytes of every file of a revision (Corrupt if any blob is damaged)."""
+        rev = self.resolve(ref, who)
+        with self.db.read() as conn:
+            manifest = repo.load_manifest(conn, rev.id)
+        out = {name: self.store.get(blob) for name, blob in manifest.files}
+        if Manifest.for_bytes(out).digest != rev.sha256:
+            raise Corrupt(f"revision {rev.id}: files do not match its sha256")
+        return out
+
+    def manifest(self, who: Principal, ref: str) -> Manifest:
+        rev = self.resolve(ref, who)
+        with self.db.read() as conn:
+            return repo.load_manifest(conn, rev.id)
+
+    # ---- resolving ----------------------------------------------------------------------
+
+    def resolve(self, ref: str, who: Principal) -> Revision:
+        """The one revision `ref` names now (see catalog/refs.py for the forms)."""
+        r = parse_ref(ref)
+        with self.db.read() as conn:
+            loc = self._locate(conn, r)
+        if loc is None or loc.policy_deleted or not who.can_see(loc.owner, loc.public):
+            raise NotFound(f"no revision {r.text!r}")
+        rev = loc.revision
+        if rev.expires_at is not None and rev.expires_at <= self.clock():
+            raise Expired(f"revision {rev.id} ({r.text}) expired at {rev.expires_at.isoformat()}")
+        return rev
+
+    def _locate(self, conn: Connection, r: Ref) -> repo.Located | None:
+        if r.kind is RefKind.TINKER:
+            return repo.revision_by_tinker_path(conn, r.value)
+        if not r.owner:
+            return repo.revision_by_id(conn, r.value)
+        found = repo.policy_with_alias(conn, r.owner, r.name, r.value)
+        if found is None:
+            return None
+        policy, target = found
+        if r.kind is RefKind.ALIAS:
+            return None if target is None else repo.revision_by_id(conn, target)
+        if r.kind is RefKind.LATEST:
+            if target is not None:  # an explicitly set `latest` alias wins
+                return repo.revision_by_id(conn, target)
+            return repo.latest_revision(conn, policy.id, self.clock())
+        column = "id" if r.kind is RefKind.REVISION else "sha256"
+        hits = repo.revisions_by_prefix(conn, policy.id, column, r.value, limit=20)
+        if len({h.revision.id if column == "id" else h.revision.sha256 for h in hits}) > 1:
+            raise InvalidRequest(f"{r.text!r} is ambiguous: it matches several revisions")
+        return hits[0] if hits else None  # same bytes published twice: the newest
+
+    def list_revisions(self, who: Principal, policy: str, *, limit: int = 50,
+                       cursor: str | None = None) -> Page[Revision]:
+        """Newest first. The cursor is the `seq` of the last item seen."""
+        p = self.get_policy(who, policy)
+        limit = _check_limit(limit)
+        before = _int_cursor(cursor)
+        with self.db.read() as conn:
+            items = [loc.revision for loc in repo.list_revisions(conn, p.id, limit, before)]
+        return Page(tuple(items), str(items[-1].seq) if len(items) == limit else None)
+
+    def delete_revision(self, who: Principal, ref: str) -> None:
+        """Delete a revision row (its blobs go at the next gc). Refused while an alias points at it."""
+        rev = self.resolve(ref, who)
+        self._writable_policy(who, rev.policy)
+        with self.db.write() as conn:
+            pointing = repo.aliases_pointing_at(conn, rev.id)
+            if pointing:
+                raise Conflict(f"revision {rev.id} is the target of alias(es) {pointing}; move them first")
+            repo.delete_revision(conn, rev.id)
+
+    # ---- aliases ------------------------------------------------------------------------
+
+    def set_alias(self, who: Principal, ref: str, alias: str, *, require: str | Gate | None = None,
+                  reason: str | None = None) -> AliasEvent:
+        """Point `<policy of ref>:alias` at the revision `ref` names, optionally gated on a metric."""
+        check_alias(alias)
+        gate = parse_gate(require) if isinstance(require, str) else require
+        rev = self.resolve(ref, who)
+        p = self._writable_policy(who, rev.policy)
+        with self.db.write() as conn:
+            repo.lock_policy(conn, p.id)
+            if gate is not None:
+                _check_gate(gate, rev.id, repo.list_evaluations(conn, rev.id))
+            return repo.move_alias(conn, p, alias, rev.id, action="set", actor=who.tenant,
+                                   reason=reason or (f"gate {gate}" if gate else None), now=self.clock())
+
+    def list_aliases(self, who: Principal, policy: str) -> list[Alias]:
+        p = self.get_policy(who, policy)
+        with self.db.read() as conn:
+            return repo.list_aliases(conn, p)
+
+    def alias_history(self, who: Principal, alias_ref: str) -> list[AliasEvent]:
+        p, alias = self._alias_ref(who, alias_ref, write=False)
+        with self.db.read() as conn:
+            events = repo.alias_history(conn, p, alias)
+        if not events:
+            raise NotFound(f"no alias {alias_ref!r}")
+        return events
+
+    def rollback(self, who: Principal, alias_ref: str, *, to: str | None = None,
+                 reason: str | None = None) -> AliasEvent:
+        """Move an alias back: to `to` (any reference into the same policy), or else to the target
+        it had before its current one (undoing rollbacks as a stack: A, B, C, rollback -> B,
+        rollback -> A). Appends an event; never edits a revision."""
+        p, alias = self._alias_ref(who, alias_ref, write=True)
+        target = self.resolve(to, who) if to else None
+        if target is not None and target.policy_id != p.id:
+            raise InvalidRequest(f"{to!r} is a revision of {target.policy}, not of {p.full_name}")
+        with self.db.write() as conn:
+            repo.lock_policy(conn, p.id)
+            events = repo.alias_history(conn, p, alias)
+            if not events:
+                raise NotFound(f"no alias {alias_ref!r}")
+            dest = target.id if target else _previous_target(conn, events)
+            if dest is None:
+                raise Conflict(f"alias {alias_ref} has no earlier target to roll back to")
+            return repo.move_alias(conn, p, alias, dest, action="rollback", actor=who.tenant,
+                                   reason=reason, now=self.clock())
+
+    def _alias_ref(self, who: Principal, alias_ref: str, write: bool) -> tuple[Policy, str]:
+        r = parse_ref(alias_ref)
+        if r.kind not in (RefKind.ALIAS, RefKind.LATEST) or ":" not in r.text:
+            raise InvalidRequest(f"expected owner/name:alias, got {alias_ref!r}")
+        p = self._writable_policy(who, r.policy) if write else self.get_policy(who, r.policy)
+        return p, r.value
+
+    # ---- evaluations --------------------------------------------------------------------
+
+    def record_evaluation(self, who: Principal, ref: str, suite: str, metrics: Mapping[str, float],
+                          details: Mapping[str, object] | None = None) -> Evaluation:
+        if not suite or len(suite) > 128:
+            raise InvalidRequest("suite must be a non-empty name of at most 128 characters")
+        metrics = _check_metrics(metrics)
+        rev = self.resolve(ref, who)
+        self._writable_policy(who, rev.policy)
+        with self.db.write() as conn:
+            return repo.insert_evaluation(conn, rev.id, suite, metrics, details or {}, who.tenant, self.clock())
+
+    def list_evaluations(self, who: Principal, ref: str) -> list[Evaluation]:
+        rev = self.resolve(ref, who)
+        with self.db.read() as conn:
+            return repo.list_evaluations(conn, rev.id)
+
+    def compare(self, who: Principal, ref_a: str, ref_b: str) -> Comparison:
+        """Each metric of each suite, latest evaluation of each revision, side by side."""
+        a, b = self.resolve(ref_a, who), self.resolve(ref_b, who)
+        with self.db.read() as conn:
+            ea, eb = _latest_metrics(repo.list_evaluations(conn, a.id)), _latest_metrics(repo.list_evaluations(conn, b.id))
+        keys = sorted(set(ea) | set(eb))
+        return Comparison(a.id, b.id, tuple(MetricDelta(s, m, ea.get((s, m)), eb.get((s, m))) for s, m in keys))
+
+    # ---- lineage ------------------------------------------------------------------------
+
+    def lineage(self, who: Principal, ref: str, *, max_depth: int = 10_000) -> Lineage:
+        """Ancestors (parent first) and descendants (breadth first) across policies; revisions
+        the caller may not see are left out."""
+        rev = self.resolve(ref, who)
+        ancestors: list[Revision] = []
+        descendants: list[Revision] = []
+        with self.db.read() as conn:
+            cur, seen = rev.provenance.parent_revision_id, {rev.id}
+            while cur and cur not in seen and len(ancestors) < max_depth:
+                seen.add(cur)
+                loc = repo.revision_by_id(conn, cur)
+                if loc is None:
+                    break
+                if who.can_see(loc.owner, loc.public):
+                    ancestors.append(loc.revision)
+                cur = loc.revision.provenance.parent_revision_id
+            frontier, seen = [rev.id], {rev.id}
+            while frontier and len(descendants) < max_depth:
+                kids = [k for k in repo.children_of(conn, frontier) if k.revision.id not in seen]
+                seen.update(k.revision.id for k in kids)
+                descendants += [k.revision for k in kids if who.can_see(k.owner, k.public)]
+                frontier = [k.revision.id for k in kids]
+        return Lineage(rev, tuple(ancestors), tuple(descendants))
+
+    # ---- maintenance --------------------------------------------------------------------
+
+    def gc(self, *, grace_s: float = 3600.0) -> GcReport:
+        """Delete expired revisions no alias points at, then blobs no revision references.
+
+        Blobs younger than `grace_s` are kept: they may belong to a publish whose row has not
+        committed yet.
+        """
+        now = self.clock()
+        with self.db.write() as conn:
+            expired = repo.expired_revisions(conn, now)
+            for rid, aliased in expired:
+                if not aliased:
+                    repo.delete_revision(conn, rid)
+        with self.db.read() as conn:
+            referenced = repo.referenced_blobs(conn)
+        deleted = freed = 0
+        cutoff = now.timestamp() - grace_s
+        for sha, mtime in list(self.store.list_blobs()):
+            if sha not in referenced and mtime <= cutoff:
+                freed += _blob_size(self.store, sha)
+                self.store.delete(sha)
+                deleted += 1
+        tmp = self.store.sweep_tmp(grace_s)
+        kept = sum(1 for _, a in expired if a)
+        return GcReport(len(expired) - kept, kept, deleted, freed, tmp)
+
+    def check(self, *, verify_bytes: bool = True) -> CheckReport:
+        """fsck: every revision has files, and every file's blob is present and hash-matching."""
+        problems: list[str] = []
+        with self.db.read() as conn:
+            files = list(repo.all_files(conn))
+            empty = repo.revisions_without_files(conn)
+            n = repo.count_revisions(conn)
+            referenced = repo.referenced_blobs(conn)
+        problems += [f"revision {rid} has no files" for rid in empty]
+        checked: dict[str, str | None] = {}
+        for rid, name, sha, size in files:
+            if sha not in checked:
+                checked[sha] = _blob_problem(self.store, sha, size, verify_bytes)
+            if checked[sha]:
+                problems.append(f"revision {rid} file {name}: {checked[sha]}")
+        stray = sum(1 for sha, _ in self.store.list_blobs() if sha not in referenced)
+        return CheckReport(n, tuple(problems), stray)
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def _visible_policy(self, conn: Connection, who: Principal, owner: str, name: str,
+                        p: Policy | None) -> Policy:
+        if p is None or p.deleted_at is not None or not who.can_see(p.owner, p.public):
+            raise NotFound(f"no policy {owner}/{name}")
+        return p
+
+    def _writable_policy(self, who: Principal, name: str) -> Policy:
+        p = self.get_policy(who, name)
+        if not who.can_write(p.owner):
+            raise NotFound(f"no policy {name} owned by tenant {who.tenant!r}")
+        return p
+
+
+def _lora_config(lora: LoraConfig | LoraSpec) -> LoraConfig:
+    if isinstance(lora, LoraSpec):
+        return LoraConfig(lora.rank, lora.alpha, lora.target_modules, lora.use_rslora)
+    spec = LoraSpec(lora.rank, lora.alpha, tuple(lora.target_modules), lora.use_rslora)  # validates
+    return LoraConfig(spec.rank, spec.alpha, spec.target_modules, spec.use_rslora)
+
+
+def _kind(kind: RevisionKind | str) -> RevisionKind:
+    try:
+        return RevisionKind(kind)
+    except ValueError:
+        raise InvalidRequest(f"invalid revision kind {kind!r}: 'sampler' or 'state'") from None
+
+
+def _check_files(p: Policy, kind: RevisionKind, files: Mapping[str, bytes]) -> None:
+    """Both PEFT files must be there, and the config must match the policy's LoRA shape."""
+    need = {CONFIG_FILE, WEIGHTS_FILE} | ({OPTIMIZER_FILE} if kind is RevisionKind.STATE else set())
+    missing = sorted(need - set(files))
+    if missing:
+        raise InvalidRequest(f"a {kind} revision needs files {sorted(need)}; missing {missing}")
+    try:
+        config = json.loads(files[CONFIG_FILE])
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise IncompatibleAdapter(f"{CONFIG_FILE} is not valid JSON: {e}") from e
+    spec = LoraSpec.from_peft_config(config)
+    got = (spec.rank, spec.target_modules, spec.alpha, spec.use_rslora)
+    want = (p.lora.rank, p.lora.target_modules, p.lora.alpha, p.lora.use_rslora)
+    if got != want:
+        raise IncompatibleAdapter(
+            f"{CONFIG_FILE} (rank, targets, alpha, rslora) = {got} does not match policy "
+            f"{p.full_name}: {want}"
+        )
+
+
+def _check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str) or not k or len(k) > 128 or len(v) > 1024:
+            raise InvalidRequest(f"metadata must map names (<=128 chars) to strings (<=1024): {k!r}")
+    return dict(metadata)
+
+
+def _check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise InvalidRequest(f"metric {k!r} must be a number, got {v!r}")
+        out[str(k)] = float(v)
+    if not out:
+        raise InvalidRequest("an evaluation needs at least one metric")
+    return out
+
+
+def _check_limit(limit: int) -> int:
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidRequest(f"limit must be in 1..{MAX_PAGE}, got {limit}")
+    return limit
+
+
+def _int_cursor(cursor: str | None) -> int | None:
+    if cursor is None:
+        return None
+    try:
+        return int(cursor)
+    except ValueError:
+        raise InvalidRequest(f"invalid cursor {cursor!r}") from None
+
+
+def _check_gate(gate: Gate, rid: str, evals: list[Evaluation]) -> None:
+    seen = [e.metrics[gate.metric] for e in evals if gate.metric in e.metrics]
+    if not seen:
+        raise Conflict(f"gate {gate}: revision {rid} has no evaluation with metric {gate.metric!r}")
+    if not any(gate.passes(v) for v in seen):
+        raise Conflict(f"gate {gate}: revision {rid} scored {seen} on {gate.metric!r}")
+
+
+def _previous_target(conn: Connection, events: list[AliasEvent]) -> str | None:
+    """Replay the history as a stack: `set` pushes, a plain rollback pops."""
+    stack: list[str] = []
+    for e in events:
+        if e.action == "rollback" and len(stack) >= 2 and stack[-2] == e.to_revision_id:
+            stack.pop()
+        else:
+            stack.append(e.to_revision_id)
+    while len(stack) >= 2:
+        stack.pop()
+        if repo.revision_by_id(conn, stack[-1]) is not None:
+            return stack[-1]
+    return None
+
+
+def _latest_metrics(evals: list[Evaluation]) -> dict[tuple[str, str], float]:
+    out: dict[tuple[str, str], float] = {}
+    for e in evals:  # oldest first, so later evaluations overwrite
+        for m, v in e.metrics.items():
+            out[(e.suite, m)] = v
+    return out
+
+
+def _blob_size(store: BlobStore, sha: str) -> int:
+    try:
+        size = getattr(store, "path")(sha).stat().st_size  # local store
+    except Exception:
+        size = 0
+    return int(size)
+
+
+def _blob_problem(store: BlobStore, sha: str, size: int, verify_bytes: bool) -> str | None:
+    from lorafleet.store.manifest import BlobRef
+
+    try:
+        if verify_bytes:
+            store.verify(BlobRef(sha, size))
+        elif not store.exists(sha):
+            return f"blob {sha} missing"
+    except (NotFound, Corrupt) as e:
+        return str(e)
+    return None
