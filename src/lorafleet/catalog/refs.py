@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -25,7 +26,7 @@ _PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 OWNER_RE = re.compile(rf"^{_PART}$")
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _POLICY_RE = re.compile(rf"^({_PART})/({_PART})$")
-_REF_RE = re.compile(rf"^({_PART})/({_PART})(?:(:)([^@:/]*)|(@)([^@:/]*))?$")
+_REF_RE = re.compile(rf"^({_PART})/({_PART})(?:(:)([^@:/]*)|(@)([^@/]*))?$")
 _REV_ID_RE = re.compile(r"^rev_[0-9a-hjkmnp-tv-z]{26}$")
 _REV_PREFIX_RE = re.compile(r"^rev_[0-9a-hjkmnp-tv-z]{1,26}$")
 _HEX_PREFIX_RE = re.compile(r"^[0-9a-f]{6,64}$")
@@ -33,6 +34,8 @@ _TINKER_RE = re.compile(r"^(?:tinker|mint)://([^/\s]+)/(weights|sampler_weights)
 _GATE_RE = re.compile(r"^\s*([A-Za-z0-9_.:/-]+)\s*(>=|<=|==|>|<)\s*([-+0-9.eE]+|inf|-inf)\s*$")
 LATEST = "latest"
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+_last = (0, 0)  # (ms, random part) of the previous id from this process
+_id_lock = threading.Lock()
 
 
 class RefKind(StrEnum):
@@ -159,7 +162,13 @@ def new_id(prefix: str) -> str:
     Lexicographic order is creation order (to the millisecond), which keeps index inserts
     append-mostly and makes ids usable as pagination cursors.
     """
-    n = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    global _last
+    ms, rand = int(time.time() * 1000), int.from_bytes(os.urandom(10), "big")
+    with _id_lock:
+        if ms <= _last[0]:  # same millisecond: keep ids from this process strictly increasing
+            ms, rand = _last[0], (_last[1] + 1) % (1 << 80)
+        _last = (ms, rand)
+    n = (ms << 80) | rand
     chars = []
     for _ in range(26):
         n, r = divmod(n, 32)
