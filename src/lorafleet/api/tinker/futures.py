@@ -1,0 +1,211 @@
+"""Futures: every compute call returns a request id at once; results are long-polled.
+
+Semantics (reference/tinker_protocol.md §4-§5, peers.md §3):
+- `submit` is idempotent: the same (scope, seq_id) or the same idempotency key with the same
+  content fingerprint returns the original request id; different content is a `Conflict`
+  (422, never 409, which the SDK retries for minutes).
+- `wait` holds a poll up to `hold_s` (~30 s, below the SDK's 45 s read timeout) and returns
+  None for "try again". All waiting polls share one in-process event per future; the engine
+  thread completes futures through `loop.call_soon_threadsafe`, no database polling.
+- A result is kept `keep_delivered_s` (>= 5 min) after its first delivery and
+  `keep_undelivered_s` before; past that the payload is dropped and the row answers `Expired`
+  (HTTP 410) instead of a bare 404.
+- Rows live in `TinkerStore`, so after a restart every future still answers: finished ones
+  with their result, unfinished ones with an error saying the work was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from lorafleet.api.tinker.store import TinkerStore, now
+from lorafleet.errors import Conflict, Expired, NotFound
+
+PENDING, DONE, FAILED, EXPIRED = "pending", "done", "failed", "expired"
+JSON_TYPE, PROTO_TYPE = "application/json", "application/x-protobuf"
+LOST_AT_RESTART = "the server restarted before this request finished; its work was lost"
+
+
+@dataclass(frozen=True, slots=True)
+class FutureResult:
+    """A finished future: a payload (JSON or protobuf bytes) or an error with its category."""
+
+    state: str
+    kind: str = ""
+    content_type: str | None = None
+    payload: bytes | None = None
+    error: str | None = None
+    category: str | None = None
+
+
+class FutureTable:
+    """Creates, completes, long-polls and expires futures."""
+
+    def __init__(
+        self,
+        store: TinkerStore,
+        hold_s: float = 30.0,
+        keep_delivered_s: float = 300.0,
+        keep_undelivered_s: float = 3600.0,
+        keep_tombstone_s: float = 86400.0,
+    ) -> None:
+        self.store = store
+        self.hold_s = hold_s
+        self.keep_delivered_s = max(keep_delivered_s, 300.0)
+        self.keep_undelivered_s = keep_undelivered_s
+        self.keep_tombstone_s = keep_tombstone_s
+        self._events: dict[str, asyncio.Event] = {}
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Remember the event loop so the engine thread can wake polls."""
+        self._loop = loop
+
+    def recover(self) -> int:
+        """After a restart: futures whose work was lost fail with an explicit error."""
+        return self.store.execute(
+            "UPDATE futures SET state = ?, error = ?, category = 'server', completed = ? "
+            "WHERE state = ?", FAILED, LOST_AT_RESTART, now(), PENDING,
+        )
+
+    # ------------------------------------------------------------------ submit
+
+    def submit(
+        self,
+        tenant: str,
+        kind: str,
+        fingerprint: str,
+        scope: str | None = None,
+        seq_id: int | None = None,
+        idem_key: str | None = None,
+    ) -> tuple[str, bool]:
+        """Create a pending future, or return the one this request duplicates.
+
+        Returns:
+            (request_id, created): `created` is False for a duplicate retry.
+        Raises:
+            Conflict: same (scope, seq_id) or idempotency key but different content.
+        """
+        with self._lock:
+            dup = self._find_duplicate(tenant, scope, seq_id, idem_key)
+            if dup is not None:
+                if dup["fingerprint"] != fingerprint or dup["kind"] != kind:
+                    where = f"seq_id {seq_id} of {scope}" if scope else "idempotency key"
+                    raise Conflict(
+                        f"a different request was already submitted with {where} "
+                        f"(request {dup['request_id']}); a retry must resend the same content"
+                    )
+                return dup["request_id"], False
+            request_id = f"req-{uuid.uuid4().hex}"
+            self.store.insert("futures", {
+                "request_id": request_id, "tenant": tenant, "kind": kind, "scope": scope,
+                "seq_id": seq_id, "idem_key": idem_key, "fingerprint": fingerprint,
+                "state": PENDING, "created": now(),
+            })
+            return request_id, True
+
+    def _find_duplicate(self, tenant, scope, seq_id, idem_key) -> dict[str, Any] | None:
+        if scope is not None and seq_id is not None:
+            rows = self.store.select(
+                "SELECT * FROM futures WHERE scope = ? AND seq_id = ?", scope, seq_id
+            )
+            if rows:
+                return rows[0]
+        if idem_key:
+            rows = self.store.select(
+                "SELECT * FROM futures WHERE idem_key = ? AND tenant = ?", idem_key, tenant
+            )
+            if rows:
+                return rows[0]
+        return None
+
+    def forget(self, request_id: str) -> None:
+        """Drop a future that was never handed to a client (its submit failed validation)."""
+        self.store.execute("DELETE FROM futures WHERE request_id = ?", request_id)
+
+    # ------------------------------------------------------------------ complete (any thread)
+
+    def complete(self, request_id: str, payload: bytes, content_type: str) -> None:
+        self.store.update(
+            "futures", "request_id", request_id,
+            state=DONE, payload=payload, content_type=content_type, completed=now(),
+        )
+        self._wake(request_id)
+
+    def fail(self, request_id: str, error: str, category: str = "user") -> None:
+        self.store.update(
+            "futures", "request_id", request_id,
+            state=FAILED, error=error, category=category, completed=now(),
+        )
+        self._wake(request_id)
+
+    def _wake(self, request_id: str) -> None:
+        if request_id in self._events and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._set, request_id)
+
+    def _set(self, request_id: str) -> None:
+        event = self._events.pop(request_id, None)
+        if event is not None:
+            event.set()
+
+    # ------------------------------------------------------------------ retrieve (event loop)
+
+    async def wait(self, request_id: str, tenant: str, hold_s: float | None = None) -> FutureResult | None:
+        """Return the finished result, or None after holding the poll for `hold_s`.
+
+        Raises:
+            NotFound: no such future for this tenant.
+            Expired: it existed, but its retention ran out.
+        """
+        result = self._read(request_id, tenant)
+        if result is not None:
+            return result
+        event = self._events.setdefault(request_id, asyncio.Event())
+        result = self._read(request_id, tenant)  # completed between the read and the register
+        if result is not None:
+            return result
+        try:
+            await asyncio.wait_for(event.wait(), self.hold_s if hold_s is None else hold_s)
+        except TimeoutError:
+            return None
+        return self._read(request_id, tenant)
+
+    def _read(self, request_id: str, tenant: str) -> FutureResult | None:
+        row = self.store.get("futures", "request_id", request_id)
+        if row is None or row["tenant"] != tenant:
+            raise NotFound(f"future {request_id} not found")
+        if row["state"] == EXPIRED:
+            raise Expired(f"the result of {request_id} expired and was discarded")
+        if row["state"] == PENDING:
+            return None
+        if row["delivered"] is None:
+            self.store.update("futures", "request_id", request_id, delivered=now())
+        return FutureResult(
+            state=row["state"], kind=row["kind"], content_type=row["content_type"], payload=row["payload"],
+            error=row["error"], category=row["category"],
+        )
+
+    def state_of(self, request_id: str) -> str | None:
+        row = self.store.get("futures", "request_id", request_id)
+        return None if row is None else row["state"]
+
+    # ------------------------------------------------------------------ retention
+
+    def expire(self, at: float | None = None) -> int:
+        """Drop payloads past retention (tombstones answer 410); delete old tombstones."""
+        t = now() if at is None else at
+        n = self.store.execute(
+            "UPDATE futures SET state = ?, payload = NULL WHERE state IN (?, ?) AND ("
+            "(delivered IS NOT NULL AND delivered < ?) OR (delivered IS NULL AND completed < ?))",
+            EXPIRED, DONE, FAILED, t - self.keep_delivered_s, t - self.keep_undelivered_s,
+        )
+        self.store.execute(
+            "DELETE FROM futures WHERE state = ? AND completed < ?",
+            EXPIRED, t - self.keep_tombstone_s,
+        )
+        return n

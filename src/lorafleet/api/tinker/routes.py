@@ -1,0 +1,304 @@
+"""HTTP routes of the Tinker API (`/api/v1`): parse, call `TinkerService`, answer.
+
+Thin by design: no status codes are chosen here (errors are raised as `lorafleet.errors`
+types and mapped in `api/errors.py`), and no tensors are touched.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+
+from lorafleet.api.tinker import schemas as s
+from lorafleet.api.tinker import wire
+from lorafleet.api.tinker.checkpoints import parse_path
+from lorafleet.api.tinker.futures import DONE, PROTO_TYPE
+from lorafleet.api.tinker.service import SAFE_CLIENT_CONFIG, TinkerService
+from lorafleet.api.tinker.tenancy import sign, verify
+from lorafleet.errors import InvalidRequest, NotFound
+
+router = APIRouter(prefix="/api/v1")
+URL_TTL_S = 3600
+
+
+def _svc(request: Request) -> TinkerService:
+    return request.app.state.tinker
+
+
+def _tenant(request: Request) -> str:
+    return request.app.state.tenancy.tenant(request)
+
+
+def _idem(request: Request) -> str | None:
+    return request.headers.get("x-idempotency-key")
+
+
+async def _body(request: Request, model: type[s.M]) -> s.M:
+    return s.parse(await request.body(), model)
+
+
+# ---------------------------------------------------------------------- bootstrap
+
+
+@router.post("/client/config")
+async def client_config(request: Request) -> dict:
+    await _body(request, s.ClientConfigRequest)
+    _tenant(request)
+    return dict(SAFE_CLIENT_CONFIG)
+
+
+@router.post("/client/dynamic_config")
+async def dynamic_config(request: Request) -> dict:
+    return {"refresh_interval_sec": 300, "sample_cancel_enabled": False}
+
+
+@router.post("/create_session")
+async def create_session(request: Request) -> dict:
+    req = await _body(request, s.CreateSessionRequest)
+    return _svc(request).create_session(_tenant(request), req)
+
+
+@router.post("/session_heartbeat")
+async def session_heartbeat(request: Request) -> dict:
+    req = await _body(request, s.SessionRef)
+    return _svc(request).heartbeat(_tenant(request), req.session_id)
+
+
+@router.post("/sessions/{session_id}/finish")
+async def finish_session(session_id: str, request: Request) -> dict:
+    req = await _body(request, s.FinishRequest)
+    reason = (req.reason or {}).get("type", "success")
+    _svc(request).finish_session(_tenant(request), session_id, reason)
+    return {"type": "session_finished"}
+
+
+@router.post("/telemetry")
+async def telemetry(request: Request) -> dict:
+    _tenant(request)
+    return {"status": "accepted"}
+
+
+# ---------------------------------------------------------------------- training
+
+
+@router.post("/create_model")
+async def create_model(request: Request) -> dict:
+    req = await _body(request, s.CreateModelRequest)
+    return _svc(request).create_model(_tenant(request), req, _idem(request)).to_json()
+
+
+@router.post("/get_info")
+async def get_info(request: Request) -> dict:
+    req = await _body(request, s.ModelRef)
+    return _svc(request).get_info(_tenant(request), req.model_id)
+
+
+async def _fwdbwd(request: Request, forward_only: bool | None) -> dict:
+    body = await request.body()
+    if request.headers.get("content-encoding", "identity") not in ("identity", ""):
+        raise InvalidRequest("compressed forward_backward bodies are not supported")
+    ctype = request.headers.get("content-type", "")
+    if "protobuf" in ctype:
+        call = wire.decode_forward_backward(body, forward_only)
+    else:
+        call = wire.decode_forward_backward_json(s.parse_json(body), bool(forward_only))
+    return _svc(request).forward_backward(_tenant(request), call, _idem(request)).to_json()
+
+
+@router.post("/forward_backward")
+async def forward_backward(request: Request) -> dict:
+    return await _fwdbwd(request, None)
+
+
+@router.post("/forward")
+async def forward(request: Request) -> dict:
+    return await _fwdbwd(request, True)
+
+
+@router.post("/optim_step")
+async def optim_step(request: Request) -> dict:
+    req = await _body(request, s.OptimStepRequest)
+    return _svc(request).optim_step(_tenant(request), req, _idem(request)).to_json()
+
+
+@router.post("/save_weights")
+async def save_weights(request: Request) -> dict:
+    req = await _body(request, s.SaveWeightsRequest)
+    return _svc(request).save_weights(_tenant(request), req, _idem(request)).to_json()
+
+
+@router.post("/save_weights_for_sampler")
+async def save_weights_for_sampler(request: Request) -> dict:
+    req = await _body(request, s.SaveWeightsForSamplerRequest)
+    return _svc(request).save_weights_for_sampler(_tenant(request), req, _idem(request)).to_json()
+
+
+@router.post("/save_weights_external")
+async def save_weights_external(request: Request) -> dict:
+    req = await _body(request, s.SaveWeightsExternalRequest)
+    return _svc(request).save_weights_external(_tenant(request), req, _idem(request)).to_json()
+
+
+@router.post("/load_weights")
+async def load_weights(request: Request) -> dict:
+    req = await _body(request, s.LoadWeightsRequest)
+    return _svc(request).load_weights(_tenant(request), req, _idem(request)).to_json()
+
+
+# ---------------------------------------------------------------------- sampling
+
+
+@router.post("/create_sampling_session")
+async def create_sampling_session(request: Request) -> dict:
+    req = await _body(request, s.CreateSamplingSessionRequest)
+    return _svc(request).create_sampling_session(_tenant(request), req)
+
+
+@router.get("/samplers/{sampler_id}")
+async def get_sampler(sampler_id: str, request: Request) -> dict:
+    return _svc(request).get_sampler(_tenant(request), sampler_id)
+
+
+@router.post("/asample")
+async def asample(request: Request) -> dict:
+    req = await _body(request, s.SampleRequest)
+    return _svc(request).sample(_tenant(request), req, _idem(request)).to_json()
+
+
+# ---------------------------------------------------------------------- futures
+
+
+@router.post("/retrieve_future")
+async def retrieve_future(request: Request) -> Response:
+    req = await _body(request, s.RetrieveFutureRequest)
+    futures = _svc(request).futures
+    result = await futures.wait(req.request_id, _tenant(request))
+    if result is None:
+        return JSONResponse({"type": "try_again", "request_id": req.request_id,
+                             "queue_state": "active"})
+    if result.state != DONE:
+        return JSONResponse({"error": result.error, "category": result.category or "unknown"})
+    if result.content_type == PROTO_TYPE:
+        if "protobuf" in request.headers.get("accept", ""):
+            return Response(result.payload, media_type=PROTO_TYPE)
+        convert = wire.sample_proto_to_json if result.kind == "sample" else wire.fwdbwd_proto_to_json
+        return JSONResponse(convert(result.payload or b""))
+    return Response(result.payload, media_type="application/json")
+
+
+# ---------------------------------------------------------------------- REST
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/get_server_capabilities")
+async def capabilities(request: Request) -> dict:
+    return _svc(request).capabilities()
+
+
+@router.get("/training_runs")
+async def training_runs(request: Request, limit: int = 20, offset: int = 0) -> dict:
+    return _svc(request).training_runs(_tenant(request), limit, offset)
+
+
+@router.get("/training_runs/{model_id}")
+async def training_run(model_id: str, request: Request) -> dict:
+    return _svc(request).training_run(_tenant(request), model_id)
+
+
+@router.get("/training_runs/{model_id}/checkpoints")
+async def run_checkpoints(model_id: str, request: Request) -> dict:
+    return _svc(request).list_checkpoints(_tenant(request), model_id)
+
+
+@router.get("/checkpoints")
+async def all_checkpoints(request: Request, limit: int = 100, offset: int = 0) -> dict:
+    return _svc(request).list_checkpoints(_tenant(request), None, limit, offset)
+
+
+@router.delete("/training_runs/{model_id}/checkpoints/{kind}/{name}")
+async def delete_checkpoint(model_id: str, kind: str, name: str, request: Request) -> dict:
+    svc = _svc(request)
+    svc.checkpoints.delete(_tenant(request), svc.checkpoint_path(model_id, f"{kind}/{name}"))
+    return {"deleted": True}
+
+
+@router.post("/training_runs/{model_id}/checkpoints/{kind}/{name}/publish")
+async def publish(model_id: str, kind: str, name: str, request: Request) -> dict:
+    svc = _svc(request)
+    svc.checkpoints.set_public(_tenant(request), svc.checkpoint_path(model_id, f"{kind}/{name}"), True)
+    return {"public": True}
+
+
+@router.delete("/training_runs/{model_id}/checkpoints/{kind}/{name}/publish")
+async def unpublish(model_id: str, kind: str, name: str, request: Request) -> dict:
+    svc = _svc(request)
+    svc.checkpoints.set_public(_tenant(request), svc.checkpoint_path(model_id, f"{kind}/{name}"), False)
+    return {"public": False}
+
+
+@router.put("/training_runs/{model_id}/checkpoints/{kind}/{name}/ttl")
+async def set_ttl(model_id: str, kind: str, name: str, request: Request) -> dict:
+    req = await _body(request, s.TtlRequest)
+    svc = _svc(request)
+    svc.checkpoints.set_ttl(_tenant(request), svc.checkpoint_path(model_id, f"{kind}/{name}"),
+                            req.ttl_seconds)
+    return {"ttl_seconds": req.ttl_seconds}
+
+
+@router.get("/training_runs/{model_id}/checkpoints/{kind}/{name}/external_weights_urls")
+async def external_weights_urls(model_id: str, kind: str, name: str, request: Request) -> dict:
+    svc = _svc(request)
+    path = svc.checkpoint_path(model_id, f"{kind}/{name}")
+    row = svc.checkpoints.find(_tenant(request), path)
+    if row["kind"] not in ("external", "training"):
+        raise InvalidRequest("only weights/ and external_weights/ checkpoints can be downloaded")
+    expires = int(time.time()) + URL_TTL_S
+    secret: bytes = request.app.state.url_secret
+    token = base64.urlsafe_b64encode(path.encode()).decode().rstrip("=")
+    base = str(request.base_url).rstrip("/")
+    urls = {}
+    for f in sorted(Path(row["dir"]).iterdir()):
+        if f.is_file():
+            msg = f"{token}/{expires}/{f.name}"
+            urls[f.name] = f"{base}/api/v1/files/{token}/{expires}/{sign(secret, msg)}/{f.name}"
+    return {"urls": urls, "expires": datetime.fromtimestamp(expires, UTC).isoformat()}
+
+
+@router.get("/files/{token}/{expires}/{signature}/{filename}")
+async def download_file(token: str, expires: int, signature: str, filename: str,
+                        request: Request) -> Response:
+    """A signed, expiring file URL: needs no API key (like the official service's URLs)."""
+    if not verify(request.app.state.url_secret, f"{token}/{expires}/{filename}", signature) \
+            or expires < time.time():
+        raise NotFound("this download link is invalid or expired")
+    path = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    row = _svc(request).store.get("checkpoints", "tinker_path", str(parse_path(path)))
+    target = Path(row["dir"]) / filename if row else None
+    if target is None or not target.is_file() or target.parent != Path(row["dir"]):
+        raise NotFound("file not found")
+    return FileResponse(target, media_type="application/octet-stream")
+
+
+@router.post("/weights_info")
+async def weights_info(request: Request) -> dict:
+    req = await _body(request, s.WeightsInfoRequest)
+    return _svc(request).weights_info(_tenant(request), req.tinker_path)
+
+
+@router.get("/sessions")
+async def sessions(request: Request, limit: int = 20, offset: int = 0) -> dict:
+    return _svc(request).sessions(_tenant(request), limit, offset)
+
+
+@router.get("/sessions/{session_id}")
+async def session(session_id: str, request: Request) -> dict:
+    return _svc(request).session(_tenant(request), session_id)

@@ -1,0 +1,381 @@
+"""Tinker wire formats <-> plain records: protobuf (SDK >= 0.25) and JSON (SDK <= 0.24).
+
+Only this module knows the byte layouts of the Tinker protocol (see
+reference/tinker_protocol.md §6.3, §6.4, §7.3, §7.4). It uses the message classes the `tinker`
+package ships (`tinker.proto.tinker_public_pb2`), so the schema cannot drift from the SDK.
+Everything here is pure: bytes or dicts in, numpy-backed records out (and back). Malformed
+input raises `InvalidRequest` naming the offending field; nothing here touches the engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from google.protobuf.message import DecodeError
+from tinker.proto import tinker_public_pb2 as pb
+
+from lorafleet.errors import InvalidRequest
+
+# Proto dtype enum -> numpy dtype accepted in requests. bf16/int32 are accepted for
+# robustness (the SDK only writes float32/int64) and widened on decode.
+_REQUEST_DTYPES: dict[int, np.dtype] = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_INT32: np.dtype("<i4"),
+    pb.DTYPE_BFLOAT16: np.dtype("<u2"),
+}
+_NUMPY_TO_PROTO: dict[str, int] = {"float32": pb.DTYPE_FLOAT32, "int64": pb.DTYPE_INT64}
+# Loss inputs that carry token ids; every other input is real-valued.
+INT_INPUTS = frozenset({"target_tokens"})
+MAX_DATUM_TOKENS = 1 << 20
+
+
+@dataclass(slots=True)
+class WireDatum:
+    """One training example as it came off the wire.
+
+    Args:
+        tokens: int64 [N], the concatenation of the datum's text chunks.
+        inputs: loss inputs by name; int64 for token ids, float32 otherwise; leading dim N.
+    """
+
+    tokens: np.ndarray
+    inputs: dict[str, np.ndarray]
+
+
+@dataclass(slots=True)
+class FwdBwdCall:
+    """A decoded forward_backward / forward request (one SDK chunk)."""
+
+    model_id: str
+    seq_id: int
+    loss_fn: str
+    loss_config: dict[str, float]
+    forward_only: bool
+    data: list[WireDatum]
+    fingerprint: str = ""
+
+
+@dataclass(slots=True)
+class SampledSeq:
+    """One generated sequence: tokens, one logprob per token, 'stop' or 'length'."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: str
+
+
+@dataclass(slots=True)
+class SampleOutcome:
+    """The result of one asample request (num_samples sequences)."""
+
+    sequences: list[SampledSeq]
+    prompt_logprobs: list[float | None] | None = None
+
+
+@dataclass(slots=True)
+class FwdBwdOutcome:
+    """Per-datum output arrays (float32 [N] each) and scalar metrics of one chunk."""
+
+    outputs: list[dict[str, np.ndarray]]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- requests (proto)
+
+
+def decode_forward_backward(body: bytes, forward_only: bool | None = None) -> FwdBwdCall:
+    """Parse a protobuf `ForwardBackwardRequest` body and check its tensors.
+
+    `forward_only` overrides the message flag (the /forward route of old SDKs).
+    """
+    msg = pb.ForwardBackwardRequest()
+    try:
+        msg.ParseFromString(body)
+    except DecodeError as e:
+        raise InvalidRequest(f"malformed protobuf ForwardBackwardRequest: {e}") from e
+    config = {k: float(v) for k, v in msg.loss_fn_config.items()}
+    for key, value in msg.loss_fn_config_v2.items():
+        if value.WhichOneof("value") == "text":
+            raise InvalidRequest(f"loss_fn_config[{key!r}]: string values are not supported")
+        config[key] = float(value.number)
+    data = [_decode_datum(d, i) for i, d in enumerate(msg.data)]
+    call = FwdBwdCall(
+        model_id=msg.model_id,
+        seq_id=int(msg.seq_id),
+        loss_fn=msg.loss_fn,
+        loss_config=config,
+        forward_only=bool(msg.forward_only) if forward_only is None else forward_only,
+        data=data,
+        fingerprint=hashlib.sha256(msg.SerializeToString(deterministic=True)).hexdigest(),
+    )
+    return check_call(call)
+
+
+def _decode_datum(d: pb.Datum, index: int) -> WireDatum:
+    parts: list[np.ndarray] = []
+    for chunk in d.model_input:
+        kind = chunk.WhichOneof("chunk")
+        if kind != "encoded_text":
+            raise InvalidRequest(f"data[{index}]: {kind or 'empty'} chunks are not supported")
+        raw = chunk.encoded_text.tokens
+        if len(raw) % 4:
+            raise InvalidRequest(f"data[{index}]: encoded_text.tokens is not int32 bytes")
+        parts.append(np.frombuffer(raw, dtype="<i4").astype(np.int64))
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    inputs = {name: _decode_tensor(t, f"data[{index}].{name}") for name, t in d.loss_fn_inputs.items()}
+    return WireDatum(tokens=tokens, inputs=inputs)
+
+
+def _decode_tensor(t: pb.Tensor, where: str) -> np.ndarray:
+    dtype = _REQUEST_DTYPES.get(t.dtype)
+    if dtype is None:
+        raise InvalidRequest(f"{where}: unsupported dtype enum {t.dtype}")
+    shape = [int(s) for s in t.shape]
+    kind = t.WhichOneof("encoding")
+    if kind == "sparse_csr":
+        arr = _csr_to_dense(t.sparse_csr, dtype, shape, where)
+    else:
+        raw = t.dense if kind == "dense" else b""
+        if len(raw) % dtype.itemsize:
+            raise InvalidRequest(f"{where}: {len(raw)} bytes is not a multiple of {dtype}")
+        flat = np.frombuffer(raw, dtype=dtype)
+        if not shape:
+            shape = [flat.size]
+        if any(s < 0 for s in shape) or math.prod(shape) != flat.size:
+            raise InvalidRequest(f"{where}: shape {shape} does not match {flat.size} values")
+        arr = flat.reshape(shape)
+    return _widen(arr, t.dtype)
+
+
+def _csr_to_dense(csr: pb.SparseCsr, dtype: np.dtype, shape: list[int], where: str) -> np.ndarray:
+    if len(shape) != 2:
+        raise InvalidRequest(f"{where}: sparse tensors need a 2-D shape, got {shape}")
+    values = np.frombuffer(csr.values, dtype=dtype)
+    crow = np.frombuffer(csr.crow_indices, dtype="<i8")
+    col = np.frombuffer(csr.col_indices, dtype="<i8")
+    rows, cols = shape
+    if crow.size != rows + 1 or col.size != values.size or (crow.size and crow[-1] != values.size):
+        raise InvalidRequest(f"{where}: inconsistent sparse CSR indices")
+    if col.size and (col.min() < 0 or col.max() >= cols) or np.any(np.diff(crow) < 0):
+        raise InvalidRequest(f"{where}: sparse CSR indices out of range")
+    dense = np.zeros((rows, cols), dtype=dtype)
+    row_of = np.repeat(np.arange(rows), np.diff(crow))
+    dense[row_of, col] = values
+    return dense
+
+
+def _widen(arr: np.ndarray, proto_dtype: int) -> np.ndarray:
+    if proto_dtype == pb.DTYPE_BFLOAT16:
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    if proto_dtype == pb.DTYPE_INT32:
+        return arr.astype(np.int64)
+    return arr.astype(arr.dtype.newbyteorder("="), copy=True)
+
+
+def check_call(call: FwdBwdCall) -> FwdBwdCall:
+    """Check what can be checked without the model: non-empty data, aligned shapes, dtypes."""
+    if not call.model_id:
+        raise InvalidRequest("model_id is required")
+    if not call.loss_fn:
+        raise InvalidRequest("loss_fn is required")
+    if not call.data:
+        raise InvalidRequest("data is empty: forward_backward needs at least one datum")
+    for i, d in enumerate(call.data):
+        n = d.tokens.size
+        if n == 0:
+            raise InvalidRequest(f"data[{i}]: model_input has no tokens")
+        if n > MAX_DATUM_TOKENS:
+            raise InvalidRequest(f"data[{i}]: {n} tokens is more than {MAX_DATUM_TOKENS}")
+        if d.tokens.min() < 0:
+            raise InvalidRequest(f"data[{i}]: negative token id {int(d.tokens.min())}")
+        for name, arr in d.inputs.items():
+            if arr.ndim == 0 or arr.shape[0] != n:
+                raise InvalidRequest(
+                    f"data[{i}].loss_fn_inputs[{name!r}] has shape {list(arr.shape)}; its "
+                    f"leading dimension must equal the {n} input tokens"
+                )
+            if name in INT_INPUTS:
+                if arr.dtype.kind != "i":
+                    raise InvalidRequest(f"data[{i}].{name} must be int64, got {arr.dtype}")
+            elif arr.dtype.kind != "f":
+                raise InvalidRequest(f"data[{i}].{name} must be float32, got {arr.dtype}")
+            elif not np.all(np.isfinite(arr)):
+                raise InvalidRequest(f"data[{i}].{name} contains NaN or infinity")
+    return call
+
+
+# ---------------------------------------------------------------- requests (JSON, SDK <= 0.24)
+
+
+def decode_forward_backward_json(body: dict[str, Any], forward_only: bool) -> FwdBwdCall:
+    """Parse the JSON form (`{"forward_backward_input": {...}, "model_id", "seq_id"}`)."""
+    fb = body.get("forward_backward_input") or body.get("forward_input")
+    if not isinstance(fb, dict):
+        raise InvalidRequest("forward_backward_input is required")
+    data = [_json_datum(d, i) for i, d in enumerate(fb.get("data") or [])]
+    config = fb.get("loss_fn_config") or {}
+    try:
+        config = {str(k): float(v) for k, v in config.items()}
+    except (TypeError, ValueError, AttributeError) as e:
+        raise InvalidRequest(f"loss_fn_config must map names to numbers: {e}") from e
+    call = FwdBwdCall(
+        model_id=str(body.get("model_id") or ""),
+        seq_id=int(body.get("seq_id") or 0),
+        loss_fn=str(fb.get("loss_fn") or "cross_entropy"),
+        loss_config=config,
+        forward_only=forward_only,
+        data=data,
+        fingerprint=hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(),
+    )
+    return check_call(call)
+
+
+def _json_datum(d: Any, i: int) -> WireDatum:
+    if not isinstance(d, dict):
+        raise InvalidRequest(f"data[{i}] must be an object")
+    tokens = np.asarray(model_input_tokens(d.get("model_input"), f"data[{i}].model_input"))
+    inputs: dict[str, np.ndarray] = {}
+    for name, td in (d.get("loss_fn_inputs") or {}).items():
+        inputs[name] = tensor_data_from_json(td, f"data[{i}].{name}")
+    return WireDatum(tokens=tokens.astype(np.int64), inputs=inputs)
+
+
+def tensor_data_from_json(td: Any, where: str) -> np.ndarray:
+    """Decode the SDK's JSON `TensorData` ({data, dtype, shape}) into an array."""
+    if not isinstance(td, dict) or "data" not in td:
+        raise InvalidRequest(f"{where}: expected a TensorData object")
+    dtype = {"float32": np.float32, "int64": np.int64}.get(td.get("dtype", "float32"))
+    if dtype is None:
+        raise InvalidRequest(f"{where}: unsupported dtype {td.get('dtype')!r}")
+    try:
+        arr = np.asarray(td["data"], dtype=dtype)
+        shape = td.get("shape")
+        return arr.reshape(shape) if shape else arr.reshape(-1)
+    except (TypeError, ValueError) as e:
+        raise InvalidRequest(f"{where}: {e}") from e
+
+
+def model_input_tokens(model_input: Any, where: str = "prompt") -> list[int]:
+    """Concatenate the token ids of a JSON ModelInput (`{"chunks": [...]}`)."""
+    if not isinstance(model_input, dict) or not isinstance(model_input.get("chunks"), list):
+        raise InvalidRequest(f"{where}: expected {{'chunks': [...]}}")
+    tokens: list[int] = []
+    for j, chunk in enumerate(model_input["chunks"]):
+        kind = chunk.get("type", "encoded_text") if isinstance(chunk, dict) else None
+        if kind != "encoded_text":
+            raise InvalidRequest(f"{where}.chunks[{j}]: {kind!r} chunks are not supported")
+        toks = chunk.get("tokens")
+        if not isinstance(toks, list) or not all(isinstance(t, int) and t >= 0 for t in toks):
+            raise InvalidRequest(f"{where}.chunks[{j}].tokens must be non-negative integers")
+        tokens.extend(toks)
+    return tokens
+
+
+# ---------------------------------------------------------------- results (proto)
+
+
+def encode_forward_backward_output(out: FwdBwdOutcome) -> bytes:
+    """Serialize per-datum outputs as one batched `ArrayRecord` (§6.4)."""
+    msg = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
+    for k, v in out.metrics.items():
+        msg.metrics[k] = float(v)
+    record = msg.loss_fn_outputs.add(type_tag="ArrayRecord", num_datums=len(out.outputs))
+    names = sorted(set().union(*(o.keys() for o in out.outputs))) if out.outputs else []
+    for name in names:
+        arrays = [np.atleast_1d(np.asarray(o[name])) for o in out.outputs]
+        dtype_name = "int64" if arrays[0].dtype.kind in "iu" else "float32"
+        wire_dtype = np.dtype(dtype_name).newbyteorder("<")
+        arrays = [np.ascontiguousarray(a, dtype=wire_dtype) for a in arrays]
+        trailing = list(arrays[0].shape[1:])
+        sizes = np.array([0] + [a.nbytes for a in arrays], dtype="<i8")
+        bt = record.fields[name]
+        bt.data = b"".join(a.tobytes() for a in arrays)
+        bt.offsets = np.cumsum(sizes).astype("<i8").tobytes()
+        bt.dtype = _NUMPY_TO_PROTO[dtype_name]
+        bt.trailing_shape.extend(trailing)
+    return msg.SerializeToString()
+
+
+def encode_sample_response(out: SampleOutcome) -> bytes:
+    """Serialize a SampleResponse (§7.4); prompt logprobs use NaN for 'not computed'."""
+    msg = pb.SampleResponse()
+    for s in out.sequences:
+        seq = msg.sequences.add()
+        seq.stop_reason = pb.STOP_REASON_STOP if s.stop_reason == "stop" else pb.STOP_REASON_LENGTH
+        seq.tokens = np.asarray(s.tokens, dtype="<i4").tobytes()
+        seq.logprobs = np.asarray(s.logprobs, dtype="<f4").tobytes()
+    if out.prompt_logprobs is not None:
+        vals = [math.nan if v is None else v for v in out.prompt_logprobs]
+        msg.prompt_logprobs = np.asarray(vals, dtype="<f4").tobytes()
+    return msg.SerializeToString()
+
+
+# ---------------------------------------------------------------- results (JSON, SDK <= 0.24)
+
+
+def _tensor_json(arr: np.ndarray) -> dict[str, Any]:
+    dtype = "int64" if arr.dtype.kind in "iu" else "float32"
+    return {"data": arr.reshape(-1).tolist(), "dtype": dtype, "shape": list(arr.shape)}
+
+
+def forward_backward_output_json(out: FwdBwdOutcome) -> dict[str, Any]:
+    return {
+        "loss_fn_output_type": "ArrayRecord",
+        "loss_fn_outputs": [{k: _tensor_json(v) for k, v in o.items()} for o in out.outputs],
+        "metrics": dict(out.metrics),
+    }
+
+
+def sample_response_json(out: SampleOutcome) -> dict[str, Any]:
+    return {
+        "type": "sample",
+        "sequences": [
+            {"tokens": s.tokens, "logprobs": s.logprobs, "stop_reason": s.stop_reason}
+            for s in out.sequences
+        ],
+        "prompt_logprobs": out.prompt_logprobs,
+    }
+
+
+def fwdbwd_proto_to_json(payload: bytes) -> dict[str, Any]:
+    """Re-encode a stored protobuf ForwardBackwardOutput for a JSON-era client."""
+    msg = pb.ForwardBackwardOutput()
+    msg.ParseFromString(payload)
+    outputs: list[dict[str, np.ndarray]] = []
+    for record in msg.loss_fn_outputs:
+        base = len(outputs)
+        outputs.extend({} for _ in range(record.num_datums))
+        for name, bt in record.fields.items():
+            dtype = np.dtype("<f4") if bt.dtype == pb.DTYPE_FLOAT32 else np.dtype("<i8")
+            offsets = np.frombuffer(bt.offsets, dtype="<i8")
+            buf = np.frombuffer(bt.data, dtype=dtype)
+            trailing = list(bt.trailing_shape)
+            for i in range(len(offsets) - 1):
+                a = buf[offsets[i] // dtype.itemsize : offsets[i + 1] // dtype.itemsize]
+                outputs[base + i][name] = a.reshape([-1, *trailing]) if trailing else a
+    return forward_backward_output_json(
+        FwdBwdOutcome(outputs=outputs, metrics=dict(msg.metrics))
+    )
+
+
+def sample_proto_to_json(payload: bytes) -> dict[str, Any]:
+    msg = pb.SampleResponse()
+    msg.ParseFromString(payload)
+    seqs = [
+        SampledSeq(
+            tokens=np.frombuffer(s.tokens, dtype="<i4").tolist(),
+            logprobs=np.frombuffer(s.logprobs, dtype="<f4").tolist(),
+            stop_reason="stop" if s.stop_reason == pb.STOP_REASON_STOP else "length",
+        )
+        for s in msg.sequences
+    ]
+    plp = None
+    if msg.prompt_logprobs:
+        plp = [None if math.isnan(v) else v for v in np.frombuffer(msg.prompt_logprobs, "<f4").tolist()]
+    return sample_response_json(SampleOutcome(sequences=seqs, prompt_logprobs=plp))

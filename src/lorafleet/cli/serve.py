@@ -1,0 +1,63 @@
+"""`lorafleet serve`: the Tinker-compatible training and sampling service."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import socket
+
+from lorafleet.errors import InvalidRequest
+
+DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+log = logging.getLogger("lorafleet.serve")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the Tinker-compatible API server")
+    p.add_argument("--base", action="append", dest="bases", metavar="NAME",
+                   help=f"base model to load (repeatable; default {DEFAULT_BASE})")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--auth", choices=("none", "keys"), default="none",
+                   help="none: every tml- key is the one local tenant (loopback only); "
+                        "keys: API keys from `lorafleet keys create`")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.set_defaults(func=run)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(a[4][0]).is_loopback
+                       for a in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def check_auth(auth: str, host: str) -> None:
+    if auth == "none" and not is_loopback(host):
+        raise InvalidRequest(
+            f"--auth none refuses to listen on {host!r}: anyone could train and read adapters. "
+            "Use --host 127.0.0.1, or --auth keys with keys from `lorafleet keys create`."
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lorafleet.api.app import ServeConfig, create_app
+    from lorafleet.config import paths_from_env
+
+    check_auth(args.auth, args.host)
+    cfg = ServeConfig(bases=args.bases or [DEFAULT_BASE], paths=paths_from_env(), auth=args.auth,
+                      dtype=args.dtype, threads=args.threads)
+    app = create_app(cfg)
+    log.info("serving %s on http://%s:%d (auth %s)", cfg.bases, args.host, args.port, args.auth)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
