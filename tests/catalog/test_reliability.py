@@ -55,6 +55,7 @@ def test_sigkill_at_random_points_leaves_catalog_and_store_consistent(db_url, st
             cat.read_files(ADMIN, rev.id)
         for alias in ("prod", "canary"):
             _assert_history_consistent(cat, f"crash/victim:{alias}")
+        print(f"revisions={len(revs)} orphan_blobs={report.unreferenced_blobs}")
         cat.gc(grace_s=0)  # orphans of killed publishes go; nothing referenced does
         after = cat.check()
         assert after.ok and after.unreferenced_blobs == 0
