@@ -313,7 +313,7 @@ class Runner:
         adapter = _parse_peft(files)
         handle = self.engine.create_adapter(adapter.spec)
         try:
-            self.engine.set_tensors(handle, adapter.tensors)
+            self._set_tensors(handle, adapter.tensors)
             if p["optimizer"]:
                 self._load_optimizer(handle, files)
         except Exception:
@@ -326,6 +326,14 @@ class Runner:
             parent=p["row"]["tinker_path"],
         )
         return {"path": p["row"]["tinker_path"], "model_id": p["model_id"], "type": "load_weights"}
+
+    def _set_tensors(self, handle: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Set weights in the engine's own key order: its optimizer state is positional, and
+        safetensors files come back sorted by name."""
+        order = list(self.engine.get_tensors(handle))
+        if set(order) == set(tensors):
+            tensors = {k: tensors[k] for k in order}
+        self.engine.set_tensors(handle, tensors)
 
     def _load_optimizer(self, handle: int, files: dict[str, bytes]) -> None:
         if OPTIMIZER_NAME not in files:
@@ -344,7 +352,7 @@ class Runner:
                 f"(rank {model.spec.rank})"
             )
         self.engine.discard_grads(model.handle)
-        self.engine.set_tensors(model.handle, adapter.tensors)
+        self._set_tensors(model.handle, adapter.tensors)
         if p["optimizer"]:
             self._load_optimizer(model.handle, files)
         model.parent = p["row"]["tinker_path"]
@@ -522,7 +530,7 @@ class Runner:
             self.engine.remove_adapter(victim.handle)
             victim.handle = None
         handle = self.engine.create_adapter(version.spec)
-        self.engine.set_tensors(handle, version.tensors)
+        self._set_tensors(handle, version.tensors)
         version.handle = handle
         return handle
 
