@@ -18,6 +18,7 @@ import secrets
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
@@ -37,6 +38,9 @@ from lorafleet.errors import Conflict, Corrupt, Expired, IncompatibleAdapter, In
 from lorafleet.lora.spec import LoraSpec
 from lorafleet.store.blobs import BlobStore, open_store
 from lorafleet.store.manifest import Manifest
+
+if TYPE_CHECKING:
+    from lorafleet.lora.weights import LoraWeights
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -232,10 +236,24 @@ class Catalog:
         if existing is None or existing.deleted_at:
             if not create:
                 raise NotFound(f"no policy {policy}")
-            self.create_policy(who, policy, adapter.base_model, adapter.spec,
-                               base_digest=adapter.base_digest, public=public)
+            self.create_policy(who, policy, adapter.base_model, adapter.spec, public=public)
+        elif existing.base_model != adapter.base_model:
+            raise IncompatibleAdapter(
+                f"{path} is an adapter for {adapter.base_model}; {policy} is on {existing.base_model}")
         return self.publish(who, policy, adapter.files, step=step, provenance=provenance,
                             aliases=aliases, reason="import")
+
+    def publish_weights(self, who: Principal, policy: str, weights: LoraWeights, **kwargs: Any) -> Revision:
+        """Publish engine weights (a `LoraWeights`) as PEFT files; `kwargs` as for `publish`,
+        plus `optimizer_state` (bytes) for kind=state revisions."""
+        from lorafleet.catalog.peft import weights_files
+
+        p = self.get_policy(who, policy)
+        files = weights_files(weights, p.base_model)
+        optimizer_state = kwargs.pop("optimizer_state", None)
+        if optimizer_state is not None:
+            files[OPTIMIZER_FILE] = optimizer_state
+        return self.publish(who, policy, files, **kwargs)
 
     def read_files(self, who: Principal, ref: str) -> dict[str, bytes]:
         """The verified bytes of every file of a revision (Corrupt if any blob is damaged)."""
