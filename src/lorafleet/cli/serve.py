@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import socket
+from pathlib import Path
 
 from lorafleet.errors import InvalidRequest
 
@@ -24,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "keys: API keys from `lorafleet keys create`")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="folder of the Tinker service's database and checkpoints "
+                        "(default: <lorafleet home>/tinker)")
     p.set_defaults(func=run)
 
 
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_auth(args.auth, args.host)
     cfg = ServeConfig(bases=args.bases or [DEFAULT_BASE], paths=paths_from_env(), auth=args.auth,
-                      dtype=args.dtype, threads=args.threads)
+                      dtype=args.dtype, threads=args.threads, state_dir=args.state_dir)
     app = create_app(cfg)
     log.info("serving %s on http://%s:%d (auth %s)", cfg.bases, args.host, args.port, args.auth)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
