@@ -1,0 +1,189 @@
+"""Residency: where each adapter revision's tensors are, and the only code that moves them.
+
+Three tiers, from fastest to largest:
+  slot  - live in the engine (an adapter handle), at most `max_slots`, LRU with pinning;
+  host  - LoraWeights in CPU memory, at most `max_host_adapters` / `max_host_bytes`, LRU;
+  store - the durable blob store behind `fetch_many` (the catalog), unbounded.
+
+A slot hit runs at once; a host hit is copied into a slot by the engine thread (cheap); a
+miss is queued on the ColdLoader and the request waits without blocking resident work.
+Keys are immutable revision ids, so the same key always means the same bytes, and an evicted
+adapter reloaded later gives bit-identical outputs.
+
+Threading: `activate`/`release_slots` run on the engine thread only; everything else is
+safe from any thread (the host tier has a lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Hashable, Iterable
+from concurrent.futures import Future
+from enum import StrEnum
+
+from lorafleet.engine.engine import Engine
+from lorafleet.engine.loader import ColdLoader, FetchMany
+from lorafleet.engine.lru import PinnedLRU
+from lorafleet.errors import InvalidRequest, NoCapacity
+from lorafleet.lora.weights import LoraWeights
+from lorafleet.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Tier(StrEnum):
+    SLOT = "slot"
+    HOST = "host"
+    STORE = "store"
+
+
+class NotResident(LookupError):
+    """`activate` was asked for a key that is not in host memory yet (an engine-thread bug)."""
+
+
+class Residency:
+    """Slots, host cache and cold loader for one engine.
+
+    Args:
+        engine: the engine whose adapters are the slot tier.
+        fetch_many: loads revisions from the store: keys -> {key: LoraWeights | Exception}.
+        max_slots: live adapters in the engine (vLLM's `max_loras`).
+        max_host_adapters / max_host_bytes: host cache capacity (vLLM's `max_cpu_loras`).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        fetch_many: FetchMany,
+        *,
+        max_slots: int = 64,
+        max_host_adapters: int | None = 512,
+        max_host_bytes: int | None = None,
+        max_queue: int = 64,
+        load_batch: int = 8,
+        load_workers: int = 1,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if max_host_adapters is not None and max_host_adapters < max_slots:
+            raise InvalidRequest(f"max_host_adapters ({max_host_adapters}) must be >= max_slots ({max_slots})")
+        self.engine = engine
+        self.metrics = metrics or Metrics()
+        self._lock = threading.RLock()
+        self._slots: PinnedLRU[Hashable, int] = PinnedLRU(max_entries=max_slots, on_evict=self._evict_slot)
+        self._host: PinnedLRU[Hashable, LoraWeights] = PinnedLRU(
+            max_entries=max_host_adapters, max_bytes=max_host_bytes, size=lambda w: w.nbytes,
+            on_evict=lambda k, _: self._count_evict(Tier.HOST),
+        )
+        self._pending_pins: dict[Hashable, int] = {}
+        self.loader = ColdLoader(fetch_many, self._admit_host, max_queue=max_queue,
+                                 batch_size=load_batch, workers=load_workers, metrics=self.metrics)
+
+    # ---- any thread -----------------------------------------------------------------------
+
+    def tier(self, key: Hashable) -> Tier:
+        with self._lock:
+            if key in self._slots:
+                return Tier.SLOT
+            return Tier.HOST if key in self._host else Tier.STORE
+
+    def ensure_host(self, key: Hashable) -> Future:
+        """A future that resolves once `key` is in host memory (at once on a hit).
+
+        Raises NoCapacity when the cold-load queue is full.
+        """
+        with self._lock:
+            hit = key in self._slots or key in self._host
+            if hit:
+                self._host.get(key)
+        if hit:
+            self.metrics.tier_hits.labels(Tier.HOST).inc()
+            done: Future = Future()
+            done.set_result(None)
+            return done
+        self.metrics.tier_misses.labels(Tier.HOST).inc()
+        return self.loader.request(key)
+
+    def add_host(self, key: Hashable, weights: LoraWeights) -> None:
+        """Put weights the caller already has (e.g. fresh from training) into the host tier."""
+        self._admit_host(key, weights)
+
+    def pin(self, key: Hashable) -> None:
+        """Keep `key` resident (host, and its slot while it has one) until unpinned."""
+        with self._lock:
+            if key in self._host:
+                self._host.pin(key)
+            else:
+                self._pending_pins[key] = self._pending_pins.get(key, 0) + 1
+            if key in self._slots:
+                self._slots.pin(key)
+
+    def unpin(self, key: Hashable) -> None:
+        with self._lock:
+            self._host.unpin(key)
+            self._slots.unpin(key)
+            if key in self._pending_pins:
+                self._pending_pins[key] -= 1
+                if self._pending_pins[key] <= 0:
+                    del self._pending_pins[key]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {Tier.SLOT: len(self._slots), Tier.HOST: len(self._host)}
+
+    def close(self) -> None:
+        self.loader.close()
+
+    # ---- engine thread ----------------------------------------------------------------------
+
+    def activate(self, keys: Iterable[Hashable]) -> dict[Hashable, int]:
+        """Engine handles for `keys` (all must be host- or slot-resident), loading slots as needed.
+
+        Slots of the keys asked for together are never evicted for one another. Raises
+        NoCapacity if they do not all fit (more distinct adapters than slots that aren't pinned).
+        """
+        wanted = list(dict.fromkeys(keys))
+        handles: dict[Hashable, int] = {}
+        with self._lock:
+            for key in wanted:
+                handle = self._slots.get(key)
+                if handle is not None:
+                    self.metrics.tier_hits.labels(Tier.SLOT).inc()
+                    handles[key] = handle
+                    continue
+                self.metrics.tier_misses.labels(Tier.SLOT).inc()
+                weights = self._host.get(key)
+                if weights is None:
+                    raise NotResident(f"{key!r} is not in host memory; call ensure_host first")
+                if not self._slots.can_admit(protected=wanted):
+                    raise NoCapacity(f"all {self._slots.max_entries} adapter slots are pinned or in use")
+                handle = self.engine.create_adapter(weights.spec, weights=weights)
+                self._slots.put(key, handle, protected=wanted)
+                if self._host.is_pinned(key):
+                    self._slots.pin(key)
+                handles[key] = handle
+            self._publish_counts()
+        return handles
+
+    def _evict_slot(self, key: Hashable, handle: int) -> None:
+        self.engine.remove_adapter(handle)
+        self._count_evict(Tier.SLOT)
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _admit_host(self, key: Hashable, weights: LoraWeights) -> None:
+        with self._lock:
+            try:
+                self._host.put(key, weights)
+            except RuntimeError as e:
+                raise NoCapacity("host adapter cache is full of pinned adapters") from e
+            for _ in range(self._pending_pins.pop(key, 0)):
+                self._host.pin(key)
+            self._publish_counts()
+
+    def _count_evict(self, tier: Tier) -> None:
+        self.metrics.evictions.labels(tier).inc()
+
+    def _publish_counts(self) -> None:
+        self.metrics.resident.labels(Tier.SLOT).set(len(self._slots))
+        self.metrics.resident.labels(Tier.HOST).set(len(self._host))
