@@ -1,0 +1,1 @@
+"""HTTP edge: FastAPI routes, auth, and the one map from lorafleet errors to status codes."""

@@ -1,0 +1,67 @@
+"""The one map from lorafleet.errors to HTTP status codes and bodies.
+
+Permanent failures are 4xx that the Tinker SDK does not retry (400/401/404/410/422); only
+transient ones (NoCapacity) are 429 with Retry-After. Unexpected exceptions stay 500 and are
+logged. Request-validation failures from FastAPI/pydantic become 400 with a readable message.
+Routes never build an HTTPException: they raise lorafleet errors and `install` maps them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from lorafleet.errors import (
+    Conflict, Corrupt, Expired, InvalidRequest, LorafleetError, NoCapacity, NotFound, Unauthorized,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[LorafleetError], int] = {
+    InvalidRequest: 400,
+    Unauthorized: 401,
+    NotFound: 404,
+    Expired: 410,
+    Conflict: 422,
+    NoCapacity: 429,
+    Corrupt: 500,
+    LorafleetError: 500,
+}
+
+
+def status_for(exc: LorafleetError) -> int:
+    return next(STATUS[c] for c in type(exc).__mro__ if c in STATUS)
+
+
+def error_response(exc: LorafleetError) -> JSONResponse:
+    status = status_for(exc)
+    headers = {}
+    if isinstance(exc, NoCapacity):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    if status >= 500:
+        log.error("%s: %s", type(exc).__name__, exc)
+    return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=status, headers=headers)
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "request"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers on `app`."""
+
+    @app.exception_handler(LorafleetError)
+    async def _lorafleet(_: Request, exc: LorafleetError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_message(exc), "error": "InvalidRequest"}, status_code=400)
