@@ -47,8 +47,13 @@ def start_server(paths, bases: list[str], state_dir: Path, engines=None, **cfg) 
 
     from lorafleet.api.app import ServeConfig, create_app
 
+    from lorafleet.config import Paths
+
     torch.set_num_threads(1)
-    config = ServeConfig(bases=bases, paths=paths, state_dir=state_dir, engines=engines or {},
+    # models are cached in the shared test home; catalog and store are per server
+    own = Paths(home=paths.home, database_url=f"sqlite:///{state_dir / 'catalog.db'}",
+                store_url=str(state_dir / "store"))
+    config = ServeConfig(bases=bases, paths=own, state_dir=state_dir, engines=engines or {},
                          **cfg)
     app = create_app(config)
     port = free_port()

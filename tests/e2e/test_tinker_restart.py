@@ -24,7 +24,9 @@ pytestmark = pytest.mark.slow
 
 
 def spawn(state_dir, port):
-    env = {**os.environ, "LORAFLEET_HOME": str(TEST_HOME), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "LORAFLEET_HOME": str(TEST_HOME), "OMP_NUM_THREADS": "1",
+           "LORAFLEET_DATABASE_URL": f"sqlite:///{state_dir}/catalog.db",
+           "LORAFLEET_STORE_URL": str(state_dir / "store")}
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from lorafleet.cli import main; sys.exit(main())", "serve", "--base", TINY, "--port", str(port),
          "--state-dir", str(state_dir), "--threads", "1"],
@@ -47,6 +49,7 @@ def spawn(state_dir, port):
 
 def test_kill_restart_resume_matches_uninterrupted(tmp_path):
     state = tmp_path / "state"
+    state.mkdir()
     proc, url = spawn(state, free_port())
     try:
         tc = tinker.ServiceClient(base_url=url).create_lora_training_client(

@@ -131,3 +131,32 @@ def test_external_weights_are_standard_peft(server, service_client, tmp_path, pa
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(bad)
     assert e.value.code == 404
+
+
+def test_runs_and_saves_land_in_the_catalog(server, service_client):
+    tc = service_client.create_lora_training_client(base_model=TINY, rank=4).result()
+    tc.forward_backward(BATCH, "cross_entropy").result()
+    tc.optim_step(ADAM).result()
+    state = tc.save_state("s1").result().path
+    tc.forward_backward(BATCH, "cross_entropy").result()
+    tc.optim_step(ADAM).result()
+    sampler = tc.save_weights_for_sampler("w2").result().path
+    catalog = server.app.state.catalog
+    from lorafleet.catalog.records import ADMIN
+
+    policy = catalog.policy_for_run(ADMIN, tc.model_id)
+    assert policy.base_model == TINY and policy.lora.rank == 4
+    rev1 = catalog.resolve(state, ADMIN)
+    rev2 = catalog.resolve(sampler, ADMIN)
+    assert str(rev1.kind) == "state" and rev1.step == 1
+    assert str(rev2.kind) == "sampler" and rev2.step == 2
+    assert rev2.provenance.parent_revision_id == rev1.id
+    assert rev2.provenance.loss_fn == "cross_entropy"
+    assert rev2.provenance.optimizer_config["learning_rate"] == pytest.approx(1e-2)
+    assert rev2.provenance.data_digest and rev2.provenance.data_digest != rev1.provenance.data_digest
+    files = catalog.read_files(ADMIN, sampler)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    import httpx
+
+    r = httpx.get(f"{server.url}/catalog/v1/policies", headers={"X-API-Key": "tml-x"})
+    assert r.status_code == 200 and policy.name in r.text

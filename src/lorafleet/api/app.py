@@ -18,10 +18,9 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 
 from lorafleet.api.runner import Runner
+from lorafleet.api.tinker.catalog_bridge import CatalogBridge
 from lorafleet.api.tinker.checkpoints import Checkpoints
 from lorafleet.api.tinker.futures import FutureTable
 from lorafleet.api.tinker.routes import router as tinker_router
@@ -29,7 +28,6 @@ from lorafleet.api.tinker.service import TinkerService
 from lorafleet.api.tinker.store import TinkerStore
 from lorafleet.api.tinker.tenancy import Tenancy
 from lorafleet.config import Paths
-from lorafleet.errors import InvalidRequest, LorafleetError
 
 log = logging.getLogger("lorafleet.api")
 
@@ -62,6 +60,7 @@ class ServeConfig:
     state_dir: Path | None = None
     threads: int = 0
     max_sample_queue: int = 512
+    use_catalog: bool = True  # publish runs and checkpoints into the catalog (paths.database_url)
     engines: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # name -> (base, engine)
 
 
@@ -73,13 +72,18 @@ def build_service(cfg: ServeConfig) -> TinkerService:
     if lost:
         log.warning("%d futures were lost by the last shutdown; they now report an error", lost)
     checkpoints = Checkpoints(store, state_dir / "checkpoints")
+    bridge = None
+    if cfg.use_catalog:
+        from lorafleet.catalog.service import Catalog
+
+        bridge = CatalogBridge(Catalog.open(cfg.paths.database_url, cfg.paths.store_url))
     runners: dict[str, Runner] = {}
     for name in cfg.bases:
         base, engine = cfg.engines.get(name) or _load(name, cfg)
         runners[name] = Runner(engine, base, futures, store, checkpoints,
                                gap_timeout_s=cfg.gap_timeout_s,
-                               max_sample_queue=cfg.max_sample_queue)
-    return TinkerService(runners, store, futures, checkpoints)
+                               max_sample_queue=cfg.max_sample_queue, catalog=bridge)
+    return TinkerService(runners, store, futures, checkpoints, catalog=bridge)
 
 
 def _load(name: str, cfg: ServeConfig) -> tuple[Any, Any]:
@@ -107,14 +111,24 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
             janitor.cancel()
             for r in svc.runners.values():
                 await asyncio.to_thread(r.stop)
+            if catalog is not None:
+                catalog.close()
 
     app = FastAPI(title="lorafleet", lifespan=lifespan)
     app.state.tinker = svc
-    app.state.tenancy = Tenancy(cfg.auth)
+    app.state.auth_mode = cfg.auth
+    catalog = svc.catalog.catalog if svc.catalog is not None else None
+    app.state.catalog = catalog
+    lookup = (lambda key: catalog.principal_for_key(key).tenant) if catalog is not None else None
+    app.state.tenancy = Tenancy(cfg.auth, lookup)
     app.state.url_secret = secrets.token_bytes(32)
     install_errors(app)
     app.middleware("http")(_log_requests)
     app.include_router(tinker_router)
+    if catalog is not None:
+        from lorafleet.api.routes.catalog import router as catalog_router
+
+        app.include_router(catalog_router)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -144,35 +158,7 @@ async def _log_requests(request: Request, call_next):
 
 
 def install_errors(app: FastAPI) -> None:
-    """Map lorafleet errors to HTTP: `lorafleet.api.errors` when present (the one map)."""
-    try:
-        from lorafleet.api.errors import install  # type: ignore[import-not-found]
-    except ImportError:
-        install = _fallback_install
+    """Map lorafleet errors to HTTP: `lorafleet.api.errors` is the one map."""
+    from lorafleet.api.errors import install
+
     install(app)
-
-    @app.exception_handler(RequestValidationError)
-    async def _bad_params(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return await _handle(request, InvalidRequest(f"invalid request parameters: {exc.errors()}"))
-
-
-async def _handle(request: Request, exc: LorafleetError) -> JSONResponse:
-    handler = request.app.exception_handlers.get(type(exc)) or request.app.exception_handlers.get(
-        LorafleetError
-    )
-    return await handler(request, exc)
-
-
-def _fallback_install(app: FastAPI) -> None:  # pragma: no cover - replaced by api/errors.py
-    from lorafleet import errors as e
-
-    status = {e.InvalidRequest: 400, e.Unauthorized: 401, e.NotFound: 404, e.Expired: 410,
-              e.Conflict: 422, e.NoCapacity: 429, e.Corrupt: 500, e.LorafleetError: 500}
-
-    @app.exception_handler(e.LorafleetError)
-    async def handle(_: Request, exc: e.LorafleetError) -> JSONResponse:
-        code = next(status[c] for c in type(exc).__mro__ if c in status)
-        headers = {}
-        if isinstance(exc, e.NoCapacity):
-            headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-        return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)

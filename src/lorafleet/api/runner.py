@@ -27,11 +27,12 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+import lorafleet
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.checkpoints import (
     OPTIMIZER_NAME,
@@ -125,7 +126,7 @@ class Runner:
         max_live_samplers: int = 16,
         max_sampler_versions: int = 64,
         max_fused_tokens: int = 65536,
-        publish: Callable[[dict[str, Any]], None] | None = None,
+        catalog: Any = None,
     ) -> None:
         self.engine = engine
         self.base = base
@@ -138,7 +139,7 @@ class Runner:
         self.max_live_samplers = max_live_samplers
         self.max_sampler_versions = max_sampler_versions
         self.max_fused_tokens = max_fused_tokens
-        self.publish = publish
+        self.catalog = catalog  # a CatalogBridge, or None to keep checkpoints local only
         self.models: dict[str, LiveModel] = {}
         self.samplers: OrderedDict[str, SamplerVersion] = OrderedDict()
         self._unordered: deque[Op] = deque()
@@ -301,6 +302,14 @@ class Runner:
     def _do_create_model(self, op: Op) -> dict[str, Any]:
         p = op.payload
         handle = self.engine.create_adapter(p["spec"], seed=p.get("seed"))
+        if self.catalog is not None:
+            try:
+                self.catalog.create_run(op.tenant, p["model_id"], self.base.name,
+                                        getattr(self.base, "digest", None), p["spec"],
+                                        p.get("user_metadata"))
+            except Exception:
+                self.engine.remove_adapter(handle)
+                raise
         self.models[p["model_id"]] = LiveModel(
             model_id=p["model_id"], tenant=op.tenant, handle=handle, spec=p["spec"],
             lora_flags=p["lora_flags"],
@@ -316,6 +325,10 @@ class Runner:
             self._set_tensors(handle, adapter.tensors)
             if p["optimizer"]:
                 self._load_optimizer(handle, files)
+            if self.catalog is not None:
+                self.catalog.create_run(op.tenant, p["model_id"], self.base.name,
+                                        getattr(self.base, "digest", None), adapter.spec,
+                                        p.get("user_metadata"), parent_path=p["row"]["tinker_path"])
         except Exception:
             self.engine.remove_adapter(handle)
             raise
@@ -453,6 +466,7 @@ class Runner:
             "step": model.step, "parent": model.parent, "loss": model.last_loss,
             "optimizer": model.last_adam, "batches_digest": model.batches.hexdigest(),
             "lora_flags": model.lora_flags, "tenant": model.tenant, "time": now(),
+            "code_version": lorafleet.__version__,
         }
 
     def _peft_files(self, model: LiveModel) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:
@@ -476,15 +490,12 @@ class Runner:
                      for k, v in self.engine.optimizer_state(model.handle).items()}
             files[OPTIMIZER_NAME] = st_save(state)
         meta = self._provenance(model, kind)
+        if self.catalog is not None:  # the catalog first: a failed publish leaves no checkpoint
+            meta["revision_id"] = self.catalog.publish(op.tenant, path, files, meta)
         row = self.checkpoints.write(op.tenant, path, files, meta, p.get("ttl_seconds"),
                                      p.get("user_metadata"))
         model.parent = str(path)
         model.batches = hashlib.sha256()
-        if self.publish is not None:
-            try:
-                self.publish(row)
-            except Exception:
-                log.exception("publishing %s to the catalog failed", path)
         return {"path": str(path), "tensors": tensors, "size_bytes": row["size_bytes"]}
 
     def _do_save_weights(self, op: Op, model: LiveModel) -> dict[str, Any]:

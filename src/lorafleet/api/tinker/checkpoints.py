@@ -1,7 +1,7 @@
 """Checkpoint files of the Tinker service: training state, sampler weights, external exports.
 
 A checkpoint is a folder of standard PEFT files (`adapter_config.json`,
-`adapter_model.safetensors`), plus `optimizer.safetensors` for training state and
+`adapter_model.safetensors`), plus `optimizer_state.safetensors` for training state and
 `tinker_meta.json` (provenance, LoRA flags). Folders are written to a temporary name and
 renamed, then the row is inserted: a reader never sees a half-written checkpoint. Paths
 follow the SDK: `tinker://<model_id>/<weights|sampler_weights|external_weights>/<name>`.
@@ -24,7 +24,7 @@ from lorafleet.errors import Conflict, InvalidRequest, NotFound
 KIND_SEGMENT = {"training": "weights", "sampler": "sampler_weights", "external": "external_weights"}
 SEGMENT_KIND = {v: k for k, v in KIND_SEGMENT.items()}
 META_NAME = "tinker_meta.json"
-OPTIMIZER_NAME = "optimizer.safetensors"
+OPTIMIZER_NAME = "optimizer_state.safetensors"  # the catalog's name for it too
 _NAME = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
 
 

@@ -227,7 +227,7 @@ async def all_checkpoints(request: Request, limit: int = 100, offset: int = 0) -
 @router.delete("/training_runs/{model_id}/checkpoints/{kind}/{name}")
 async def delete_checkpoint(model_id: str, kind: str, name: str, request: Request) -> dict:
     svc = _svc(request)
-    svc.checkpoints.delete(_tenant(request), svc.checkpoint_path(model_id, f"{kind}/{name}"))
+    svc.delete_checkpoint(_tenant(request), svc.checkpoint_path(model_id, f"{kind}/{name}"))
     return {"deleted": True}
 
 

@@ -81,7 +81,9 @@ class TinkerService:
         store: TinkerStore,
         futures: FutureTable,
         checkpoints: Checkpoints,
+        catalog: Any = None,
     ) -> None:
+        self.catalog = catalog  # CatalogBridge or None
         self.runners = runners
         self.store = store
         self.futures = futures
@@ -177,6 +179,7 @@ class TinkerService:
             self._insert_run(tenant, req.session_id, model_id, req.base_model, flags, req.user_metadata)
             runner.submit(Op(request_id, "create_model", tenant, {
                 "model_id": model_id, "spec": spec, "seed": lora.seed, "lora_flags": flags,
+                "user_metadata": req.user_metadata,
             }, model_id=model_id))
         return Submitted(request_id, model_id=model_id)
 
@@ -339,6 +342,7 @@ class TinkerService:
             self._insert_run(tenant, req.session_id, model_id, base, meta.get("lora_flags") or
                              {"rank": 0}, req.user_metadata or self._source_metadata(ckpt))
             payload["model_id"] = model_id
+            payload["user_metadata"] = req.user_metadata or self._source_metadata(ckpt)
             runner.submit(Op(request_id, "load_create", tenant, payload, model_id=model_id))
         return Submitted(request_id, model_id=model_id)
 
@@ -501,6 +505,11 @@ class TinkerService:
         page = rows[offset: offset + limit]
         return {"checkpoints": [checkpoint_json(r) for r in page],
                 "cursor": {"offset": offset, "limit": limit, "total_count": len(rows)}}
+
+    def delete_checkpoint(self, tenant: str, path: str) -> None:
+        self.checkpoints.delete(tenant, path)
+        if self.catalog is not None:
+            self.catalog.delete(tenant, path)
 
     def checkpoint_path(self, model_id: str, checkpoint_id: str) -> str:
         return str(parse_path(f"tinker://{model_id}/{checkpoint_id}"))

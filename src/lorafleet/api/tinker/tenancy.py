@@ -3,7 +3,7 @@
 `--auth none`: every caller (any `tml-` key, or none) is the one local tenant; the server
 refuses to bind a non-loopback address in this mode (see `cli/serve.py`).
 `--auth keys`: keys are looked up in the catalog (`lorafleet keys create`) through
-`lorafleet.api.auth`; an unknown key is `Unauthorized` (401).
+`Catalog.principal_for_key`; an unknown key is `Unauthorized` (401).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class Tenancy:
         if mode not in ("none", "keys"):
             raise ValueError(f"auth mode must be 'none' or 'keys', got {mode!r}")
         if mode == "keys" and lookup is None:
-            lookup = _catalog_lookup()
+            raise ValueError("--auth keys needs the catalog's API keys (use_catalog)")
         self.mode = mode
         self.lookup = lookup
 
@@ -40,16 +40,6 @@ class Tenancy:
         if tenant is None:
             raise Unauthorized("unknown API key")
         return tenant
-
-
-def _catalog_lookup() -> Callable[[str], str | None]:
-    """Adapter to the catalog's key table (issue 3); resolved lazily so tests can inject."""
-    from lorafleet.api import auth  # type: ignore[attr-defined]
-
-    lookup = getattr(auth, "tenant_for_key", None)
-    if lookup is None:
-        raise RuntimeError("--auth keys needs lorafleet.api.auth.tenant_for_key(key) -> tenant")
-    return lookup
 
 
 def sign(secret: bytes, message: str) -> str:

@@ -1,0 +1,84 @@
+"""The Tinker service's link to the catalog: every training run is a policy, every
+`save_weights*` a revision with provenance, so the CLI and /catalog/v1 see what the SDK made.
+
+Runs on the engine thread (blocking database and store I/O stays off the event loop).
+A run's policy is `<tenant>/tinker-<session>-train-<n>` with `tinker_run_id` = the model id.
+Training-state saves publish kind `state` (weights + optimizer), sampler saves kind `sampler`;
+both carry their `tinker://` path so `catalog.resolve("tinker://...")` finds them.
+External exports are copies of the weights for download and are not published again.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from lorafleet.api.tinker.checkpoints import OPTIMIZER_NAME, TinkerPath
+from lorafleet.lora.spec import LoraSpec
+
+log = logging.getLogger("lorafleet.tinker.catalog")
+
+
+def policy_name(tenant: str, model_id: str) -> str:
+    return f"{tenant}/tinker-{model_id.replace(':', '-')}"[:129]
+
+
+class CatalogBridge:
+    """Thin adapter over `lorafleet.catalog.service.Catalog` for the Tinker runner."""
+
+    def __init__(self, catalog: Any) -> None:
+        self.catalog = catalog
+
+    def _who(self, tenant: str) -> Any:
+        from lorafleet.catalog.records import Principal
+
+        return Principal(tenant)
+
+    def create_run(self, tenant: str, model_id: str, base_name: str, base_digest: str | None,
+                   spec: LoraSpec, user_metadata: dict[str, Any] | None,
+                   parent_path: str | None = None) -> None:
+        meta = {str(k): str(v) for k, v in (user_metadata or {}).items()}
+        self.catalog.create_policy(
+            self._who(tenant), policy_name(tenant, model_id), base_name, spec,
+            base_digest=base_digest, metadata=meta, tinker_run_id=model_id,
+            parent=parent_path if parent_path and self._resolves(tenant, parent_path) else None,
+        )
+
+    def _resolves(self, tenant: str, ref: str) -> bool:
+        try:
+            self.catalog.resolve(ref, self._who(tenant))
+            return True
+        except Exception:
+            return False
+
+    def publish(self, tenant: str, path: TinkerPath, files: dict[str, bytes],
+                meta: dict[str, Any]) -> str | None:
+        """Publish one checkpoint as a revision; returns the revision id (None: not published)."""
+        from lorafleet.catalog.records import Provenance, RevisionKind
+        from lorafleet.catalog.service import OPTIMIZER_FILE
+
+        if path.kind == "external":
+            return None
+        kind = RevisionKind.STATE if path.kind == "training" else RevisionKind.SAMPLER
+        out = dict(files)
+        if OPTIMIZER_NAME in out and OPTIMIZER_NAME != OPTIMIZER_FILE:
+            out[OPTIMIZER_FILE] = out.pop(OPTIMIZER_NAME)
+        loss = meta.get("loss") or {}
+        parent = meta.get("parent")
+        prov = Provenance(
+            parent_revision_id=parent if parent and self._resolves(tenant, parent) else None,
+            loss_fn=loss.get("loss_fn"), loss_config=loss.get("loss_config"),
+            optimizer_config=meta.get("optimizer"), data_digest=meta.get("batches_digest"),
+            code_version=meta.get("code_version"),
+        )
+        rev = self.catalog.publish(
+            self._who(tenant), policy_name(tenant, path.model_id), out, kind=kind,
+            step=meta.get("step"), provenance=prov, tinker_path=str(path),
+        )
+        return rev.id
+
+    def delete(self, tenant: str, path: str) -> None:
+        try:
+            self.catalog.delete_revision(self._who(tenant), path)
+        except Exception as e:  # not published (external) or already gone
+            log.info("catalog: not deleting %s: %s", path, e)
