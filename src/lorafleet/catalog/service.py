@@ -30,7 +30,7 @@ from lorafleet.catalog.records import (
     RevisionKind, LOCAL_TENANT,
 )
 from lorafleet.catalog.refs import (
-    LATEST, OWNER_RE, Gate, Ref, RefKind, check_alias, new_id, normalize_tinker_path,
+    OWNER_RE, Gate, Ref, RefKind, check_alias, new_id, normalize_tinker_path,
     parse_gate, parse_policy_name, parse_ref,
 )
 from lorafleet.db import Database, open_database, upgrade

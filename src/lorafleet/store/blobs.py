@@ -80,7 +80,10 @@ class LocalBlobStore:
         ref = BlobRef(hashlib.sha256(data).hexdigest(), len(data))
         final = self.path(ref.sha256)
         if final.exists() and final.stat().st_size == ref.size_bytes:
-            return ref  # same bytes already stored (a corrupt copy is caught on read/check)
+            # Same bytes already stored (a corrupt copy is caught on read/check). Touch it so a
+            # concurrent gc, which spares young blobs, cannot delete it before our row commits.
+            os.utime(final)
+            return ref
         tmp = self.root / "tmp" / f"{ref.sha256[:16]}.{secrets.token_hex(8)}"
         try:
             with open(tmp, "wb") as f:
@@ -154,8 +157,9 @@ class FsspecBlobStore:
     def put(self, data: bytes) -> BlobRef:
         ref = BlobRef(hashlib.sha256(data).hexdigest(), len(data))
         final = self._key(ref.sha256)
-        if self.fs.exists(final) and self.fs.size(final) == ref.size_bytes:
-            return ref
+        # Always (re)write: object stores can't refresh a blob's age without a write, and a
+        # fresh age is what keeps a concurrent gc from deleting it before our row commits.
+        # The key is the content hash, so the bytes are still stored once.
         tmp = f"{self.root}/tmp/{ref.sha256[:16]}.{secrets.token_hex(8)}"
         try:
             self.fs.pipe_file(tmp, data)
