@@ -112,3 +112,18 @@ def test_catalog_over_s3(s3_url, tmp_path):
     assert cat.gc(grace_s=0).blobs_deleted == 1
     assert cat.check().ok and rev.store_url == url
     cat.close()
+
+
+def test_republishing_an_old_blob_protects_it_from_gc(tmp_path):
+    """A publish that deduplicates onto an old unreferenced blob refreshes its age, so a gc
+    running before the publish commits (grace period) cannot delete it."""
+    import os
+    import time
+
+    store = LocalBlobStore(tmp_path / "store")
+    ref = store.put(b"weights")
+    old = time.time() - 7200
+    os.utime(store.path(ref.sha256), (old, old))
+    store.put(b"weights")
+    [(sha, mtime)] = list(store.list_blobs())
+    assert sha == ref.sha256 and mtime > time.time() - 60
