@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from lorafleet.lora.layers import RowOperands
-from lorafleet.lora.math import gather_rows, stack_table
+from lorafleet.lora.math import gather_rows, stack_expert_table, stack_table
 from lorafleet.lora.weights import LoraWeights
 
 
@@ -14,7 +14,8 @@ def row_operands(slots: list[LoraWeights | None], slot_B: Tensor, dtype: torch.d
     """For every module any slot targets: (aT_BKR, bT_BRD) gathered for the rows.
 
     `slots[s]` is the adapter of slot s (None: no adapter, the base alone); `slot_B` gives
-    each row's slot. Differentiable with respect to the adapters' tensors.
+    each row's slot. Differentiable with respect to the adapters' tensors. Routed-expert
+    paths (packed 3-D pairs) get their slot tables instead: (a_SERK, b_SEDR, slot_B).
     """
     paths: dict[str, None] = {}
     for w in slots:
@@ -24,6 +25,10 @@ def row_operands(slots: list[LoraWeights | None], slot_B: Tensor, dtype: torch.d
     operands: RowOperands = {}
     for path in paths:
         pairs = [w.pairs.get(path) if w is not None else None for w in slots]
+        if next(p for p in pairs if p is not None)[0].ndim == 3:
+            a_SERK, b_SEDR = stack_expert_table(pairs, scales, dtype)
+            operands[path] = (a_SERK, b_SEDR, slot_B)
+            continue
         a_SRK, b_SDR = stack_table(pairs, scales, dtype)
         operands[path] = gather_rows(a_SRK, b_SDR, slot_B)
     return operands
@@ -31,7 +36,8 @@ def row_operands(slots: list[LoraWeights | None], slot_B: Tensor, dtype: torch.d
 
 def select_rows(operands: RowOperands, keep_B: Tensor) -> RowOperands:
     """The operands of a subset of rows (finished rows leave a decode batch)."""
-    return {p: (a[keep_B], b[keep_B]) for p, (a, b) in operands.items()}
+    return {p: (ops[0], ops[1], ops[2][keep_B]) if len(ops) == 3 else (ops[0][keep_B], ops[1][keep_B])
+            for p, ops in operands.items()}
 
 
 def right_pad(seqs: list[Tensor], pad: int) -> Tensor:

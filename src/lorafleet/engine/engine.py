@@ -21,6 +21,7 @@ from lorafleet.engine.generate import generate
 from lorafleet.engine.types import SampleRequest, SampleResult
 from lorafleet.errors import BadTokens, InvalidRequest, NotFound
 from lorafleet.lora.inject import inject
+from lorafleet.lora.layers import MultiLoraRouter
 from lorafleet.lora.io import from_peft_tensors, to_peft_tensors
 from lorafleet.lora.spec import LoraSpec
 from lorafleet.lora.weights import LoraWeights
@@ -58,6 +59,8 @@ class Engine:
         self.base = base
         self.info = base.info
         self.runtime = inject(base.model, base.info.lora_modules)
+        # MoE routers in layer order: the first axis of recorded / replayed routes
+        self.router_paths = [m.path for m in base.model.modules() if isinstance(m, MultiLoraRouter)]
         self._adapters: dict[int, _Live] = {}
         self._next_handle = 1
 
@@ -146,7 +149,21 @@ class Engine:
             self._check_ids(d.loss_inputs["target_tokens"], f"datum {i} target_tokens")
             if n > self.info.max_context:
                 raise InvalidRequest(f"datum {i}: {n} tokens exceed the context of {self.info.max_context}")
+            if d.routes is not None:
+                self._check_routes(d.routes, n, f"datum {i}")
 
+    def _check_routes(self, routes: Tensor, n: int, what: str) -> None:
+        """Recorded routes must be int expert ids [moe_layers, n, top_k] of this base."""
+        if not self.router_paths:
+            raise InvalidRequest(f"{what}: routes given but {self.info.name} is not a mixture of experts")
+        want = (len(self.router_paths), n, self.info.experts_per_token)
+        if routes.dtype.is_floating_point or routes.dtype == torch.bool or tuple(routes.shape) != want:
+            raise InvalidRequest(
+                f"{what}: routes must be integer expert ids of shape {want} (moe layers, tokens, top_k); "
+                f"got {routes.dtype} {tuple(routes.shape)}"
+            )
+        if routes.numel() and (int(routes.min()) < 0 or int(routes.max()) >= self.info.num_experts):
+            raise InvalidRequest(f"{what}: routes must be expert ids in [0, {self.info.num_experts})")
     def _check_ids(self, ids: Tensor, what: str) -> None:
         if ids.dtype not in (torch.int64, torch.int32):
             raise BadTokens(f"{what}: token ids must be integers, got {ids.dtype}")
@@ -171,8 +188,9 @@ class Engine:
         targets_BT = right_pad([d.loss_inputs["target_tokens"].to(torch.int64) for _, d in rows], pad=0)
         with torch.set_grad_enabled(train):
             operands = row_operands(slots, slot_B, self.base.dtype)
+            replay = self._replay(reqs, rows, tokens_BT.shape[1])
             # right padding needs no mask: causal attention never looks at later positions
-            with self.runtime.use(operands):
+            with self.runtime.use(operands), self.runtime.routes(replay=replay):
                 logits_BTV = self.base.model(input_ids=tokens_BT, use_cache=False).logits
             lp_BT = -F.cross_entropy(
                 logits_BTV.float().flatten(0, 1), targets_BT.flatten(), reduction="none"
@@ -191,6 +209,20 @@ class Engine:
             FwdBwdResult(outputs=out, metrics={"loss:sum": float(s.detach())})
             for out, s in zip(outputs, sums)
         ]
+
+    def _replay(self, reqs: list[FwdBwdRequest], rows: list, width: int) -> dict[str, Tensor]:
+        """Per router: the expert ids to replay [B*T, k] (-1 where the batch routes normally)."""
+        want = [(b, d.routes) for b, (ri, d) in enumerate(rows) if d.routes is not None and reqs[ri].replay_routes]
+        if not want:
+            return {}
+        k = self.info.experts_per_token
+        replay = {}
+        for layer, path in enumerate(self.router_paths):
+            ids_BTk = torch.full((len(rows), width, k), -1, dtype=torch.int64)
+            for b, routes in want:
+                ids_BTk[b, : routes.shape[1]] = routes[layer].to(torch.int64)
+            replay[path] = ids_BTk.view(-1, k)
+        return replay
 
     def _slot_weights(self, req: FwdBwdRequest) -> LoraWeights:
         w = self._live(req.adapter).weights
@@ -234,13 +266,18 @@ class Engine:
             raise InvalidRequest(f"top_k must be -1 (off) or >= 0, got {p.top_k}")
         if p.stop_token_ids is not None:
             self._check_ids(torch.tensor(list(p.stop_token_ids), dtype=torch.int64), "stop token ids")
+        if req.record_routes and not self.router_paths:
+            raise InvalidRequest(f"record_routes: {self.info.name} is not a mixture of experts")
 
     def sample(self, reqs: list[SampleRequest]) -> list[SampleResult]:
         """Sample all requests in one decode batch (rows of many adapters together)."""
         for req in reqs:
             self.validate_sample(req)
         adapters = [self._slot_weights_for_sampling(r.adapter) for r in reqs]
-        return generate(self.base.model, self.runtime, self.base.tokenizer, self.base.eos_token_id, reqs, adapters)
+        return generate(
+            self.base.model, self.runtime, self.base.tokenizer, self.base.eos_token_id, reqs, adapters,
+            router_paths=self.router_paths,
+        )
 
     def _slot_weights_for_sampling(self, handle: int | None) -> LoraWeights | None:
         if handle is None:

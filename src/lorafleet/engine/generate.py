@@ -9,7 +9,7 @@ every row's numbers what they would be alone (up to float rounding).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,7 @@ class _Row:
     tokens: list[int]
     logprobs: list[float]
     stop_reason: str | None = None
+    routes: list[Tensor] = field(default_factory=list)  # [moe_layers, positions, k] chunks, if recorded
 
 
 def _generator(seed: int | None, sample_index: int) -> torch.Generator:
@@ -63,8 +64,14 @@ def generate(
     eos_id: int,
     requests: list[SampleRequest],
     adapters: list[LoraWeights | None],
+    router_paths: list[str] | None = None,
 ) -> list[SampleResult]:
-    """Sample every request in one batch; `adapters[i]` is request i's adapter (or None)."""
+    """Sample every request in one batch; `adapters[i]` is request i's adapter (or None).
+
+    With `router_paths` (a MoE base's routers, in layer order) and `record_routes` on a request,
+    its sequences carry the experts chosen at every position fed to the model.
+    """
+    record = {} if router_paths and any(r.record_routes for r in requests) else None
     dtype = next(model.parameters()).dtype
     ids, mask = left_pad([r.prompt for r in requests], pad=eos_id)
     # one slot per distinct adapter object, plus a zero slot for the base
@@ -80,11 +87,12 @@ def generate(
 
     want_prompt_lp = any(r.prompt_logprobs for r in requests)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
-    with runtime.use(operands):
+    with runtime.use(operands), runtime.routes(record=record):
         out = model(
             input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True,
             logits_to_keep=0 if want_prompt_lp else 1,
         )
+    prompt_routes = _routes_now(record, router_paths, ids.shape[0])
     cache = out.cache
     prompt_lps = [
         _prompt_logprobs(out.logits[i, ids.shape[1] - len(r.prompt):], r.prompt) if r.prompt_logprobs else None
@@ -104,6 +112,10 @@ def generate(
         for i, r in enumerate(requests)
         for k in range(r.num_samples)
     ]
+    if prompt_routes is not None:
+        for row in rows:
+            if requests[row.request].record_routes:
+                row.routes.append(prompt_routes[row.request][:, -len(requests[row.request].prompt):])
     logits = out.logits[expand, -1]
     cache.batch_select_indices(expand)
     mask = mask[expand]
@@ -141,11 +153,16 @@ def generate(
             operands = select_rows(operands, keep_t)
             live = [live[b] for b in keep]
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-        with runtime.use(operands):
+        with runtime.use(operands), runtime.routes(record=record):
             out = model(
                 input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                 cache=cache, use_cache=True,
             )
+        step_routes = _routes_now(record, router_paths, len(live))
+        if step_routes is not None:
+            for b, j in enumerate(live):
+                if requests[rows[j].request].record_routes:
+                    rows[j].routes.append(step_routes[b])
         cache = out.cache
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
@@ -153,9 +170,20 @@ def generate(
     results = []
     for i, r in enumerate(requests):
         seqs = [
-            SampledSequence(tokens=row.tokens, logprobs=row.logprobs, stop_reason=row.stop_reason or "length")
+            SampledSequence(
+                tokens=row.tokens, logprobs=row.logprobs, stop_reason=row.stop_reason or "length",
+                routes=torch.cat(row.routes, dim=1) if row.routes else None,
+            )
             for row in rows
             if row.request == i
         ]
         results.append(SampleResult(sequences=seqs, prompt_logprobs=prompt_lps[i]))
     return results
+
+
+def _routes_now(record: dict[str, Tensor] | None, router_paths: list[str] | None, rows: int) -> Tensor | None:
+    """The expert ids of the forward just run, per batch row: int32 [B, moe_layers, T, k]."""
+    if record is None or not router_paths:
+        return None
+    per_layer = [record[p].view(rows, -1, record[p].shape[-1]) for p in router_paths]
+    return torch.stack(per_layer, dim=1).to(torch.int32)

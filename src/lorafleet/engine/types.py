@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from torch import Tensor
+
 StopReason = Literal["stop", "length"]
 
 
@@ -41,6 +43,7 @@ class SampleRequest:
     num_samples: int = 1
     params: SamplingParams = field(default_factory=SamplingParams)
     prompt_logprobs: bool = False
+    record_routes: bool = False  # MoE bases: return the experts chosen (SampledSequence.routes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,10 @@ class SampledSequence:
     tokens: list[int]
     logprobs: list[float]
     stop_reason: StopReason
+    # with SampleRequest.record_routes on a MoE base: the expert ids every router chose at every
+    # position fed to the model (prompt + tokens[:-1]), int32 [moe_layers, positions, top_k];
+    # pass it as Datum.routes to replay the same experts in training (R3)
+    routes: Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,33 @@ def stack_table(
     return torch.stack(a_rows), torch.stack(b_rows)
 
 
+def stack_expert_table(
+    pairs: list[tuple[Tensor, Tensor] | None], scales: list[float], dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Stack packed expert pairs (A [E, r, K], B [E, D, r]) into a_SERK, b_SEDR, scale folded into B.
+
+    The expert twin of `stack_table`: `None` slots are zeros, ranks are zero-padded to the largest.
+    """
+    present = [p for p in pairs if p is not None]
+    n_exp, k_in, d_out = present[0][0].shape[0], present[0][0].shape[2], present[0][1].shape[1]
+    rank = max(a.shape[1] for a, _ in present)
+    a_rows: list[Tensor] = []
+    b_rows: list[Tensor] = []
+    for pair, scale in zip(pairs, scales):
+        if pair is None:
+            a_rows.append(torch.zeros(n_exp, rank, k_in, dtype=dtype))
+            b_rows.append(torch.zeros(n_exp, d_out, rank, dtype=dtype))
+            continue
+        a, b = pair[0].to(dtype), pair[1].to(dtype) * scale
+        r = a.shape[1]
+        if r < rank:
+            a = torch.cat([a, a.new_zeros(n_exp, rank - r, k_in)], dim=1)
+            b = torch.cat([b, b.new_zeros(n_exp, d_out, rank - r)], dim=2)
+        a_rows.append(a)
+        b_rows.append(b)
+    return torch.stack(a_rows), torch.stack(b_rows)
+
+
 def gather_rows(a_SRK: Tensor, b_SDR: Tensor, slot_B: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row operands for `apply_lora`: aT_BKR = A[slot]^T, bT_BRD = B[slot]^T."""
     return a_SRK[slot_B].transpose(1, 2), b_SDR[slot_B].transpose(1, 2)

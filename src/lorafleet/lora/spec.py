@@ -11,6 +11,11 @@ from lorafleet.errors import IncompatibleAdapter
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 ALL_MODULES = ATTN_MODULES + MLP_MODULES
+# The MoE router (`mlp.gate`, [num_experts, hidden]); opt-in, never part of the default targets.
+ROUTER_MODULES = ("gate",)
+SUPPORTED_MODULES = ALL_MODULES + ROUTER_MODULES
+# PEFT `target_parameters` on transformers' fused expert tensors -> our projection names.
+PEFT_EXPERT_PARAMETERS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 MAX_RANK = 128
 
 
@@ -21,7 +26,9 @@ class LoraSpec:
     Args:
         rank: `r`, 1..128.
         alpha: `lora_alpha`; the update is scaled by alpha/r (alpha/sqrt(r) with rslora).
-        target_modules: projection names (PEFT's `target_modules`), a subset of ALL_MODULES.
+        target_modules: projection names (PEFT's `target_modules`), a subset of ALL_MODULES, plus
+            `gate` (the router) on MoE bases. On a MoE base the MLP names put one LoRA on every
+            routed expert's projection (and one on the shared expert, if any).
         use_rslora: rank-stabilised scaling.
     """
 
@@ -36,13 +43,13 @@ class LoraSpec:
             raise IncompatibleAdapter(f"rank must be an integer in 1..{MAX_RANK}, got {self.rank!r}")
         if not self.target_modules:
             raise IncompatibleAdapter("target_modules is empty: an adapter must target a module")
-        unknown = sorted(set(self.target_modules) - set(ALL_MODULES))
+        unknown = sorted(set(self.target_modules) - set(SUPPORTED_MODULES))
         if unknown:
             raise IncompatibleAdapter(
                 f"unsupported target modules {unknown}; supported: {list(ALL_MODULES)}"
             )
         # Canonical order so equal specs compare equal whatever order the caller used.
-        ordered = tuple(m for m in ALL_MODULES if m in set(self.target_modules))
+        ordered = tuple(m for m in SUPPORTED_MODULES if m in set(self.target_modules))
         object.__setattr__(self, "target_modules", ordered)
         if not math.isfinite(self.alpha) or self.alpha <= 0:
             raise IncompatibleAdapter(f"lora_alpha must be a positive number, got {self.alpha!r}")
@@ -86,9 +93,21 @@ class LoraSpec:
         targets = config.get("target_modules")
         if isinstance(targets, str):
             raise IncompatibleAdapter("regex target_modules are not supported; list module names")
+        params = list(config.get("target_parameters") or ())
+        extra: dict[str, Any] = {}
+        if params:  # PEFT LoRA on transformers' fused 3-D expert tensors (`mlp.experts.gate_up_proj`)
+            names = [p.rsplit(".", 1)[-1] for p in params]
+            unknown = sorted(set(names) - set(PEFT_EXPERT_PARAMETERS))
+            if unknown or not all(p.endswith(f"experts.{n}") for p, n in zip(params, names)):
+                raise IncompatibleAdapter(
+                    f"target_parameters {params} are not supported; only mlp.experts.gate_up_proj / down_proj"
+                )
+            targets = [*(targets or ()), *(m for n in names for m in PEFT_EXPERT_PARAMETERS[n])]
+            extra["peft_target_parameters"] = tuple(names)
         return cls(
             rank=int(config["r"]),
             alpha=float(config.get("lora_alpha", config["r"])),
-            target_modules=tuple(targets or ()),
+            target_modules=tuple(dict.fromkeys(targets or ())),
             use_rslora=bool(config.get("use_rslora", False)),
+            extra=extra,
         )

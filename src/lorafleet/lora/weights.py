@@ -10,9 +10,12 @@ from torch import Tensor
 
 from lorafleet.errors import IncompatibleAdapter
 from lorafleet.lora.spec import LoraSpec
-from lorafleet.model.registry import BaseInfo, check_adapter_fits
+from lorafleet.model.registry import BaseInfo, check_adapter_fits, lora_shape
 
-# A module path names one projection in one layer: `model.layers.3.self_attn.q_proj`.
+# A module path names one projection in one layer: `model.layers.3.self_attn.q_proj`. On a MoE
+# base the routed experts' projection of a layer is one path, `model.layers.3.mlp.experts.up_proj`,
+# whose pair is packed: (A [E, r, in], B [E, out, r]); the shared expert's is
+# `model.layers.3.mlp.shared_expert.up_proj` (one 2-D pair), the router's `model.layers.3.mlp.gate`.
 ModulePath = str
 
 
@@ -21,8 +24,14 @@ def module_paths(info: BaseInfo, spec: LoraSpec) -> list[ModulePath]:
     paths = []
     for layer in range(info.num_layers):
         for proj in spec.target_modules:
-            block = "self_attn" if proj.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-            paths.append(f"model.layers.{layer}.{block}.{proj}")
+            if proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                paths.append(f"model.layers.{layer}.self_attn.{proj}")
+            elif info.is_moe and proj in info.expert_shapes:
+                paths.append(f"model.layers.{layer}.mlp.experts.{proj}")
+                if proj in info.shared_expert_shapes:
+                    paths.append(f"model.layers.{layer}.mlp.shared_expert.{proj}")
+            else:
+                paths.append(f"model.layers.{layer}.mlp.{proj}")
     return paths
 
 
@@ -40,10 +49,11 @@ class LoraWeights:
         gen.manual_seed(seed if seed is not None else torch.seed())
         pairs = {}
         for path in module_paths(info, spec):
-            out_f, in_f = info.module_shapes[path.rsplit(".", 1)[1]]
+            out_f, in_f, n_exp, _ = lora_shape(info, path)
+            lead = (n_exp,) if n_exp else ()  # routed experts: one independent pair per expert
             bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform with a=sqrt(5) on [r, in_f]
-            a = (torch.rand(spec.rank, in_f, generator=gen) * 2 - 1) * bound
-            pairs[path] = (a, torch.zeros(out_f, spec.rank))
+            a = (torch.rand(*lead, spec.rank, in_f, generator=gen) * 2 - 1) * bound
+            pairs[path] = (a, torch.zeros(*lead, out_f, spec.rank))
         return cls(spec, pairs)
 
     def checked(self, info: BaseInfo) -> LoraWeights:

@@ -16,10 +16,15 @@ class Datum:
         loss_inputs: per-token tensors of length N: `target_tokens` (int64), and as the loss
             needs them `weights`, `logprobs` (sampling logprobs), `advantages` (float32), and
             optional per-token `clip_low_threshold` / `clip_high_threshold`.
+        routes: MoE bases only: the expert ids chosen at every input position when the
+            sequence was sampled (`SampledSequence.routes`, int [moe_layers, N, top_k]). The
+            training forward reuses them (routing replay, MinT's R3) unless the request sets
+            `replay_routes=False`; None routes by the current router.
     """
 
     tokens: Tensor
     loss_inputs: dict[str, Tensor]
+    routes: Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +36,7 @@ class FwdBwdRequest:
     loss_fn: str = "cross_entropy"
     loss_config: dict[str, float] = field(default_factory=dict)
     forward_only: bool = False
+    replay_routes: bool = True  # use the data's recorded MoE routes (Datum.routes) where given
 
 
 @dataclass(frozen=True, slots=True)
