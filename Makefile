@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv bench-quick clean
+.PHONY: run test venv bench-quick clean sdk-venvs
 
 venv: $(STAMP)
 
@@ -20,7 +20,18 @@ $(STAMP): pyproject.toml
 run: venv
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/lorafleet serve
 
-test: venv
+# Old tinker SDKs for the compatibility matrix (tests/e2e/test_tinker_sdk_matrix.py): one small
+# venv per version with nothing but `tinker==X`, created on demand, gitignored.
+SDK_VERSIONS := 0.26.2 0.22.7
+
+.venv-tinker-%/.installed:
+	test -x .venv-tinker-$*/bin/python || $(PY) -m venv .venv-tinker-$* || python3 -m venv .venv-tinker-$*
+	.venv-tinker-$*/bin/pip install -q --disable-pip-version-check tinker==$*
+	touch $@
+
+sdk-venvs: $(foreach v,$(SDK_VERSIONS),.venv-tinker-$(v)/.installed)
+
+test: venv sdk-venvs
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
 clean:

@@ -7,6 +7,9 @@ types and mapped in `api/errors.py`), and no tensors are touched.
 from __future__ import annotations
 
 import base64
+import email.utils
+import io
+import tarfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +27,7 @@ from lorafleet.errors import InvalidRequest, NotFound
 
 router = APIRouter(prefix="/api/v1")
 URL_TTL_S = 3600
+ARCHIVE_NAME = "archive.tar"
 
 
 def _svc(request: Request) -> TinkerService:
@@ -36,6 +40,26 @@ def _tenant(request: Request) -> str:
 
 def _idem(request: Request) -> str | None:
     return request.headers.get("x-idempotency-key")
+
+
+def sdk_version(request: Request) -> tuple[int, ...]:
+    """The caller's tinker SDK version from its Stainless headers; (99,) when unknown."""
+    raw = request.headers.get("x-stainless-package-version") or ""
+    if not raw:
+        ua = request.headers.get("user-agent", "")
+        raw = ua.rsplit(" ", 1)[-1] if ua.startswith("AsyncTinker/") else ""
+    try:
+        return tuple(int(x) for x in raw.split(".")[:3])
+    except ValueError:
+        return (99,)
+
+
+def _checkpoint_kinds(request: Request) -> set[str]:
+    """SDKs before 0.38 reject the `external` checkpoint type in listings."""
+    kinds = {"training", "sampler"}
+    if sdk_version(request) >= (0, 38):
+        kinds.add("external")
+    return kinds
 
 
 async def _body(request: Request, model: type[s.M]) -> s.M:
@@ -216,12 +240,14 @@ async def training_run(model_id: str, request: Request) -> dict:
 
 @router.get("/training_runs/{model_id}/checkpoints")
 async def run_checkpoints(model_id: str, request: Request) -> dict:
-    return _svc(request).list_checkpoints(_tenant(request), model_id)
+    return _svc(request).list_checkpoints(_tenant(request), model_id,
+                                          kinds=_checkpoint_kinds(request))
 
 
 @router.get("/checkpoints")
 async def all_checkpoints(request: Request, limit: int = 100, offset: int = 0) -> dict:
-    return _svc(request).list_checkpoints(_tenant(request), None, limit, offset)
+    return _svc(request).list_checkpoints(_tenant(request), None, limit, offset,
+                                          kinds=_checkpoint_kinds(request))
 
 
 @router.delete("/training_runs/{model_id}/checkpoints/{kind}/{name}")
@@ -254,23 +280,39 @@ async def set_ttl(model_id: str, kind: str, name: str, request: Request) -> dict
     return {"ttl_seconds": req.ttl_seconds}
 
 
-@router.get("/training_runs/{model_id}/checkpoints/{kind}/{name}/external_weights_urls")
-async def external_weights_urls(model_id: str, kind: str, name: str, request: Request) -> dict:
+def _signed_url(request: Request, path: str, filename: str, expires: int) -> str:
+    """A URL on this server that serves one checkpoint file until `expires`, without a key."""
+    token = base64.urlsafe_b64encode(path.encode()).decode().rstrip("=")
+    sig = sign(request.app.state.url_secret, f"{token}/{expires}/{filename}")
+    return f"{str(request.base_url).rstrip('/')}/api/v1/files/{token}/{expires}/{sig}/{filename}"
+
+
+def _downloadable(request: Request, model_id: str, kind: str, name: str) -> dict:
     svc = _svc(request)
-    path = svc.checkpoint_path(model_id, f"{kind}/{name}")
-    row = svc.checkpoints.find(_tenant(request), path)
+    row = svc.checkpoints.find(_tenant(request), svc.checkpoint_path(model_id, f"{kind}/{name}"))
     if row["kind"] not in ("external", "training"):
         raise InvalidRequest("only weights/ and external_weights/ checkpoints can be downloaded")
+    return row
+
+
+@router.get("/training_runs/{model_id}/checkpoints/{kind}/{name}/external_weights_urls")
+async def external_weights_urls(model_id: str, kind: str, name: str, request: Request) -> dict:
+    row = _downloadable(request, model_id, kind, name)
     expires = int(time.time()) + URL_TTL_S
-    secret: bytes = request.app.state.url_secret
-    token = base64.urlsafe_b64encode(path.encode()).decode().rstrip("=")
-    base = str(request.base_url).rstrip("/")
-    urls = {}
-    for f in sorted(Path(row["dir"]).iterdir()):
-        if f.is_file():
-            msg = f"{token}/{expires}/{f.name}"
-            urls[f.name] = f"{base}/api/v1/files/{token}/{expires}/{sign(secret, msg)}/{f.name}"
+    urls = {f.name: _signed_url(request, row["tinker_path"], f.name, expires)
+            for f in sorted(Path(row["dir"]).iterdir()) if f.is_file()}
     return {"urls": urls, "expires": datetime.fromtimestamp(expires, UTC).isoformat()}
+
+
+@router.get("/training_runs/{model_id}/checkpoints/{kind}/{name}/archive")
+async def checkpoint_archive(model_id: str, kind: str, name: str, request: Request) -> Response:
+    """SDK <= 0.2x download: 302 to a signed URL of a tar of the PEFT files (+ marker)."""
+    row = _downloadable(request, model_id, kind, name)
+    expires = int(time.time()) + URL_TTL_S
+    return Response(status_code=302, headers={
+        "Location": _signed_url(request, row["tinker_path"], ARCHIVE_NAME, expires),
+        "Expires": email.utils.formatdate(expires, usegmt=True),
+    })
 
 
 @router.get("/files/{token}/{expires}/{signature}/{filename}")
@@ -282,10 +324,26 @@ async def download_file(token: str, expires: int, signature: str, filename: str,
         raise NotFound("this download link is invalid or expired")
     path = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
     row = _svc(request).store.get("checkpoints", "tinker_path", str(parse_path(path)))
-    target = Path(row["dir"]) / filename if row else None
-    if target is None or not target.is_file() or target.parent != Path(row["dir"]):
+    if row is None:
+        raise NotFound("checkpoint not found")
+    folder = Path(row["dir"])
+    if filename == ARCHIVE_NAME:
+        return Response(_tar(folder), media_type="application/x-tar")
+    target = folder / filename
+    if not target.is_file() or target.parent != folder:
         raise NotFound("file not found")
     return FileResponse(target, media_type="application/octet-stream")
+
+
+def _tar(folder: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for f in sorted(folder.iterdir()):
+            if f.is_file():
+                tar.add(f, arcname=f.name)
+        marker = tarfile.TarInfo("checkpoint_complete")
+        tar.addfile(marker, io.BytesIO(b""))
+    return buf.getvalue()
 
 
 @router.post("/weights_info")

@@ -498,10 +498,11 @@ class TinkerService:
         }
 
     def list_checkpoints(self, tenant: str, model_id: str | None, limit: int = 1000,
-                         offset: int = 0) -> dict[str, Any]:
+                         offset: int = 0, kinds: set[str] | None = None) -> dict[str, Any]:
         if model_id is not None:
             self.run_row(tenant, model_id)
-        rows = self.checkpoints.list(tenant, model_id)
+        rows = [r for r in self.checkpoints.list(tenant, model_id)
+                if kinds is None or r["kind"] in kinds]
         page = rows[offset: offset + limit]
         return {"checkpoints": [checkpoint_json(r) for r in page],
                 "cursor": {"offset": offset, "limit": limit, "total_count": len(rows)}}
