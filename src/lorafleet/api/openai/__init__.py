@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving API under /v1: `model` names a base or an adapter reference."""
