@@ -119,8 +119,21 @@ def peft_files(weights: LoraWeights, base_model: str, layout: str = moe_layout.P
         metadata |= {moe_layout.LAYOUT_KEY: moe_layout.PACKED_LAYOUT_V1, moe_layout.EXPERTS_KEY: str(packed[0].shape[0])}
     return {
         CONFIG_NAME: config.encode(),
-        WEIGHTS_NAME: st_save(tensors, metadata=metadata),
+        WEIGHTS_NAME: _sorted_metadata(st_save(tensors, metadata=metadata)),
     }
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """Safetensors bytes with the `__metadata__` keys sorted: safetensors writes them in hash
+    order, which differs between calls, and equal adapters must have equal bytes (digests)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if len(header.get("__metadata__") or {}) < 2:
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n, "re-serialised safetensors header grew"
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:

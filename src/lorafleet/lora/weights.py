@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lorafleet.errors import IncompatibleAdapter
 from lorafleet.lora.spec import LoraSpec
-from lorafleet.model.registry import BaseInfo, check_adapter_fits, lora_shape
+from lorafleet.model.registry import BaseInfo, check_adapter_fits, check_targets, lora_shape
 
 # A module path names one projection in one layer: `model.layers.3.self_attn.q_proj`. On a MoE
 # base the routed experts' projection of a layer is one path, `model.layers.3.mlp.experts.up_proj`,
@@ -45,6 +45,7 @@ class LoraWeights:
     @classmethod
     def init(cls, info: BaseInfo, spec: LoraSpec, seed: int | None = None) -> LoraWeights:
         """PEFT's default init: A ~ kaiming_uniform(a=sqrt(5)), B = 0, so the update starts at 0."""
+        check_targets(info, spec)
         gen = torch.Generator()
         gen.manual_seed(seed if seed is not None else torch.seed())
         pairs = {}

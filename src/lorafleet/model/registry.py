@@ -209,18 +209,23 @@ def lora_shape(info: BaseInfo, path: str) -> tuple[int, int, int, str]:
     return out_f, in_f, n_exp, proj
 
 
-def check_adapter_fits(info: BaseInfo, spec: LoraSpec, tensors: dict[str, tuple[Tensor, Tensor]]) -> None:
-    """Raise IncompatibleAdapter unless every (A, B) pair fits `info` at `spec.rank`.
-
-    `tensors` maps a module path (`model.layers.3.self_attn.q_proj`) to (A [r, in], B [out, r]);
-    routed-expert paths (`model.layers.3.mlp.experts.up_proj`) hold packed (A [E, r, in], B [E, out, r]).
-    """
+def check_targets(info: BaseInfo, spec: LoraSpec) -> None:
+    """Raise IncompatibleAdapter unless `info` takes a LoRA on every target module of `spec`."""
     missing = set(spec.target_modules) - set(info.lora_modules)
     if missing:
         raise IncompatibleAdapter(
             f"target modules {sorted(missing)} do not exist on {info.name}; "
             f"it takes LoRA on {list(info.lora_modules)}"
         )
+
+
+def check_adapter_fits(info: BaseInfo, spec: LoraSpec, tensors: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """Raise IncompatibleAdapter unless every (A, B) pair fits `info` at `spec.rank`.
+
+    `tensors` maps a module path (`model.layers.3.self_attn.q_proj`) to (A [r, in], B [out, r]);
+    routed-expert paths (`model.layers.3.mlp.experts.up_proj`) hold packed (A [E, r, in], B [E, out, r]).
+    """
+    check_targets(info, spec)
     for path, (a, b) in tensors.items():
         out_f, in_f, n_exp, proj = lora_shape(info, path)
         if proj not in spec.target_modules:
