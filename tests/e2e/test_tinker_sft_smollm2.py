@@ -40,12 +40,12 @@ def test_sft_loss_goes_down(smol_server):
              ("Q: capital of Italy?\nA:", " Zorblat"), ("Q: capital of Peru?\nA:", " Zorblat")]
     batch = [sft_datum(tok, p, a) for p, a in pairs]
     losses = []
-    for _ in range(6):
+    for _ in range(8):
         fb = tc.forward_backward(batch, "cross_entropy")
-        opt = tc.optim_step(types.AdamParams(learning_rate=5e-3, eps=1e-8))
+        opt = tc.optim_step(types.AdamParams(learning_rate=1e-3, eps=1e-8))
         losses.append(fb.result().metrics["loss:sum"])
         opt.result()
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < 0.1 * losses[0], losses
     sc = tc.save_weights_and_get_sampling_client().result()
     prompt = tok.encode("Q: capital of Chile?\nA:", add_special_tokens=False)
     out = sc.sample(types.ModelInput.from_ints(prompt), 1,

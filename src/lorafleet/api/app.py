@@ -60,6 +60,7 @@ class ServeConfig:
     state_dir: Path | None = None
     threads: int = 0
     max_sample_queue: int = 512
+    session_timeout_s: float = 900.0  # no heartbeat for this long ends a session
     use_catalog: bool = True  # publish runs and checkpoints into the catalog (paths.database_url)
     engines: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # name -> (base, engine)
 
@@ -104,7 +105,7 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
         svc.futures.bind_loop(asyncio.get_running_loop())
         for r in svc.runners.values():
             r.start()
-        janitor = asyncio.create_task(_janitor(svc))
+        janitor = asyncio.create_task(_janitor(svc, cfg.session_timeout_s))
         try:
             yield
         finally:
@@ -137,13 +138,14 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
     return app
 
 
-async def _janitor(svc: TinkerService, every_s: float = 30.0) -> None:
-    """Retention: expire delivered futures and checkpoints past their TTL."""
+async def _janitor(svc: TinkerService, session_timeout_s: float, every_s: float = 30.0) -> None:
+    """Retention: expire delivered futures, checkpoints past their TTL, silent sessions."""
     while True:
         await asyncio.sleep(every_s)
         try:
             svc.futures.expire()
             svc.checkpoints.gc_expired()
+            svc.expire_sessions(session_timeout_s)
         except Exception:
             log.exception("janitor failed")
 

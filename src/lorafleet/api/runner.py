@@ -169,8 +169,9 @@ class Runner:
     def submit(self, op: Op) -> None:
         """Queue an op. Ordered ops are checked against their model's sequence here."""
         with self._cv:
-            if op.kind in ("create_model", "load_create"):
-                self._pending_models.add(op.payload["model_id"])
+            if op.kind in ("create_model", "load_create", "unload"):
+                if op.kind != "unload":
+                    self._pending_models.add(op.payload["model_id"])
                 self._unordered.append(op)
             elif op.kind == "sample":
                 if len(self._samples) >= self.max_sample_queue:
@@ -288,7 +289,8 @@ class Runner:
             log.exception("%s %s failed", op.kind, op.request_id)
             self._fail(op, f"{type(e).__name__}: {e}", "server")
         else:
-            self.futures.complete(op.request_id, json.dumps(result).encode(), JSON_TYPE)
+            if op.request_id:
+                self.futures.complete(op.request_id, json.dumps(result).encode(), JSON_TYPE)
         finally:
             if op.kind in ("create_model", "load_create"):
                 with self._cv:
@@ -372,11 +374,16 @@ class Runner:
         model.step = int((p["row"].get("meta") or {}).get("step", model.step))
         return {"path": p["row"]["tinker_path"], "model_id": model.model_id, "type": "load_weights"}
 
-    def unload(self, model_id: str) -> None:
-        """Drop a run's adapter from the engine (session ended); called on the engine thread."""
-        model = self.models.pop(model_id, None)
+    def _do_unload(self, op: Op) -> dict[str, Any]:
+        """Drop a run's adapter from the engine (its session ended); queued work fails."""
+        with self._cv:
+            model = self.models.pop(op.payload["model_id"], None)
         if model is not None:
             self.engine.remove_adapter(model.handle)
+            for queued in model.ops.values():
+                self._fail(queued, f"training run {model.model_id} was unloaded: "
+                                   f"{op.payload.get('reason', 'its session ended')}", "user")
+        return {}
 
     # ------------------------------------------------------------------ training
 

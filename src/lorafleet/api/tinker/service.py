@@ -153,8 +153,28 @@ class TinkerService:
         return {"type": "session_heartbeat"}
 
     def finish_session(self, tenant: str, session_id: str, reason: str) -> None:
+        """The client closed its ServiceClient: free the session's adapters in the engines."""
         self.session_row(tenant, session_id)
         self.store.update("sessions", "session_id", session_id, finished=reason or "success")
+        self._unload_session(session_id, f"session {session_id} finished")
+
+    def _unload_session(self, session_id: str, reason: str) -> None:
+        for row in self.store.select("SELECT * FROM runs WHERE session_id = ?", session_id):
+            runner = self.runners.get(row["base_model"])
+            if runner is not None and runner.knows_model(row["model_id"]):
+                runner.submit(Op("", "unload", row["tenant"],
+                                 {"model_id": row["model_id"], "reason": reason}))
+
+    def expire_sessions(self, timeout_s: float) -> int:
+        """End sessions whose heartbeats stopped (the SDK sends one every 10 s)."""
+        rows = self.store.select(
+            "SELECT session_id FROM sessions WHERE finished IS NULL AND last_heartbeat < ?",
+            now() - timeout_s,
+        )
+        for row in rows:
+            self.store.update("sessions", "session_id", row["session_id"], finished="expired")
+            self._unload_session(row["session_id"], "its heartbeats stopped")
+        return len(rows)
 
     # ------------------------------------------------------------------ models
 
