@@ -10,8 +10,9 @@ resolve_p99_ms at N, p99_ratio_1e6_over_1e3 (resolve p99 at N over the same meas
 10^3 catalog in this run; named for the full run), db_bytes; the same with a `pg_` prefix.
 Targets (issue 3): insert >= 5,000/s, p99 <= 2 ms on SQLite at 10^6, ratio <= 1.2.
 Resolves go through `Catalog.resolve` (parse, visibility and expiry checks included), one
-thread, warm caches; p99 is the median of 5 rounds' p99. `*_cpu_*` keys give the same from
-the resolving thread's CPU time, which a busy shared machine does not inflate.
+thread, warm caches. The two sizes are measured in alternating rounds and p99 is the median
+of 10 rounds' p99s, so load from other processes hits both alike; `*_cpu_*` keys give the
+same from the resolving thread's CPU time, which a busy shared machine inflates less.
 """
 
 from __future__ import annotations
@@ -88,25 +89,32 @@ def reference(form: str, s: dict[str, str]) -> str:
             "hash": f"{s['policy']}@{s['sha']}", "bare": s["rev"], "tinker": s["tinker"]}[form]
 
 
-def resolve_p99_ms(cat: Catalog, samples: list[dict[str, str]], count: int, rng: random.Random,
-                   rounds: int = 5) -> tuple[float, float]:
-    """(wall, cpu) p99 of resolves: each the median over `rounds` of the p99 of count/rounds
-    timed resolves. Wall time includes being descheduled by other processes on a busy
-    machine; this thread's CPU time does not (nor, on PostgreSQL, the server's work)."""
-    refs = [reference(rng.choice(FORMS), rng.choice(samples)) for _ in range(count)]
-    for ref in refs[: count // 5]:  # warm-up
-        cat.resolve(ref, ADMIN)
-    wall, cpu = [], []
-    for r in range(rounds):
-        lat, lat_cpu = [], []
-        for ref in refs[r::rounds]:
-            t, c = time.perf_counter(), time.thread_time()
+def timed_rounds(cats: dict[int, tuple[Catalog, list[dict[str, str]]]], count: int,
+                 rng: random.Random, rounds: int) -> dict[int, tuple[float, float]]:
+    """size -> (wall, cpu) p99 of resolves, each the median over `rounds` of a round's p99.
+
+    Rounds alternate between the catalogs, so a burst of load from other processes on a shared
+    machine hits both sizes alike and the ratio stays fair. Wall time includes being
+    descheduled; the resolving thread's CPU time does not (nor, on PostgreSQL, the server's).
+    """
+    refs = {size: [reference(rng.choice(FORMS), rng.choice(samples)) for _ in range(count)]
+            for size, (_, samples) in cats.items()}
+    for size, (cat, _) in cats.items():  # warm-up
+        for ref in refs[size][: count // 5]:
             cat.resolve(ref, ADMIN)
-            lat.append(time.perf_counter() - t)
-            lat_cpu.append(time.thread_time() - c)
-        wall.append(_p99(lat))
-        cpu.append(_p99(lat_cpu))
-    return sorted(wall)[rounds // 2], sorted(cpu)[rounds // 2]
+    wall: dict[int, list[float]] = {size: [] for size in cats}
+    cpu: dict[int, list[float]] = {size: [] for size in cats}
+    for r in range(rounds):
+        for size, (cat, _) in cats.items():
+            lat, lat_cpu = [], []
+            for ref in refs[size][r::rounds]:
+                t, c = time.perf_counter(), time.thread_time()
+                cat.resolve(ref, ADMIN)
+                lat.append(time.perf_counter() - t)
+                lat_cpu.append(time.thread_time() - c)
+            wall[size].append(_p99(lat))
+            cpu[size].append(_p99(lat_cpu))
+    return {size: (_median(wall[size]), _median(cpu[size])) for size in cats}
 
 
 def _p99(xs: list[float]) -> float:
@@ -114,30 +122,37 @@ def _p99(xs: list[float]) -> float:
     return 1000 * xs[int(0.99 * (len(xs) - 1))]
 
 
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
 def run_backend(backend: str, n: int, resolves: int, workdir: Path, pg_server: str) -> dict[str, float]:
     out: dict[str, float] = {}
-    p99, cpu = {}, {}
-    for size in (1000, n):
-        rng = random.Random(size)
-        url, cleanup, size_of = _database(backend, workdir, pg_server)
-        cat = Catalog.open(url, str(workdir / "store"))
-        try:
-            seconds, samples = populate(cat, size, rng)
-            if size == n:
-                out["insert_per_s"] = round(size / seconds)
-            p99[size], cpu[size] = resolve_p99_ms(cat, samples, resolves, rng)
-            if size == n:
-                out["db_bytes"] = size_of(cat)
-        finally:
+    cats: dict[int, tuple[Catalog, list[dict[str, str]]]] = {}
+    cleanups = []
+    try:
+        for size in (1000, n):
+            url, cleanup, size_of = _database(backend, workdir, pg_server)
+            cleanups.append(cleanup)
+            cat = Catalog.open(url, str(workdir / "store"))
+            seconds, samples = populate(cat, size, random.Random(size))
+            cats[size] = (cat, samples)
+        out["insert_per_s"] = round(n / seconds)
+        out["db_bytes"] = size_of(cats[n][0])
+        res = timed_rounds(cats, resolves, random.Random(7), rounds=10)
+    finally:
+        for cat, _ in cats.values():
             cat.close()
+        for cleanup in cleanups:
             cleanup()
-    out["resolve_p99_ms"] = round(p99[n], 3)
-    out["resolve_p99_ms_1e3"] = round(p99[1000], 3)
-    out["p99_ratio_1e6_over_1e3"] = round(p99[n] / p99[1000], 3)
-    out["resolve_p99_cpu_ms"] = round(cpu[n], 3)
-    out["resolve_p99_cpu_ms_1e3"] = round(cpu[1000], 3)
-    out["p99_cpu_ratio_1e6_over_1e3"] = round(cpu[n] / cpu[1000], 3)
-    out["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    (wall_n, cpu_n), (wall_s, cpu_s) = res[n], res[1000]
+    out |= {
+        "resolve_p99_ms": round(wall_n, 3), "resolve_p99_ms_1e3": round(wall_s, 3),
+        "p99_ratio_1e6_over_1e3": round(wall_n / wall_s, 3),
+        "resolve_p99_cpu_ms": round(cpu_n, 3), "resolve_p99_cpu_ms_1e3": round(cpu_s, 3),
+        "p99_cpu_ratio_1e6_over_1e3": round(cpu_n / cpu_s, 3),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
     return out
 
 

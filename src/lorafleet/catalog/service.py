@@ -13,7 +13,6 @@ revision before its row commits.
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -23,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
-from lorafleet.catalog import repo
+from lorafleet.catalog import maintenance, repo, validate
 from lorafleet.catalog.records import (
-    Alias, AliasEvent, CheckReport, Comparison, Evaluation, GcReport, Lineage, LoraConfig,
-    MetricDelta, Page, Policy, PolicyId, Principal, Provenance, Revision, RevisionId,
-    RevisionKind, LOCAL_TENANT,
+    LOCAL_TENANT, Alias, AliasEvent, CheckReport, Comparison, Evaluation, GcReport, Lineage,
+    LoraConfig, MetricDelta, Page, Policy, PolicyId, Principal, Provenance, Revision, RevisionId,
+    RevisionKind,
 )
 from lorafleet.catalog.refs import (
     OWNER_RE, Gate, Ref, RefKind, check_alias, new_id, normalize_tinker_path,
@@ -39,14 +38,13 @@ from lorafleet.lora.spec import LoraSpec
 from lorafleet.store.blobs import BlobStore, open_store
 from lorafleet.store.manifest import Manifest
 
+# Re-exported: the file names a revision holds.
+from lorafleet.catalog.validate import CONFIG_FILE, OPTIMIZER_FILE, WEIGHTS_FILE  # noqa: E402,F401
+
 if TYPE_CHECKING:
     from lorafleet.lora.weights import LoraWeights
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-OPTIMIZER_FILE = "optimizer_state.safetensors"  # required in kind=state revisions
 KEY_PREFIX = "tml-"  # the Tinker SDK only accepts keys that start with this
-MAX_PAGE = 1000
 
 
 def _now() -> datetime:
@@ -115,8 +113,8 @@ class Catalog:
         owner, short = parse_policy_name(name)
         if not who.can_write(owner):
             raise InvalidRequest(f"tenant {who.tenant!r} cannot create policies owned by {owner!r}")
-        metadata = _check_metadata(metadata or {})
-        lora = _lora_config(lora)
+        metadata = validate.check_metadata(metadata or {})
+        lora = validate.lora_config(lora)
         parent_id = self.resolve(parent, who).id if parent else None
         policy = Policy(
             id=PolicyId(new_id("pol")), owner=owner, name=short, base_model=base_model,
@@ -150,7 +148,7 @@ class Catalog:
         limit: int = 50, cursor: str | None = None,
     ) -> Page[Policy]:
         """Visible policies in creation order; pass `next_cursor` back to get the next page."""
-        limit = _check_limit(limit)
+        limit = validate.check_limit(limit)
         with self.db.read() as conn:
             items = repo.list_policies(conn, who, owner=owner, base_model=base_model,
                                        metadata=metadata or {}, query=query, limit=limit, after=cursor)
@@ -177,8 +175,8 @@ class Catalog:
         new revision in the same transaction.
         """
         p = self._writable_policy(who, policy)
-        kind = _kind(kind)
-        _check_files(p, kind, files)
+        kind = validate.revision_kind(kind)
+        validate.check_files(p, kind, files)
         for a in aliases:
             check_alias(a)
         tinker_path = normalize_tinker_path(tinker_path) if tinker_path else None
@@ -309,8 +307,8 @@ class Catalog:
                        cursor: str | None = None) -> Page[Revision]:
         """Newest first. The cursor is the `seq` of the last item seen."""
         p = self.get_policy(who, policy)
-        limit = _check_limit(limit)
-        before = _int_cursor(cursor)
+        limit = validate.check_limit(limit)
+        before = validate.int_cursor(cursor)
         with self.db.read() as conn:
             items = [loc.revision for loc in repo.list_revisions(conn, p.id, limit, before)]
         return Page(tuple(items), str(items[-1].seq) if len(items) == limit else None)
@@ -337,7 +335,7 @@ class Catalog:
         with self.db.write() as conn:
             repo.lock_policy(conn, p.id)
             if gate is not None:
-                _check_gate(gate, rev.id, repo.list_evaluations(conn, rev.id))
+                validate.check_gate(gate, rev.id, repo.list_evaluations(conn, rev.id))
             return repo.move_alias(conn, p, alias, rev.id, action="set", actor=who.tenant,
                                    reason=reason or (f"gate {gate}" if gate else None), now=self.clock())
 
@@ -387,7 +385,7 @@ class Catalog:
                           details: Mapping[str, object] | None = None) -> Evaluation:
         if not suite or len(suite) > 128:
             raise InvalidRequest("suite must be a non-empty name of at most 128 characters")
-        metrics = _check_metrics(metrics)
+        metrics = validate.check_metrics(metrics)
         rev = self.resolve(ref, who)
         self._writable_policy(who, rev.policy)
         with self.db.write() as conn:
@@ -435,47 +433,13 @@ class Catalog:
     # ---- maintenance --------------------------------------------------------------------
 
     def gc(self, *, grace_s: float = 3600.0) -> GcReport:
-        """Delete expired revisions no alias points at, then blobs no revision references.
-
-        Blobs younger than `grace_s` are kept: they may belong to a publish whose row has not
-        committed yet.
-        """
-        now = self.clock()
-        with self.db.write() as conn:
-            expired = repo.expired_revisions(conn, now)
-            for rid, aliased in expired:
-                if not aliased:
-                    repo.delete_revision(conn, rid)
-        with self.db.read() as conn:
-            referenced = repo.referenced_blobs(conn)
-        deleted = freed = 0
-        cutoff = now.timestamp() - grace_s
-        for sha, mtime in list(self.store.list_blobs()):
-            if sha not in referenced and mtime <= cutoff:
-                freed += _blob_size(self.store, sha)
-                self.store.delete(sha)
-                deleted += 1
-        tmp = self.store.sweep_tmp(grace_s)
-        kept = sum(1 for _, a in expired if a)
-        return GcReport(len(expired) - kept, kept, deleted, freed, tmp)
+        """Delete expired revisions no alias points at, then blobs no revision references
+        (sparing blobs younger than `grace_s`: they may belong to a publish in flight)."""
+        return maintenance.gc(self.db, self.store, self.clock(), grace_s)
 
     def check(self, *, verify_bytes: bool = True) -> CheckReport:
         """fsck: every revision has files, and every file's blob is present and hash-matching."""
-        problems: list[str] = []
-        with self.db.read() as conn:
-            files = list(repo.all_files(conn))
-            empty = repo.revisions_without_files(conn)
-            n = repo.count_revisions(conn)
-            referenced = repo.referenced_blobs(conn)
-        problems += [f"revision {rid} has no files" for rid in empty]
-        checked: dict[str, str | None] = {}
-        for rid, name, sha, size in files:
-            if sha not in checked:
-                checked[sha] = _blob_problem(self.store, sha, size, verify_bytes)
-            if checked[sha]:
-                problems.append(f"revision {rid} file {name}: {checked[sha]}")
-        stray = sum(1 for sha, _ in self.store.list_blobs() if sha not in referenced)
-        return CheckReport(n, tuple(problems), stray)
+        return maintenance.check(self.db, self.store, verify_bytes)
 
     # ---- helpers ------------------------------------------------------------------------
 
@@ -490,83 +454,6 @@ class Catalog:
         if not who.can_write(p.owner):
             raise NotFound(f"no policy {name} owned by tenant {who.tenant!r}")
         return p
-
-
-def _lora_config(lora: LoraConfig | LoraSpec) -> LoraConfig:
-    if isinstance(lora, LoraSpec):
-        return LoraConfig(lora.rank, lora.alpha, lora.target_modules, lora.use_rslora)
-    spec = LoraSpec(lora.rank, lora.alpha, tuple(lora.target_modules), lora.use_rslora)  # validates
-    return LoraConfig(spec.rank, spec.alpha, spec.target_modules, spec.use_rslora)
-
-
-def _kind(kind: RevisionKind | str) -> RevisionKind:
-    try:
-        return RevisionKind(kind)
-    except ValueError:
-        raise InvalidRequest(f"invalid revision kind {kind!r}: 'sampler' or 'state'") from None
-
-
-def _check_files(p: Policy, kind: RevisionKind, files: Mapping[str, bytes]) -> None:
-    """Both PEFT files must be there, and the config must match the policy's LoRA shape."""
-    need = {CONFIG_FILE, WEIGHTS_FILE} | ({OPTIMIZER_FILE} if kind is RevisionKind.STATE else set())
-    missing = sorted(need - set(files))
-    if missing:
-        raise InvalidRequest(f"a {kind} revision needs files {sorted(need)}; missing {missing}")
-    try:
-        config = json.loads(files[CONFIG_FILE])
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as e:
-        raise IncompatibleAdapter(f"{CONFIG_FILE} is not valid JSON: {e}") from e
-    spec = LoraSpec.from_peft_config(config)
-    got = (spec.rank, spec.target_modules, spec.alpha, spec.use_rslora)
-    want = (p.lora.rank, p.lora.target_modules, p.lora.alpha, p.lora.use_rslora)
-    if got != want:
-        raise IncompatibleAdapter(
-            f"{CONFIG_FILE} (rank, targets, alpha, rslora) = {got} does not match policy "
-            f"{p.full_name}: {want}"
-        )
-
-
-def _check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
-    for k, v in metadata.items():
-        if not isinstance(k, str) or not isinstance(v, str) or not k or len(k) > 128 or len(v) > 1024:
-            raise InvalidRequest(f"metadata must map names (<=128 chars) to strings (<=1024): {k!r}")
-    return dict(metadata)
-
-
-def _check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k, v in metrics.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-            raise InvalidRequest(f"metric {k!r} must be a number, got {v!r}")
-        out[str(k)] = float(v)
-    if not out:
-        raise InvalidRequest("an evaluation needs at least one metric")
-    return out
-
-
-def _check_limit(limit: int) -> int:
-    if not 1 <= limit <= MAX_PAGE:
-        raise InvalidRequest(f"limit must be in 1..{MAX_PAGE}, got {limit}")
-    return limit
-
-
-def _int_cursor(cursor: str | None) -> int | None:
-    if cursor is None:
-        return None
-    try:
-        return int(cursor)
-    except ValueError:
-        raise InvalidRequest(f"invalid cursor {cursor!r}") from None
-
-
-def _check_gate(gate: Gate, rid: str, evals: list[Evaluation]) -> None:
-    seen = [e.metrics[gate.metric] for e in evals if gate.metric in e.metrics]
-    if not seen:
-        raise Conflict(f"gate {gate}: revision {rid} has no evaluation with metric {gate.metric!r}")
-    if not any(gate.passes(v) for v in seen):
-        raise Conflict(f"gate {gate}: revision {rid} scored {seen} on {gate.metric!r}")
 
 
 def _previous_target(conn: Connection, events: list[AliasEvent]) -> str | None:
@@ -590,24 +477,3 @@ def _latest_metrics(evals: list[Evaluation]) -> dict[tuple[str, str], float]:
         for m, v in e.metrics.items():
             out[(e.suite, m)] = v
     return out
-
-
-def _blob_size(store: BlobStore, sha: str) -> int:
-    try:
-        size = getattr(store, "path")(sha).stat().st_size  # local store
-    except Exception:
-        size = 0
-    return int(size)
-
-
-def _blob_problem(store: BlobStore, sha: str, size: int, verify_bytes: bool) -> str | None:
-    from lorafleet.store.manifest import BlobRef
-
-    try:
-        if verify_bytes:
-            store.verify(BlobRef(sha, size))
-        elif not store.exists(sha):
-            return f"blob {sha} missing"
-    except (NotFound, Corrupt) as e:
-        return str(e)
-    return None
