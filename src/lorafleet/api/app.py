@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 
 from lorafleet.api.runner import Runner
 from lorafleet.api.tinker.catalog_bridge import CatalogBridge
@@ -65,7 +65,7 @@ class ServeConfig:
     engines: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # name -> (base, engine)
 
 
-def build_service(cfg: ServeConfig) -> TinkerService:
+def build_service(cfg: ServeConfig, metrics: Any = None) -> TinkerService:
     state_dir = cfg.state_dir or cfg.paths.home / "tinker"
     store = TinkerStore(state_dir / "tinker.db")
     futures = FutureTable(store, hold_s=cfg.hold_s)
@@ -83,8 +83,29 @@ def build_service(cfg: ServeConfig) -> TinkerService:
         base, engine = cfg.engines.get(name) or _load(name, cfg)
         runners[name] = Runner(engine, base, futures, store, checkpoints,
                                gap_timeout_s=cfg.gap_timeout_s,
-                               max_sample_queue=cfg.max_sample_queue, catalog=bridge)
+                               max_sample_queue=cfg.max_sample_queue, catalog=bridge,
+                               residency=_residency(engine, bridge, metrics))
     return TinkerService(runners, store, futures, checkpoints, catalog=bridge)
+
+
+def _residency(engine: Any, bridge: CatalogBridge | None, metrics: Any) -> Any:
+    """Slots / host cache / cold loader for catalog revisions served over the OpenAI API."""
+    if bridge is None:
+        return None
+    from lorafleet.catalog.records import ADMIN
+    from lorafleet.engine.residency import Residency
+    from lorafleet.lora import io as lora_io
+
+    def fetch_many(keys: list[Any]) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        for key in keys:
+            try:
+                out[key] = lora_io.parse_peft_files(bridge.catalog.read_files(ADMIN, key)).weights
+            except Exception as e:  # reported to the request that asked for this key
+                out[key] = e
+        return out
+
+    return Residency(engine, fetch_many, metrics=metrics)
 
 
 def _load(name: str, cfg: ServeConfig) -> tuple[Any, Any]:
@@ -98,7 +119,10 @@ def _load(name: str, cfg: ServeConfig) -> tuple[Any, Any]:
 def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAPI:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    svc = service or build_service(cfg)
+    from lorafleet.metrics import Metrics
+
+    metrics = Metrics()
+    svc = service or build_service(cfg, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -112,6 +136,8 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
             janitor.cancel()
             for r in svc.runners.values():
                 await asyncio.to_thread(r.stop)
+                if r.residency is not None:
+                    r.residency.close()
             if catalog is not None:
                 catalog.close()
 
@@ -127,9 +153,19 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
     app.middleware("http")(_log_requests)
     app.include_router(tinker_router)
     if catalog is not None:
+        from lorafleet.api.openai.routes import router as openai_router
+        from lorafleet.api.openai.service import OpenAIService
         from lorafleet.api.routes.catalog import router as catalog_router
 
         app.include_router(catalog_router)
+        app.state.openai = OpenAIService(svc.runners, catalog, metrics)
+        app.include_router(openai_router)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -10,8 +10,9 @@ Scheduling, per loop turn:
    forward/forward_backward ops of *every* model is fused into one `engine.forward_backward`
    call (weights do not change until `optim_step`, so a model's consecutive chunks fuse too);
    then at most one barrier op (optim_step, save, load) per model;
-3. sampling: all queued sample requests (any adapter, any sampler version) in one
-   `engine.sample` call.
+3. sampling: all queued sample requests (any adapter, any sampler version) and OpenAI-API
+   serving requests (catalog revisions through the residency manager) in one `engine.sample`
+   call.
 A missing seq_id blocks its model for `gap_timeout_s` (chunks of one call arrive concurrently,
 first chunk last), then the runner skips the hole and logs it.
 A failed forward_backward discards the model's partial gradients and poisons the window: the
@@ -26,7 +27,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -51,7 +54,7 @@ BARRIERS = frozenset({"optim_step", "save_weights", "save_weights_for_sampler",
                       "save_weights_external", "load_weights"})
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Op:
     """One unit of queued work; `payload` is already validated wire data."""
 
@@ -127,6 +130,7 @@ class Runner:
         max_sampler_versions: int = 64,
         max_fused_tokens: int = 65536,
         catalog: Any = None,
+        residency: Any = None,
     ) -> None:
         self.engine = engine
         self.base = base
@@ -140,6 +144,7 @@ class Runner:
         self.max_sampler_versions = max_sampler_versions
         self.max_fused_tokens = max_fused_tokens
         self.catalog = catalog  # a CatalogBridge, or None to keep checkpoints local only
+        self.residency = residency  # engine.residency.Residency for catalog revisions (serving)
         self.models: dict[str, LiveModel] = {}
         self.samplers: OrderedDict[str, SamplerVersion] = OrderedDict()
         self._unordered: deque[Op] = deque()
@@ -149,6 +154,8 @@ class Runner:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{base.name}", daemon=True)
         self.stats = {"fused_calls": 0, "fused_requests": 0, "max_fused_models": 0}
+        # OpenMP thread counts are per thread: carry the creator's setting into the engine thread
+        self._torch_threads = torch.get_num_threads()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -197,6 +204,7 @@ class Runner:
     # ------------------------------------------------------------------ the loop (engine thread)
 
     def _loop(self) -> None:
+        torch.set_num_threads(self._torch_threads)
         torch.set_grad_enabled(True)
         while True:
             with self._cv:
@@ -568,41 +576,88 @@ class Runner:
         return self._activate(key)
 
     def _run_samples(self, ops: list[Op]) -> None:
-        ready: list[tuple[Op, Any]] = []
+        """One engine.sample call for every queued Tinker sample and OpenAI serving request."""
+        serving = self._activate_serving([op for op in ops if op.kind == "serve"])
+        ready: list[tuple[Op, list[Any]]] = []
         for op in ops:
             try:
-                handle = self._resolve_sampler(op)
-                ready.append((op, self._sample_request(handle, op.payload)))
-            except LorafleetError as e:
-                self._fail(op, str(e), "user")
+                if op.kind == "serve":
+                    if op not in serving:
+                        continue
+                    handle = serving[op]
+                    ready.append((op, [replace(r, adapter=handle) for r in op.payload["requests"]]))
+                else:
+                    handle = self._resolve_sampler(op)
+                    ready.append((op, [self._sample_request(handle, op.payload)]))
             except Exception as e:
-                log.exception("preparing sample %s failed", op.request_id)
-                self._fail(op, f"{type(e).__name__}: {e}", "server")
+                self._sample_failed(op, e)
         if not ready:
             return
         try:
-            results = self.engine.sample([r for _, r in ready])
+            flat = self.engine.sample([r for _, reqs in ready for r in reqs])
         except Exception as e:
             if len(ready) > 1 and isinstance(e, LorafleetError):
-                for op, req in ready:
-                    self._sample_alone(op, req)
+                for op, reqs in ready:  # isolate the bad request
+                    self._sample_alone(op, reqs)
                 return
             for op, _ in ready:
-                user = isinstance(e, LorafleetError)
-                self._fail(op, str(e), "user" if user else "server")
+                self._sample_failed(op, e)
             return
-        for (op, _), res in zip(ready, results, strict=True):
-            self._finish_sample(op, res)
+        i = 0
+        for op, reqs in ready:
+            self._finish_sample(op, flat[i: i + len(reqs)])
+            i += len(reqs)
 
-    def _sample_alone(self, op: Op, req: Any) -> None:
+    def _activate_serving(self, ops: list[Op]) -> dict[Op, int | None]:
+        """Engine handles for the serving requests' revisions, all activated together."""
+        keys = [op.payload["revision_id"] for op in ops if op.payload["revision_id"] is not None]
         try:
-            res = self.engine.sample([req])[0]
-        except LorafleetError as e:
-            self._fail(op, str(e), "user")
+            handles = self.residency.activate(keys) if keys else {}
         except Exception as e:
-            self._fail(op, f"{type(e).__name__}: {e}", "server")
+            for op in ops:
+                self._sample_failed(op, e)
+            return {}
+        return {op: handles.get(op.payload["revision_id"]) for op in ops}
+
+    def _sample_alone(self, op: Op, reqs: list[Any]) -> None:
+        try:
+            res = self.engine.sample(reqs)
+        except Exception as e:
+            self._sample_failed(op, e)
         else:
             self._finish_sample(op, res)
+
+    def _sample_failed(self, op: Op, e: Exception) -> None:
+        if op.kind == "serve":
+            op.payload["future"].set_exception(e)
+            return
+        if isinstance(e, LorafleetError):
+            self._fail(op, str(e), "user")
+        else:
+            log.error("sample %s failed", op.request_id, exc_info=e)
+            self._fail(op, f"{type(e).__name__}: {e}", "server")
+
+    # ------------------------------------------------------------------ serving (OpenAI API)
+
+    def submit_serving(self, revision_id: str | None, requests: list[Any],
+                       on_token: Callable[[int, int, int, float], None] | None = None) -> Future:
+        """Queue engine SampleRequests on a catalog revision (None = the base model alone).
+
+        The revision must already be in the host tier (`residency.ensure_host`). Returns a
+        future of the SampleResults; `on_token(request, sample, token, logprob)` is called for
+        every generated token once its batch finishes. Raises NoCapacity when the queue is full.
+        """
+        if revision_id is not None and self.residency is None:
+            raise InvalidRequest("this server has no catalog: only base models can be served")
+        fut: Future = Future()
+        op = Op("", "serve", "", {"revision_id": revision_id, "requests": list(requests),
+                                  "on_token": on_token, "future": fut})
+        with self._cv:
+            if len(self._samples) >= self.max_sample_queue:
+                raise NoCapacity("the sampler queue is full", retry_after_s=1.0)
+            self._samples.append(op)
+            self._cv.notify_all()
+        return fut
 
     def _sample_request(self, handle: int | None, p: dict[str, Any]) -> Any:
         params = self.t.SamplingParams(**p["params"])
@@ -611,7 +666,21 @@ class Runner:
             prompt_logprobs=p["prompt_logprobs"],
         )
 
-    def _finish_sample(self, op: Op, res: Any) -> None:
+    def _finish_sample(self, op: Op, results: list[Any]) -> None:
+        if op.kind == "serve":
+            callback = op.payload["on_token"]
+            try:
+                if callback is not None:
+                    for i, res in enumerate(results):
+                        for j, seq in enumerate(res.sequences):
+                            for tok, lp in zip(seq.tokens, seq.logprobs):
+                                callback(i, j, tok, lp)
+            except Exception as e:
+                op.payload["future"].set_exception(e)
+                return
+            op.payload["future"].set_result(results)
+            return
+        res = results[0]
         out = wire.SampleOutcome(
             sequences=[wire.SampledSeq(list(s.tokens), [float(x) for x in s.logprobs], s.stop_reason)
                        for s in res.sequences],
