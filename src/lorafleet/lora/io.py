@@ -137,16 +137,23 @@ def _sorted_metadata(data: bytes) -> bytes:
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The `__metadata__` of safetensors bytes ({} when absent or unreadable)."""
+    """The `__metadata__` of safetensors bytes ({} when absent or unreadable).
+
+    Decodes only the metadata object, not the whole header: a per-expert MoE header lists
+    tens of thousands of tensors and parsing all of it would cost more than loading them.
+    """
     if len(data) < 8:
         return {}
-    n = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + int.from_bytes(data[:8], "little")]
+    at = header.find(b'"__metadata__"')
+    if at < 0:
+        return {}
     try:
-        header = json.loads(data[8 : 8 + n])
+        text = header[at + len(b'"__metadata__"') :].decode().lstrip()
+        meta, _ = json.JSONDecoder().raw_decode(text.removeprefix(":").lstrip())
     except (UnicodeDecodeError, json.JSONDecodeError):
         return {}
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return dict(meta) if isinstance(meta, dict) else {}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
 def _check_layout_metadata(meta: dict[str, str], tensors: dict[str, Tensor]) -> None:

@@ -73,7 +73,9 @@ def pack_experts(pairs: Pairs) -> Pairs:
         ids = sorted(by_expert)
         absent = sorted(set(range(ids[-1] + 1)) - set(ids))
         if absent:
-            raise IncompatibleAdapter(f"{path}: experts {absent[:8]} are missing (found {len(ids)} of {ids[-1] + 1})")
+            raise IncompatibleAdapter(
+                f"{path}: experts {absent[:8]} are missing (found {len(ids)} of {ids[-1] + 1})"
+            )
         shapes = {(tuple(a.shape), tuple(b.shape)) for a, b in by_expert.values()}
         if len(shapes) != 1:
             raise IncompatibleAdapter(f"{path}: experts have different shapes {sorted(shapes)[:3]}")
@@ -124,7 +126,9 @@ def from_peft_param_wrappers(
     for prefix, got in layers.items():
         for name, (a, b) in zip(_assign(prefix, got, names), got):
             if a.ndim != 2 or b.ndim != 2 or a.shape[0] % rank or b.shape[1] != a.shape[0]:
-                raise IncompatibleAdapter(f"{prefix}: PEFT expert LoRA shapes {tuple(a.shape)} / {tuple(b.shape)} do not fit r={rank}")
+                raise IncompatibleAdapter(
+                    f"{prefix}: PEFT expert LoRA shapes {tuple(a.shape)} / {tuple(b.shape)} do not fit r={rank}"
+                )
             n_exp = a.shape[0] // rank
             a_ERK = a.reshape(n_exp, rank, a.shape[1])
             b_EDR = b.reshape(b.shape[0], rank, n_exp).permute(2, 0, 1)
@@ -140,7 +144,9 @@ def from_peft_param_wrappers(
 def _assign(prefix: str, got: list[tuple[Tensor, Tensor]], names: tuple[str, ...]) -> list[str]:
     """Which fused parameter each PEFT pair of one layer adapts (gate_up_proj or down_proj)."""
     if len(got) != len(names):
-        raise IncompatibleAdapter(f"{prefix}: {len(got)} PEFT expert LoRAs but target_parameters lists {list(names)}")
+        raise IncompatibleAdapter(
+            f"{prefix}: {len(got)} PEFT expert LoRAs but target_parameters lists {list(names)}"
+        )
     if len(got) == 1:
         return list(names)
     (a0, b0), (a1, b1) = got
@@ -148,5 +154,7 @@ def _assign(prefix: str, got: list[tuple[Tensor, Tensor]], names: tuple[str, ...
     first_is_gate_up = b0.shape[0] == 2 * a1.shape[1] and b1.shape[0] == a0.shape[1]
     first_is_down = b1.shape[0] == 2 * a0.shape[1] and b0.shape[0] == a1.shape[1]
     if first_is_gate_up == first_is_down:
-        raise IncompatibleAdapter(f"{prefix}: cannot tell the PEFT gate_up_proj and down_proj LoRAs apart by shape")
+        raise IncompatibleAdapter(
+            f"{prefix}: cannot tell the PEFT gate_up_proj and down_proj LoRAs apart by shape"
+        )
     return ["gate_up_proj", "down_proj"] if first_is_gate_up else ["down_proj", "gate_up_proj"]

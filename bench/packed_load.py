@@ -1,0 +1,120 @@
+"""MoE adapter cold load, per-expert layout vs packed layout (MinT §3.5: 8.5-8.7x).
+
+A rank-1 LoRA on q/k/v/o plus every routed expert's gate/up/down projections of a random
+Qwen3-MoE base (full: 128 experts x 16 layers; --quick: 64 experts x 8 layers; hidden 256,
+expert width 128, so each per-expert tensor is <= 1 KiB as in MinT's 37,152-of-37,248 case).
+The same adapter is written to a local content-addressed store twice: PEFT/vLLM per-expert
+naming (`...experts.{e}.gate_proj.lora_A.weight`) and lorafleet's packed layout (one
+[E, r, d] tensor per layer x projection x A/B). Each timed call is the engine-load slice:
+
+    store.get (read + sha256 verify) -> parse_peft_files -> Engine.create_adapter (slot) -> remove
+
+Both layouts are timed in the same process, interleaved, medians over repeats, fixed
+torch threads. Prints one JSON line: tensor_count_per_expert, tensor_count_packed,
+bytes_ratio (per-expert file / packed file), load_speedup (per-expert / packed median,
+target >= 8.7), and the per-stage medians.
+
+    .venv/bin/python bench/packed_load.py [--quick] [--threads 1] [--repeats N]
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import tempfile
+import time
+
+import torch
+from safetensors.torch import load as st_load
+
+from _common import emit, interleaved, median, note, parse_args, random_adapter, set_threads
+
+from lorafleet.config import paths_from_env  # noqa: E402
+from lorafleet.engine import Engine  # noqa: E402
+from lorafleet.lora.io import WEIGHTS_NAME, parse_peft_files, peft_files  # noqa: E402
+from lorafleet.lora.spec import LoraSpec  # noqa: E402
+from lorafleet.model.registry import load_base_from_config  # noqa: E402
+from lorafleet.store.blobs import LocalBlobStore  # noqa: E402
+
+SPEC = LoraSpec(rank=1, alpha=2.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+
+
+def moe_config(experts: int, layers: int) -> dict:
+    return dict(
+        model_type="qwen3_moe", vocab_size=4096, hidden_size=256, intermediate_size=512,
+        moe_intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, num_experts=experts, num_experts_per_tok=8,
+        decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
+        max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    if "--threads" not in sys.argv:
+        args.threads = 1  # the load slice is many small ops: extra intra-op threads only spin
+    set_threads(args.threads)
+    experts, layers = (64, 8) if args.quick else (128, 16)
+    # tiny per-expert tensors make the timings jumpy (allocator, GC): more repeats than _common's default
+    repeats = args.repeats if "--repeats" in sys.argv else (11 if args.quick else 9)
+    paths = paths_from_env()
+    note(f"building a random Qwen3-MoE base: {experts} experts x {layers} layers")
+    base = load_base_from_config(f"bench/moe-{experts}x{layers}", moe_config(experts, layers), paths, torch.bfloat16)
+    engine = Engine(base)
+    weights = random_adapter(base.info, SPEC, seed=0)
+    store = LocalBlobStore(tempfile.mkdtemp(prefix="lorafleet-packed-load-"))
+    refs, counts, sizes = {}, {}, {}
+    for layout in ("per_expert", "packed"):
+        files = peft_files(weights, base.name, layout=layout)
+        refs[layout] = {name: store.put(data) for name, data in files.items()}
+        counts[layout] = len(st_load(files[WEIGHTS_NAME]))
+        sizes[layout] = len(files[WEIGHTS_NAME])
+    stages: dict[str, dict[str, list[float]]] = {lay: {"read": [], "parse": [], "slot": [], "total": []} for lay in refs}
+
+    def load(layout: str):
+        def run() -> None:
+            gc.collect()  # start every call from the same collector state (not timed)
+            t0 = time.perf_counter()
+            files = {name: store.get(ref) for name, ref in refs[layout].items()}
+            t1 = time.perf_counter()
+            adapter = parse_peft_files(files)
+            t2 = time.perf_counter()
+            handle = engine.create_adapter(adapter.spec, weights=adapter.weights)
+            t3 = time.perf_counter()
+            engine.remove_adapter(handle)
+            for name, dt in (("read", t1 - t0), ("parse", t2 - t1), ("slot", t3 - t2), ("total", t3 - t0)):
+                stages[layout][name].append(dt)
+        return run
+
+    # both layouts load the very same tensors
+    a = parse_peft_files({n: store.get(r) for n, r in refs["per_expert"].items()}).weights.pairs
+    b = parse_peft_files({n: store.get(r) for n, r in refs["packed"].items()}).weights.pairs
+    assert a.keys() == b.keys() and all(torch.equal(a[p][i], b[p][i]) for p in a for i in (0, 1))
+
+    note(f"timing {repeats} interleaved repeats of each layout")
+    # interleaved() orders the calls; the figures are the in-call timings (the untimed gc.collect
+    # and remove_adapter stay out), the warm-up call excluded
+    interleaved({lay: load(lay) for lay in refs}, repeats, warmup=1)
+    per, pk = (median(stages[lay]["total"][1:]) for lay in ("per_expert", "packed"))
+    emit({
+        "bench": "packed_load",
+        "quick": args.quick,
+        "threads": args.threads,
+        "repeats": repeats,
+        "experts": experts,
+        "layers": layers,
+        "rank": SPEC.rank,
+        "tensor_count_per_expert": counts["per_expert"],
+        "tensor_count_packed": counts["packed"],
+        "bytes_per_expert_file": sizes["per_expert"],
+        "bytes_packed_file": sizes["packed"],
+        "bytes_ratio": sizes["per_expert"] / sizes["packed"],
+        "load_s_per_expert": per,
+        "load_s_packed": pk,
+        "load_speedup": per / pk,
+        "stages_s": {lay: {k: median(v[1:]) for k, v in st.items() if k != "total"} for lay, st in stages.items()},
+    })
+
+
+if __name__ == "__main__":
+    main()
