@@ -105,9 +105,9 @@ class Engine:
         if reset_optimizer:
             live.opt = AdamState.zeros(live.params)
 
-    def get_tensors(self, handle: int) -> dict[str, Tensor]:
-        """The adapter's tensors under PEFT key names."""
-        return to_peft_tensors(self._live(handle).weights)
+    def get_tensors(self, handle: int, layout: str = "per_expert") -> dict[str, Tensor]:
+        """The adapter's tensors under PEFT key names (MoE experts per expert, or `"packed"`)."""
+        return to_peft_tensors(self._live(handle).weights, layout)
 
     def set_tensors(self, handle: int, tensors: dict[str, Tensor]) -> None:
         self.set_weights(handle, from_peft_tensors(self.spec(handle), tensors))
