@@ -145,6 +145,10 @@ class Runner:
         self.max_fused_tokens = max_fused_tokens
         self.catalog = catalog  # a CatalogBridge, or None to keep checkpoints local only
         self.residency = residency  # engine.residency.Residency for catalog revisions (serving)
+        from lorafleet.engine.serving import ServingQueue
+
+        self.serving = ServingQueue(max_jobs=max_sample_queue)
+        self.max_serving_adapters = 32
         self.models: dict[str, LiveModel] = {}
         self.samplers: OrderedDict[str, SamplerVersion] = OrderedDict()
         self._unordered: deque[Op] = deque()
@@ -167,6 +171,7 @@ class Runner:
             self._stop = True
             self._cv.notify_all()
         self._thread.join(timeout=30)
+        self.serving.fail_all(NoCapacity("the server is shutting down"))
 
     # ------------------------------------------------------------------ submit (event loop)
 
@@ -218,6 +223,7 @@ class Runner:
                 barriers = self._take_barriers() if not fused else []
                 samples = list(self._samples)
                 self._samples.clear()
+            samples += self._take_serving()
             for op in unordered:
                 self._run_one(op)
             if fused:
@@ -254,7 +260,7 @@ class Runner:
         return None
 
     def _has_ready_work(self) -> bool:
-        if self._unordered or self._samples:
+        if self._unordered or self._samples or len(self.serving):
             return True
         return any(self._head(m) is not None for m in self.models.values())
 
@@ -649,15 +655,19 @@ class Runner:
         """
         if revision_id is not None and self.residency is None:
             raise InvalidRequest("this server has no catalog: only base models can be served")
-        fut: Future = Future()
-        op = Op("", "serve", "", {"revision_id": revision_id, "requests": list(requests),
-                                  "on_token": on_token, "future": fut})
+        from lorafleet.engine.serving import ServeJob
+
+        job = ServeJob(revision_id, list(requests), on_token)
+        self.serving.put(job)  # NoCapacity (429) when full
         with self._cv:
-            if len(self._samples) >= self.max_sample_queue:
-                raise NoCapacity("the sampler queue is full", retry_after_s=1.0)
-            self._samples.append(op)
             self._cv.notify_all()
-        return fut
+        return job.future
+
+    def _take_serving(self) -> list[Op]:
+        """A fair batch of serving jobs (round robin over adapters), as ops for `_run_samples`."""
+        jobs = self.serving.take(max_adapters=self.max_serving_adapters)
+        return [Op("", "serve", "", {"revision_id": j.key, "requests": j.requests,
+                                     "on_token": j.on_token, "future": j.future}) for j in jobs]
 
     def _sample_request(self, handle: int | None, p: dict[str, Any]) -> Any:
         params = self.t.SamplingParams(**p["params"])
