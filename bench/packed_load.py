@@ -19,20 +19,26 @@ target >= 8.7), and the per-stage medians.
 
 from __future__ import annotations
 
+import argparse
 import gc
+import json
+import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
 
-from _common import emit, interleaved, median, note, parse_args, random_adapter, set_threads
+# so `python bench/packed_load.py` works from a source checkout without an editable install
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from lorafleet.config import paths_from_env  # noqa: E402
 from lorafleet.engine import Engine  # noqa: E402
 from lorafleet.lora.io import WEIGHTS_NAME, parse_peft_files, peft_files  # noqa: E402
 from lorafleet.lora.spec import LoraSpec  # noqa: E402
+from lorafleet.lora.weights import LoraWeights  # noqa: E402
 from lorafleet.model.registry import load_base_from_config  # noqa: E402
 from lorafleet.store.blobs import LocalBlobStore  # noqa: E402
 
@@ -49,14 +55,28 @@ def moe_config(experts: int, layers: int) -> dict:
     )
 
 
+def random_adapter(info, spec: LoraSpec, seed: int) -> LoraWeights:
+    """PEFT's init for A plus a random B (the values do not matter to loading)."""
+    w = LoraWeights.init(info, spec, seed)
+    g = torch.Generator().manual_seed(seed + 10_000)
+    return LoraWeights(spec, {p: (a, torch.randn(b.shape, generator=g) * 0.05) for p, (a, b) in w.pairs.items()})
+
+
+def note(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
-    if "--threads" not in sys.argv:
-        args.threads = 1  # the load slice is many small ops: extra intra-op threads only spin
-    set_threads(args.threads)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="64 experts x 8 layers, under a minute")
+    # the load slice is many small ops: extra intra-op threads only spin
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    # tiny per-expert tensors make single timings jumpy (allocator, GC): medians of many
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 9, quick 11)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     experts, layers = (64, 8) if args.quick else (128, 16)
-    # tiny per-expert tensors make the timings jumpy (allocator, GC): more repeats than _common's default
-    repeats = args.repeats if "--repeats" in sys.argv else (11 if args.quick else 9)
+    repeats = args.repeats or (11 if args.quick else 9)
     paths = paths_from_env()
     note(f"building a random Qwen3-MoE base: {experts} experts x {layers} layers")
     base = load_base_from_config(f"bench/moe-{experts}x{layers}", moe_config(experts, layers), paths, torch.bfloat16)
@@ -92,11 +112,14 @@ def main() -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[p][i], b[p][i]) for p in a for i in (0, 1))
 
     note(f"timing {repeats} interleaved repeats of each layout")
-    # interleaved() orders the calls; the figures are the in-call timings (the untimed gc.collect
-    # and remove_adapter stay out), the warm-up call excluded
-    interleaved({lay: load(lay) for lay in refs}, repeats, warmup=1)
-    per, pk = (median(stages[lay]["total"][1:]) for lay in ("per_expert", "packed"))
-    emit({
+    # one untimed warm-up each, then the layouts alternate (which goes first rotates), so load
+    # from other processes hits both alike; gc.collect and remove_adapter stay out of the figures
+    runs = {lay: load(lay) for lay in refs}
+    for r in range(repeats + 1):
+        for lay in (list(runs) if r % 2 else list(runs)[::-1]):
+            runs[lay]()
+    per, pk = (statistics.median(stages[lay]["total"][1:]) for lay in ("per_expert", "packed"))
+    record = {
         "bench": "packed_load",
         "quick": args.quick,
         "threads": args.threads,
@@ -112,8 +135,10 @@ def main() -> None:
         "load_s_per_expert": per,
         "load_s_packed": pk,
         "load_speedup": per / pk,
-        "stages_s": {lay: {k: median(v[1:]) for k, v in st.items() if k != "total"} for lay, st in stages.items()},
-    })
+        "stages_s": {lay: {k: round(statistics.median(v[1:]), 4) for k, v in st.items() if k != "total"}
+                     for lay, st in stages.items()},
+    }
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
 
 
 if __name__ == "__main__":

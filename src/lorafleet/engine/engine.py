@@ -35,11 +35,25 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class _Live:
-    """An adapter resident in the engine: trainable fp32 leaves and their Adam state."""
+    """An adapter resident in the engine: trainable fp32 leaves and their Adam state.
+
+    The Adam state is allocated on first use: a slot that only samples never needs it, and
+    a MoE adapter has hundreds of tensors to zero (see bench/packed_load.py).
+    """
 
     weights: LoraWeights
     params: list[Tensor]
-    opt: AdamState
+    _opt: AdamState | None = None
+
+    @property
+    def opt(self) -> AdamState:
+        if self._opt is None:
+            self._opt = AdamState.zeros(self.params)
+        return self._opt
+
+    @opt.setter
+    def opt(self, state: AdamState | None) -> None:
+        self._opt = state
 
 
 def _leaves(weights: LoraWeights) -> tuple[LoraWeights, list[Tensor]]:
@@ -75,7 +89,7 @@ class Engine:
         live_w, params = _leaves(weights.checked(self.info))
         handle = self._next_handle
         self._next_handle += 1
-        self._adapters[handle] = _Live(live_w, params, AdamState.zeros(params))
+        self._adapters[handle] = _Live(live_w, params)
         return handle
 
     def remove_adapter(self, handle: int) -> None:
@@ -103,7 +117,7 @@ class Engine:
             raise InvalidRequest(f"weights have spec {weights.spec}, adapter has {live.weights.spec}")
         live.weights, live.params = _leaves(weights.checked(self.info))
         if reset_optimizer:
-            live.opt = AdamState.zeros(live.params)
+            live.opt = None  # fresh zeros on first use
 
     def get_tensors(self, handle: int, layout: str = "per_expert") -> dict[str, Tensor]:
         """The adapter's tensors under PEFT key names (MoE experts per expert, or `"packed"`)."""

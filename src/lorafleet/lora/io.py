@@ -149,7 +149,8 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
     if at < 0:
         return {}
     try:
-        text = header[at + len(b'"__metadata__"') :].decode().lstrip()
+        # the metadata object is small; do not decode a per-expert header's megabyte of entries
+        text = header[at + len(b'"__metadata__"') : at + 65536].decode(errors="replace").lstrip()
         meta, _ = json.JSONDecoder().raw_decode(text.removeprefix(":").lstrip())
     except (UnicodeDecodeError, json.JSONDecodeError):
         return {}
