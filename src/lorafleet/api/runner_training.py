@@ -229,7 +229,8 @@ class TrainingWork:
             files[OPTIMIZER_NAME] = st_save(state)
         meta = self._provenance(model, kind)
         if self.catalog is not None:  # the catalog first: a failed publish leaves no checkpoint
-            meta["revision_id"] = self.catalog.publish(op.tenant, path, files, meta)
+            meta["revision_id"] = self.catalog.publish(op.tenant, path, files, meta,
+                                                      p.get("ttl_seconds"))
         row = self.checkpoints.write(op.tenant, path, files, meta, p.get("ttl_seconds"),
                                      p.get("user_metadata"))
         model.parent = str(path)

@@ -11,6 +11,7 @@ External exports are copies of the weights for download and are not published ag
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from lorafleet.api.tinker.checkpoints import OPTIMIZER_NAME, TinkerPath
@@ -52,7 +53,7 @@ class CatalogBridge:
             return False
 
     def publish(self, tenant: str, path: TinkerPath, files: dict[str, bytes],
-                meta: dict[str, Any]) -> str | None:
+                meta: dict[str, Any], ttl_s: float | None = None) -> str | None:
         """Publish one checkpoint as a revision; returns the revision id (None: not published)."""
         from lorafleet.catalog.records import Provenance, RevisionKind
         from lorafleet.catalog.service import OPTIMIZER_FILE
@@ -74,6 +75,7 @@ class CatalogBridge:
         rev = self.catalog.publish(
             self._who(tenant), policy_name(tenant, path.model_id), out, kind=kind,
             step=meta.get("step"), provenance=prov, tinker_path=str(path),
+            expires_at=datetime.now(UTC) + timedelta(seconds=ttl_s) if ttl_s else None,
         )
         return rev.id
 

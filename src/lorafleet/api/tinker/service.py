@@ -285,7 +285,7 @@ class TinkerService:
                              req.model_dump_json(), idem)
 
     def save_weights(self, tenant: str, req: s.SaveWeightsRequest, idem: str | None) -> Submitted:
-        name = check_name(req.path or f"step-{req.seq_id:06d}")
+        name = check_name(req.path or f"step-{req.seq_id or 0:06d}")
         path = TinkerPath(req.model_id, "training", name)
         self._refuse_existing(tenant, path, req.model_dump_json(), req.model_id, req.seq_id)
         payload = {"name": name, "ttl_seconds": req.ttl_seconds, "user_metadata": req.user_metadata}
@@ -332,7 +332,7 @@ class TinkerService:
                 "age-encrypted exports are not supported by lorafleet; omit "
                 "age_encryption_recipients (the URLs are served by this server over your network)"
             )
-        name = check_name(req.path or f"export-{req.seq_id:06d}")
+        name = check_name(req.path or f"export-{req.seq_id or 0:06d}")
         path = TinkerPath(req.model_id, "external", name)
         self._refuse_existing(tenant, path, req.model_dump_json(), req.model_id, req.seq_id)
         payload = {"name": name, "ttl_seconds": req.ttl_seconds, "user_metadata": req.user_metadata}
