@@ -177,3 +177,31 @@ def test_bad_routes_and_expert_shapes_are_refused(moe_engine, tiny_engine):
     with pytest.raises(IncompatibleAdapter, match="do not exist on lorafleet/tiny-llama"):
         tiny_engine.create_adapter(LoraSpec(rank=2, target_modules=("gate",)), seed=0)
     e.remove_adapter(h)
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "packed"])
+def test_trained_moe_adapter_exports_and_reloads_identically(moe_engine, tmp_path, layout):
+    from lorafleet.lora.io import read_peft_dir, write_peft_dir
+
+    e = moe_engine
+    spec = LoraSpec(rank=2, alpha=16.0, target_modules=("q_proj", *EXPERTS, "gate"))
+    h = e.create_adapter(spec, seed=1)
+    data = [_datum(s, 9, "cross_entropy") for s in range(2)]
+    for _ in range(2):
+        e.forward_backward([FwdBwdRequest(h, data)])
+        e.optim_step(h, AdamParams(learning_rate=1e-2))
+    write_peft_dir(e.get_weights(h), e.info.name, tmp_path / layout, layout=layout)
+    back = read_peft_dir(tmp_path / layout)
+    h2 = e.create_adapter(back.spec, weights=back.weights)
+    trained, loaded = e.get_weights(h).pairs, e.get_weights(h2).pairs
+    assert trained.keys() == loaded.keys()
+    assert all(torch.equal(trained[p][i], loaded[p][i]) for p in trained for i in (0, 1))
+    # tensors given in the engine's key order keep it, so positional optimizer state resumes
+    e.set_tensors(h2, e.get_tensors(h))
+    assert list(e.get_weights(h2).pairs) == list(trained)
+    e.load_optimizer_state(h2, e.optimizer_state(h))
+    p = SamplingParams(max_tokens=6, seed=3)
+    first, second = e.sample([SampleRequest(h, PROMPT, 1, p), SampleRequest(h2, PROMPT, 1, p)])
+    assert first.sequences[0].tokens == second.sequences[0].tokens
+    for handle in (h, h2):
+        e.remove_adapter(handle)

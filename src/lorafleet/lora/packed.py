@@ -58,6 +58,9 @@ def unpack_experts(pairs: Pairs) -> Pairs:
 def pack_experts(pairs: Pairs) -> Pairs:
     """Per-expert -> packed: stack `...experts.{e}.{proj}` over e = 0..E-1 into one 3-D pair.
 
+    Each packed pair takes the place of its projection's first per-expert pair, so the order
+    of modules survives a round trip (the engine's optimizer state is positional).
+
     Raises IncompatibleAdapter when the expert ids of a (layer, projection) are not exactly
     0..E-1 (a missing expert), or when projections of one layer disagree on E.
     """
@@ -68,7 +71,10 @@ def pack_experts(pairs: Pairs) -> Pairs:
         if m is None:
             out[path] = pair
             continue
-        groups.setdefault(f"{m.group(1)}.{m.group(3)}", {})[int(m.group(2))] = pair
+        key = f"{m.group(1)}.{m.group(3)}"
+        if key not in groups:
+            out[key] = pair  # placeholder holding the position; replaced below
+        groups.setdefault(key, {})[int(m.group(2))] = pair
     for path, by_expert in groups.items():
         ids = sorted(by_expert)
         absent = sorted(set(range(ids[-1] + 1)) - set(ids))
