@@ -67,7 +67,8 @@ def open_database(url: str) -> Database:
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         return Database(parsed, _sqlite_engine(parsed, immediate=True), _sqlite_engine(parsed, immediate=False))
-    engine = create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    # No pre-ping: it would add a round trip to every resolve; recycle instead.
+    engine = create_engine(parsed, pool_recycle=1800, pool_size=5, max_overflow=10)
     return Database(parsed, engine, engine)
 
 
