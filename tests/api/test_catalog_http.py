@@ -118,6 +118,9 @@ def test_tenancy_is_404_never_403(clients):
     assert TestClient(anonymous.app, headers={"X-API-Key": "tml-wrong"}).get("/catalog/v1/policies").status_code == 401
     assert bob.post("/catalog/v1/keys", json={"tenant": "bob"}).status_code == 401  # admin only
     assert admin.get("/catalog/v1/resolve", params={"ref": "alice/secret:prod"}).status_code == 200
+    assert bob.put("/catalog/v1/policies/alice/secret/visibility", json={"public": True}).status_code == 404
+    assert alice.put("/catalog/v1/policies/alice/secret/visibility", json={"public": True}).json()["public"]
+    assert bob.get("/catalog/v1/resolve", params={"ref": "alice/secret:prod"}).status_code == 200
 
 
 def test_bad_input_is_4xx_with_a_message(clients):

@@ -83,6 +83,7 @@ def test_manage_adapters_end_to_end(cli, peft_dir, tmp_path):
 
     lin = _json(cli, "lineage", "alice/math")
     assert lin["ancestors"] == [] and lin["revision"]["seq"] == 2
+    assert _json(cli, "adapters", "visibility", "alice/math", "public")["public"] is True
     key = _json(cli, "keys", "create", "--tenant", "bob")["key"]
     assert key.startswith("tml-")
     assert "deleted 0 expired" in cli("gc")[1]

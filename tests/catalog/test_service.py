@@ -131,6 +131,13 @@ def test_tenancy_hides_private_policies(catalog):
         catalog.create_policy(BOB, "alice/mine", BASE, SPEC)
     names = {p.full_name for p in catalog.list_policies(BOB).items}
     assert names == {"alice/open"}
+    with pytest.raises(NotFound):
+        catalog.set_public(BOB, "alice/secret", True)
+    assert catalog.set_public(ALICE, "alice/secret", True).public
+    assert catalog.resolve("alice/secret:prod", BOB).id == secret.id
+    catalog.set_public(ALICE, "alice/secret", False)
+    with pytest.raises(NotFound):
+        catalog.resolve("alice/secret:prod", BOB)
     assert {p.full_name for p in catalog.list_policies(ALICE).items} == {"alice/open", "alice/secret"}
 
 

@@ -164,6 +164,10 @@ def soft_delete_policy(conn: Connection, policy_id: str, now: datetime) -> None:
     conn.execute(update(t.policies).where(t.policies.c.id == policy_id).values(deleted_at=now))
 
 
+def set_public(conn: Connection, policy_id: str, public: bool) -> None:
+    conn.execute(update(t.policies).where(t.policies.c.id == policy_id).values(public=public))
+
+
 def lock_policy(conn: Connection, policy_id: str) -> None:
     """Serialize writers of one policy (revision numbering, alias moves). SQLite: already
     serialized by BEGIN IMMEDIATE, and FOR UPDATE is not emitted."""

@@ -154,6 +154,13 @@ class Catalog:
                                        metadata=metadata or {}, query=query, limit=limit, after=cursor)
         return Page(tuple(items), items[-1].id if len(items) == limit else None)
 
+    def set_public(self, who: Principal, name: str, public: bool) -> Policy:
+        """Publish (every tenant may read and resolve it) or unpublish a policy."""
+        p = self._writable_policy(who, name)
+        with self.db.write() as conn:
+            repo.set_public(conn, p.id, public)
+        return self.get_policy(who, name)
+
     def delete_policy(self, who: Principal, name: str) -> None:
         """Soft delete: the policy and its revisions stop resolving; names are never reused."""
         p = self._writable_policy(who, name)

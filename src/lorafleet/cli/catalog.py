@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = _cmd(adapters, "revisions", _revisions, "revisions of a policy, newest first")
     p.add_argument("policy")
     p.add_argument("--limit", type=int, default=50)
+    p = _cmd(adapters, "visibility", _visibility, "make a policy public or private")
+    p.add_argument("policy")
+    p.add_argument("visibility", choices=["public", "private"])
     p = _cmd(adapters, "delete", _delete_policy, "soft-delete a policy (owner/name)")
     p.add_argument("policy")
     p = _cmd(adapters, "delete-revision", _delete_revision, "delete one revision (refused if aliased)")
@@ -156,6 +159,11 @@ def _revisions(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
     page = cat.list_revisions(ADMIN, a.policy, limit=a.limit)
     rows = [[str(r.seq), r.id, r.kind, str(r.step), r.sha256[:12], r.created_at.strftime("%Y-%m-%d %H:%M:%S")] for r in page.items]
     return page.items, _table(["#", "REVISION", "KIND", "STEP", "SHA256", "CREATED"], rows)
+
+
+def _visibility(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
+    p = cat.set_public(ADMIN, a.policy, a.visibility == "public")
+    return p, f"{p.full_name} is now {a.visibility}"
 
 
 def _delete_policy(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:

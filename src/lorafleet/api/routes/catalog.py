@@ -309,6 +309,15 @@ def get_policy(owner: str, name: str, catalog: Cat, who: Who) -> PolicyOut:
     return policy_to_wire(catalog.get_policy(who, f"{owner}/{name}"))
 
 
+class VisibilityIn(_Wire):
+    public: bool
+
+
+@router.put("/policies/{owner}/{name}/visibility", response_model=PolicyOut)
+def set_visibility(owner: str, name: str, body: VisibilityIn, catalog: Cat, who: Who) -> PolicyOut:
+    return policy_to_wire(catalog.set_public(who, f"{owner}/{name}", body.public))
+
+
 @router.delete("/policies/{owner}/{name}", status_code=204)
 def delete_policy(owner: str, name: str, catalog: Cat, who: Who) -> Response:
     catalog.delete_policy(who, f"{owner}/{name}")
