@@ -112,3 +112,23 @@ def test_four_processes_moving_the_same_aliases_lose_nothing(db_url, store_dir):
         assert cat.check().ok
     finally:
         cat.close()
+
+
+def _create_many(db_url: str, store_dir: str, worker: int) -> None:
+    cat = Catalog.open(db_url, store_dir)
+    for i in range(5):
+        cat.create_policy(ADMIN, f"newteam{i}/w{worker}", BASE, SPEC)  # tenants appear concurrently
+    cat.close()
+
+
+def test_concurrent_first_policies_of_a_new_tenant(db_url, store_dir):
+    Catalog.open(db_url, store_dir).close()
+    procs = [FORK.Process(target=_create_many, args=(db_url, store_dir, w)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    cat = Catalog.open(db_url, store_dir)
+    assert len(cat.list_policies(ADMIN, limit=100).items) == 20
+    cat.close()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Row, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from lorafleet.catalog import tables as t
 from lorafleet.catalog.records import (
@@ -41,8 +42,14 @@ def utc(dt: datetime | None) -> datetime | None:
 
 
 def ensure_tenant(conn: Connection, name: str, now: datetime) -> None:
-    if conn.execute(select(t.tenants.c.name).where(t.tenants.c.name == name)).first() is None:
-        conn.execute(insert(t.tenants).values(name=name, created_at=now))
+    """Create the tenant unless it exists; a concurrent creator winning the race is fine."""
+    if conn.execute(select(t.tenants.c.name).where(t.tenants.c.name == name)).first() is not None:
+        return
+    try:
+        with conn.begin_nested():
+            conn.execute(insert(t.tenants).values(name=name, created_at=now))
+    except IntegrityError:
+        pass
 
 
 def tenant_exists(conn: Connection, name: str) -> bool:
