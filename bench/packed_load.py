@@ -1,13 +1,17 @@
 """MoE adapter cold load, per-expert layout vs packed layout (MinT §3.5: 8.5-8.7x).
 
 A rank-1 LoRA on q/k/v/o plus every routed expert's gate/up/down projections of a random
-Qwen3-MoE base (full: 128 experts x 16 layers; --quick: 64 experts x 8 layers; hidden 256,
-expert width 128, so each per-expert tensor is <= 1 KiB as in MinT's 37,152-of-37,248 case).
+Qwen3-MoE base. Full: 128 experts x 48 layers, so the adapter has exactly the tensor counts
+of MinT's Qwen3-30B-A3B case (37,248 per-expert, 672 packed); --quick: 64 experts x 8 layers
+(3,136 / 112). Hidden 256, expert width 128: each per-expert tensor is <= 1 KiB (MinT: 37,152
+of 37,248 are <= 4 KB). The base weights are random bf16 (~1.2 GB for the full variant).
 The same adapter is written to a local content-addressed store twice: PEFT/vLLM per-expert
 naming (`...experts.{e}.gate_proj.lora_A.weight`) and lorafleet's packed layout (one
 [E, r, d] tensor per layer x projection x A/B). Each timed call is the engine-load slice:
 
-    store.get (read + sha256 verify) -> parse_peft_files -> Engine.create_adapter (slot) -> remove
+    store.get (read + sha256 verify) -> parse_peft_files -> Engine.create_adapter (slot)
+
+(then remove_adapter and gc.collect, untimed).
 
 Both layouts are timed in the same process, interleaved, medians over repeats, fixed
 torch threads. Prints one JSON line: tensor_count_per_expert, tensor_count_packed,
@@ -75,7 +79,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 9, quick 11)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    experts, layers = (64, 8) if args.quick else (128, 16)
+    experts, layers = (64, 8) if args.quick else (128, 48)  # full: 37,248 tensors, as MinT's Qwen3-30B-A3B
     repeats = args.repeats or (11 if args.quick else 9)
     paths = paths_from_env()
     note(f"building a random Qwen3-MoE base: {experts} experts x {layers} layers")
