@@ -42,7 +42,8 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
-def start_server(paths, bases: list[str], state_dir: Path, engines=None, **cfg) -> LiveServer:
+def start_server(paths, bases: list[str], state_dir: Path, engines=None,
+                 catalog_dir: Path | None = None, **cfg) -> LiveServer:
     import uvicorn
 
     from lorafleet.api.app import ServeConfig, create_app
@@ -51,8 +52,9 @@ def start_server(paths, bases: list[str], state_dir: Path, engines=None, **cfg) 
 
     torch.set_num_threads(1)
     # models are cached in the shared test home; catalog and store are per server
-    own = Paths(home=paths.home, database_url=f"sqlite:///{state_dir / 'catalog.db'}",
-                store_url=str(state_dir / "store"))
+    shared = catalog_dir or state_dir
+    own = Paths(home=paths.home, database_url=f"sqlite:///{shared / 'catalog.db'}",
+                store_url=str(shared / "store"))
     config = ServeConfig(bases=bases, paths=own, state_dir=state_dir, engines=engines or {},
                          **cfg)
     app = create_app(config)

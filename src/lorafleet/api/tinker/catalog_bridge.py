@@ -79,6 +79,20 @@ class CatalogBridge:
         )
         return rev.id
 
+    def fetch(self, tenant: str, path: TinkerPath) -> tuple[str, str, dict[str, bytes]] | None:
+        """(owner tenant, base model, files) of a checkpoint published by any lorafleet server
+        sharing this catalog, if `tenant` may read it; None when the catalog has no such path."""
+        from lorafleet.errors import InvalidRequest, NotFound
+
+        who = self._who(tenant)
+        try:
+            rev = self.catalog.resolve(str(path), who)
+            policy = self.catalog.get_policy(who, rev.policy)
+            files = self.catalog.read_files(who, str(path))
+        except (NotFound, InvalidRequest):
+            return None
+        return policy.owner, policy.base_model, files
+
     def delete(self, tenant: str, path: str) -> None:
         try:
             self.catalog.delete_revision(self._who(tenant), path)

@@ -289,7 +289,8 @@ def _signed_url(request: Request, path: str, filename: str, expires: int) -> str
 
 def _downloadable(request: Request, model_id: str, kind: str, name: str) -> dict:
     svc = _svc(request)
-    row = svc.checkpoints.find(_tenant(request), svc.checkpoint_path(model_id, f"{kind}/{name}"))
+    path = parse_path(svc.checkpoint_path(model_id, f"{kind}/{name}"))
+    row = svc.find_checkpoint(_tenant(request), path)
     if row["kind"] not in ("external", "training"):
         raise InvalidRequest("only weights/ and external_weights/ checkpoints can be downloaded")
     return row

@@ -7,6 +7,7 @@ raises `lorafleet.errors` types. Never touches the engine or tensors: compute go
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from lorafleet.api.runner import FWDBWD, Op, Runner
 from lorafleet.api.tinker import schemas as s
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.checkpoints import (
+    META_NAME,
     Checkpoints,
     TinkerPath,
     check_name,
@@ -120,6 +122,27 @@ class TinkerService:
         if row is None or row["tenant"] != tenant:
             raise NotFound(f"session {session_id} not found")
         return row
+
+    def find_checkpoint(self, tenant: str, path: TinkerPath) -> dict[str, Any]:
+        """A checkpoint row: from this server, or else from the shared catalog (a checkpoint
+        another lorafleet server published), copied into the local checkpoint folders."""
+        try:
+            return self.checkpoints.find(tenant, path)
+        except NotFound:
+            found = self.catalog.fetch(tenant, path) if self.catalog is not None else None
+            if found is None:
+                raise
+        owner, base_model, files = found
+        meta = json.loads(files.pop(META_NAME, b"{}") or b"{}")
+        meta.setdefault("base_model", base_model)
+        meta.setdefault("lora_flags", _flags_from_files(files))
+        try:
+            self.checkpoints.write(owner, path, files, meta)
+            if owner != tenant:  # the catalog let a non-owner see it: it is published
+                self.checkpoints.set_public(owner, str(path), True)
+        except Conflict:  # a concurrent request copied it first
+            pass
+        return self.checkpoints.find(tenant, path)
 
     def _enqueue(self, runner: Runner, op: Op, fingerprint: str, scope: str | None,
                  seq_id: int | None, idem: str | None) -> Submitted:
@@ -340,7 +363,7 @@ class TinkerService:
                              req.model_dump_json(), idem)
 
     def load_weights(self, tenant: str, req: s.LoadWeightsRequest, idem: str | None) -> Submitted:
-        ckpt = self.checkpoints.find(tenant, parse_path(req.path))
+        ckpt = self.find_checkpoint(tenant, parse_path(req.path))
         if req.optimizer and ckpt["kind"] != "training":
             raise InvalidRequest(f"{req.path} holds no optimizer state; load a weights/ checkpoint")
         payload = {"row": ckpt, "optimizer": req.optimizer}
@@ -376,7 +399,7 @@ class TinkerService:
         self.session_row(tenant, req.session_id)
         sampler_id = f"{req.session_id}:sample:{req.sampling_session_seq_id}"
         if req.model_path:
-            ckpt = self.checkpoints.find(tenant, parse_path(req.model_path))
+            ckpt = self.find_checkpoint(tenant, parse_path(req.model_path))
             base = (ckpt.get("meta") or {}).get("base_model", "")
             self.runner(base)
         elif req.base_model:
@@ -424,13 +447,13 @@ class TinkerService:
             if row is None or row["tenant"] != tenant:
                 raise NotFound(f"sampling session {req.sampling_session_id} not found")
             if row["model_path"]:
-                ckpt = self.checkpoints.find(tenant, parse_path(row["model_path"]))
+                ckpt = self.find_checkpoint(tenant, parse_path(row["model_path"]))
                 return row["model_path"], row["base_model"], ckpt, False
             if row["source_model_id"]:
                 return row["sampler_id"], row["base_model"], None, False
             return f"base:{row['base_model']}", row["base_model"], None, True
         if req.model_path:
-            ckpt = self.checkpoints.find(tenant, parse_path(req.model_path))
+            ckpt = self.find_checkpoint(tenant, parse_path(req.model_path))
             return req.model_path, (ckpt.get("meta") or {}).get("base_model", ""), ckpt, False
         if req.base_model:
             return f"base:{req.base_model}", req.base_model, None, True
@@ -536,7 +559,7 @@ class TinkerService:
         return str(parse_path(f"tinker://{model_id}/{checkpoint_id}"))
 
     def weights_info(self, tenant: str, tinker_path: str) -> dict[str, Any]:
-        row = self.checkpoints.find(tenant, parse_path(tinker_path))
+        row = self.find_checkpoint(tenant, parse_path(tinker_path))
         flags = (row.get("meta") or {}).get("lora_flags") or {}
         return {
             "base_model": (row.get("meta") or {}).get("base_model"), "is_lora": True,
@@ -560,6 +583,14 @@ class TinkerService:
                 "sampler_ids": [r["sampler_id"] for r in samplers],
                 "user_metadata": {k: str(v) for k, v in (row["user_metadata"] or {}).items()} or None,
                 "display_name": row["display_name"]}
+
+
+def _flags_from_files(files: dict[str, bytes]) -> dict[str, Any]:
+    config = json.loads(files.get("adapter_config.json", b"{}") or b"{}")
+    targets = set(config.get("target_modules") or ())
+    return {"rank": config.get("r"), "train_attn": bool(targets & set(ATTN_MODULES)),
+            "train_mlp": bool(targets & set(MLP_MODULES)), "train_unembed": False,
+            "target_modules": sorted(targets), "lora_alpha": config.get("lora_alpha")}
 
 
 def checkpoint_json(row: dict[str, Any]) -> dict[str, Any]:
