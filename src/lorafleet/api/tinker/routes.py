@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import io
+import logging
 import tarfile
 import time
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from lorafleet.api.tinker.tenancy import sign, verify
 from lorafleet.errors import InvalidRequest, NotFound
 
 router = APIRouter(prefix="/api/v1")
+log = logging.getLogger("lorafleet.tinker")
 URL_TTL_S = 3600
 ARCHIVE_NAME = "archive.tar"
 
@@ -103,7 +105,16 @@ async def finish_session(session_id: str, request: Request) -> dict:
 
 @router.post("/telemetry")
 async def telemetry(request: Request) -> dict:
-    _tenant(request)
+    """SDK telemetry batches: accepted; client-side errors are worth a log line."""
+    tenant = _tenant(request)
+    try:
+        events = s.parse_json(await request.body()).get("events") or []
+    except InvalidRequest:
+        events = []
+    for e in events:
+        if isinstance(e, dict) and e.get("severity") in ("ERROR", "CRITICAL"):
+            log.info("client error reported by %s: %s %s", tenant, e.get("event"),
+                     str(e.get("event_data") or e.get("error_message") or "")[:300])
     return {"status": "accepted"}
 
 
