@@ -178,6 +178,7 @@ class Engine:
             )
         if routes.numel() and (int(routes.min()) < 0 or int(routes.max()) >= self.info.num_experts):
             raise InvalidRequest(f"{what}: routes must be expert ids in [0, {self.info.num_experts})")
+
     def _check_ids(self, ids: Tensor, what: str) -> None:
         if ids.dtype not in (torch.int64, torch.int32):
             raise BadTokens(f"{what}: token ids must be integers, got {ids.dtype}")
