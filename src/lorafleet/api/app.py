@@ -84,7 +84,7 @@ def build_service(cfg: ServeConfig, metrics: Any = None) -> TinkerService:
         runners[name] = Runner(engine, base, futures, store, checkpoints,
                                gap_timeout_s=cfg.gap_timeout_s,
                                max_sample_queue=cfg.max_sample_queue, catalog=bridge,
-                               residency=_residency(engine, bridge, metrics))
+                               residency=_residency(engine, bridge, metrics), metrics=metrics)
     return TinkerService(runners, store, futures, checkpoints, catalog=bridge)
 
 

@@ -65,6 +65,7 @@ class Runner(TrainingWork, SamplingWork):
         max_fused_tokens: int = 65536,
         catalog: Any = None,
         residency: Any = None,
+        metrics: Any = None,
     ) -> None:
         self.engine = engine
         self.base = base
@@ -78,6 +79,7 @@ class Runner(TrainingWork, SamplingWork):
         self.max_sampler_versions = max_sampler_versions
         self.max_fused_tokens = max_fused_tokens
         self.catalog = catalog  # a CatalogBridge, or None to keep checkpoints local only
+        self.metrics = metrics  # lorafleet.metrics.Metrics: batch sizes and tokens
         self.residency = residency  # engine.residency.Residency for catalog revisions (serving)
         from lorafleet.engine.serving import ServingQueue
 

@@ -98,7 +98,10 @@ class SamplingWork:
         if not ready:
             return
         try:
-            flat = self.engine.sample([r for _, reqs in ready for r in reqs])
+            batch = [r for _, reqs in ready for r in reqs]
+            if self.metrics is not None:
+                self.metrics.batch_size.labels("sample").observe(sum(r.num_samples for r in batch))
+            flat = self.engine.sample(batch)
         except Exception as e:
             if len(ready) > 1 and isinstance(e, LorafleetError):
                 for op, reqs in ready:  # isolate the bad request

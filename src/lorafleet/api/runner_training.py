@@ -122,6 +122,10 @@ class TrainingWork:
         reqs = [self._fwdbwd_request(m, op.payload) for m, op in fused]
         self.stats["fused_calls"] += 1
         self.stats["fused_requests"] += len(reqs)
+        if self.metrics is not None:
+            self.metrics.batch_size.labels("train").observe(sum(len(r.data) for r in reqs))
+            self.metrics.tokens.labels("train").inc(sum(int(d.tokens.numel()) for r in reqs
+                                                        for d in r.data))
         self.stats["max_fused_models"] = max(
             self.stats["max_fused_models"], len({m.model_id for m, _ in fused})
         )
