@@ -183,3 +183,20 @@ def test_shared_expert_gets_one_lora_and_matches_peft(paths, tmp_path):
     assert (ours[0] - theirs[0]).abs().max() <= 1e-4
     cfg_json = json.loads(peft_files(engine.get_weights(h), "test/tiny-qwen2-moe")["adapter_config.json"])
     assert cfg_json["target_modules"] == ["v_proj", *EXPERTS]
+
+
+def test_attention_lora_on_a_moe_base_exports_to_peft(moe, paths, tmp_path):
+    """The part of a MoE adapter PEFT 0.21 can load from our export: attention projections."""
+    from peft import PeftModel
+
+    from lorafleet.lora.io import write_peft_dir
+
+    spec = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    h = moe.create_adapter(spec, weights=random_adapter(moe.info, spec, seed=6, b_scale=0.3))
+    write_peft_dir(moe.get_weights(h), BASE, tmp_path / "a", layout="packed")  # no experts: same bytes
+    peft = PeftModel.from_pretrained(fresh_hf_model(BASE, paths), str(tmp_path / "a"))
+    with torch.no_grad():
+        theirs = peft(input_ids=TOKENS).logits
+    ours = _logits(moe, [h, None])
+    assert (ours[0] - theirs[0]).abs().max() <= 1e-4 and (ours[0] - ours[1]).abs().max() > 1e-3
+    moe.remove_adapter(h)
