@@ -200,3 +200,30 @@ def test_attention_lora_on_a_moe_base_exports_to_peft(moe, paths, tmp_path):
     ours = _logits(moe, [h, None])
     assert (ours[0] - theirs[0]).abs().max() <= 1e-4 and (ours[0] - ours[1]).abs().max() > 1e-3
     moe.remove_adapter(h)
+
+
+@pytest.mark.parametrize("targets", [("q_proj", *EXPERTS), ("v_proj", "up_proj", "down_proj")])
+def test_expert_adapter_exports_in_peft_target_parameters_form(moe, paths, tmp_path, targets):
+    """PEFT 0.21 loads our expert LoRA through target_parameters (gate+up fused at rank 2r)."""
+    from peft import PeftModel
+
+    from lorafleet.lora.io import peft_param_files
+
+    spec = LoraSpec(rank=3, alpha=6.0, target_modules=targets)
+    h = moe.create_adapter(spec, weights=random_adapter(moe.info, spec, seed=8, b_scale=0.3))
+    files = peft_param_files(moe.get_weights(h), BASE)
+    (tmp_path / "p").mkdir()
+    for name, data in files.items():
+        (tmp_path / "p" / name).write_bytes(data)
+    peft = PeftModel.from_pretrained(fresh_hf_model(BASE, paths), str(tmp_path / "p"))
+    with torch.no_grad():
+        theirs = peft(input_ids=TOKENS).logits
+    ours = _logits(moe, [h, None])
+    assert (ours[0] - theirs[0]).abs().max() <= 1e-4 and (ours[0] - ours[1]).abs().max() > 1e-3
+    back = parse_peft_files(files)  # and it imports again, as the same function
+    h2 = moe.create_adapter(back.spec, weights=back.weights)
+    assert (_logits(moe, [h2])[0] - ours[0]).abs().max() <= 1e-5
+    for handle in (h, h2):
+        moe.remove_adapter(handle)
+    with pytest.raises(IncompatibleAdapter, match="router"):
+        peft_param_files(random_adapter(moe.info, SPEC, seed=1), BASE)

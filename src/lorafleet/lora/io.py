@@ -14,6 +14,7 @@ safetensors metadata). Import accepts either, and PEFT's `target_parameters` for
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from lorafleet.errors import IncompatibleAdapter, InvalidRequest
 from lorafleet.lora import packed as moe_layout
+from lorafleet.lora.spec import MLP_MODULES as MLP_NAMES
 from lorafleet.lora.spec import LoraSpec
 from lorafleet.lora.weights import LoraWeights
 
@@ -134,6 +136,35 @@ def _sorted_metadata(data: bytes) -> bytes:
     text = json.dumps(header, separators=(",", ":")).encode()
     assert len(text) <= n, "re-serialised safetensors header grew"
     return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
+
+
+def peft_param_files(weights: LoraWeights, base_model: str) -> dict[str, bytes]:
+    """A PEFT directory PEFT 0.21 can load on transformers 5 MoE bases (fused 3-D experts).
+
+    Routed-expert LoRA goes through `target_parameters` on `mlp.experts.gate_up_proj` /
+    `down_proj` (see lora/packed.py `to_peft_param_wrappers`); with both gate and up targeted
+    the file has rank 2r and alpha 2 * alpha (alpha * sqrt(2) with rsLoRA), the same function.
+    Not one of our layouts: re-importing gives that rank-2r adapter, not the original tensors.
+    Router LoRA cannot be expressed (PEFT cannot wrap the router) and is refused.
+    """
+    if any(p.endswith(".mlp.gate") for p in weights.pairs):
+        raise IncompatibleAdapter("PEFT cannot load a router (`gate`) LoRA on this base; export without it")
+    spec = weights.spec
+    pairs, rank, names = moe_layout.to_peft_param_wrappers(weights.pairs, spec.rank)
+    factor = rank / spec.rank
+    config = spec.to_peft_config(base_model)
+    shared = {p.rsplit(".", 1)[1] for p in weights.pairs if ".shared_expert." in p}
+    config["target_modules"] = [m for m in spec.target_modules if m not in MLP_NAMES or m in shared]
+    config["r"] = rank
+    config["lora_alpha"] = spec.alpha * (math.sqrt(factor) if spec.use_rslora else factor)
+    if names:
+        config["target_parameters"] = [f"mlp.experts.{n}" for n in names]
+    tensors = {}
+    for path, (a, b) in pairs.items():
+        tensors[f"{_PREFIX}{path}.lora_A.weight"] = a.detach().to(torch.float32).contiguous()
+        tensors[f"{_PREFIX}{path}.lora_B.weight"] = b.detach().to(torch.float32).contiguous()
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    return {CONFIG_NAME: text.encode(), WEIGHTS_NAME: st_save(tensors, metadata={"format": "pt"})}
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:

@@ -164,3 +164,66 @@ def _assign(prefix: str, got: list[tuple[Tensor, Tensor]], names: tuple[str, ...
             f"{prefix}: cannot tell the PEFT gate_up_proj and down_proj LoRAs apart by shape"
         )
     return ["gate_up_proj", "down_proj"] if first_is_gate_up else ["down_proj", "gate_up_proj"]
+
+
+def to_peft_param_wrappers(pairs: Pairs, rank: int) -> tuple[dict[str, tuple[Tensor, Tensor]], int, list[str]]:
+    """Our pairs -> PEFT 0.21 `target_parameters` form, for loading in PEFT (not a lossless layout).
+
+    Routed-expert gate and up LoRAs become one LoRA on the fused `gate_up_proj`: with both
+    present it needs rank 2r (A = [A_gate; A_up], B = blockdiag(B_gate, B_up)), so every other
+    pair is zero-padded to 2r as well (zero rows and columns add nothing). Returns the
+    PEFT-shaped 2-D pairs keyed by module prefix (`...mlp.experts[.base_layer]`, nested as
+    PEFT nests them: gate_up_proj inside, down_proj outside), the rank used, and the fused
+    parameters targeted (`gate_up_proj`, `down_proj`).
+    """
+    experts: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
+    for path, (a, b) in pairs.items():
+        if is_packed_pair(path, a):
+            prefix, proj = PACKED_PATH.match(path).groups()  # type: ignore[union-attr]
+            experts.setdefault(prefix, {})[proj] = (a, b)
+    both = any({"gate_proj", "up_proj"} <= set(p) for p in experts.values())
+    r_out = 2 * rank if both else rank
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    for path, (a, b) in pairs.items():
+        if not is_packed_pair(path, a):
+            out[path] = (_pad_rows(a, r_out), _pad_rows(b.T, r_out).T)
+    names: list[str] = []
+    for prefix, projs in experts.items():
+        fused = _fuse_gate_up(projs, rank, r_out)
+        down = projs.get("down_proj")
+        wrapped = [(n, p) for n, p in (("gate_up_proj", fused), ("down_proj", down)) if p is not None]
+        for i, (name, (a_ERK, b_EDR)) in enumerate(wrapped):
+            a_ERK = _pad_rows(a_ERK.transpose(0, 1), r_out).transpose(0, 1)
+            b_EDR = _pad_rows(b_EDR.permute(2, 0, 1), r_out).permute(1, 2, 0)
+            key = prefix + ".base_layer" * (len(wrapped) - 1 - i)
+            n_exp = a_ERK.shape[0]
+            out[key] = (a_ERK.reshape(n_exp * r_out, -1), b_EDR.permute(1, 2, 0).reshape(b_EDR.shape[1], r_out * n_exp))
+            if name not in names:
+                names.append(name)
+    return out, r_out, names
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    """`t` with zero rows appended along dim 0 up to `rows`."""
+    if t.shape[0] == rows:
+        return t.contiguous()
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]).contiguous()
+
+
+def _fuse_gate_up(projs: dict[str, tuple[Tensor, Tensor]], rank: int, r_out: int) -> tuple[Tensor, Tensor] | None:
+    """One LoRA on [gate; up] (A [E, r_out, H], B [E, 2I, r_out]) equal to the gate and up LoRAs."""
+    gate, up = projs.get("gate_proj"), projs.get("up_proj")
+    if gate is None and up is None:
+        return None
+    a0, b0 = gate if gate is not None else up  # type: ignore[misc]
+    n_exp, _, hidden = a0.shape
+    inter = b0.shape[1]
+    a = a0.new_zeros(n_exp, r_out, hidden)
+    b = b0.new_zeros(n_exp, 2 * inter, r_out)
+    col = 0
+    for half, pair in ((0, gate), (1, up)):
+        if pair is not None:
+            a[:, col : col + rank] = pair[0]
+            b[:, half * inter : (half + 1) * inter, col : col + rank] = pair[1]
+            col += rank
+    return a, b
