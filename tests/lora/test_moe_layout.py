@@ -183,6 +183,17 @@ def test_shared_expert_gets_one_lora_and_matches_peft(paths, tmp_path):
     assert (ours[0] - theirs[0]).abs().max() <= 1e-4
     cfg_json = json.loads(peft_files(engine.get_weights(h), "test/tiny-qwen2-moe")["adapter_config.json"])
     assert cfg_json["target_modules"] == ["v_proj", *EXPERTS]
+    # and back out in PEFT's own form: PEFT loads it with the same logits
+    from peft import PeftModel
+
+    from lorafleet.lora.io import peft_param_files
+
+    (tmp_path / "out").mkdir()
+    for name, data in peft_param_files(engine.get_weights(h), "test/tiny-qwen2-moe").items():
+        (tmp_path / "out" / name).write_bytes(data)
+    again = PeftModel.from_pretrained(load_base_from_config("test/tiny-qwen2-moe", cfg, paths).model, str(tmp_path / "out"))
+    with torch.no_grad():
+        assert (again(input_ids=TOKENS).logits[0] - ours[0]).abs().max() <= 1e-4
 
 
 def test_attention_lora_on_a_moe_base_exports_to_peft(moe, paths, tmp_path):
