@@ -10,11 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
-
-import numpy as np
 
 from lorafleet.api.runner import FWDBWD, Op, Runner
 from lorafleet.api.tinker import schemas as s
@@ -27,6 +23,9 @@ from lorafleet.api.tinker.checkpoints import (
     parse_path,
 )
 from lorafleet.api.tinker.futures import FutureTable
+from lorafleet.api.tinker.rest import RestQueries
+from lorafleet.api.tinker.submitted import Submitted
+from lorafleet.api.tinker.sampling import SamplingCalls
 from lorafleet.api.tinker.store import TinkerStore, now
 from lorafleet.errors import (
     BadTokens,
@@ -53,28 +52,9 @@ SAFE_CLIENT_CONFIG = {
     "sample_max_concurrent_requests": 256,
 }
 LORA_ALPHA = 32.0  # what the official service uses (reference/tinker_protocol.md §6.1)
-MAX_SAMPLES = 128
-DEFAULT_MAX_TOKENS = 256
 
 
-@dataclass(slots=True)
-class Submitted:
-    """The answer to a compute call: the future's id (plus sequence ids for samples)."""
-
-    request_id: str
-    model_id: str | None = None
-    sample_sequence_ids: list[str] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"request_id": self.request_id}
-        if self.model_id is not None:
-            out["model_id"] = self.model_id
-        if self.sample_sequence_ids is not None:
-            out["sample_sequence_ids"] = self.sample_sequence_ids
-        return out
-
-
-class TinkerService:
+class TinkerService(SamplingCalls, RestQueries):
     """Everything behind /api/v1, independent of HTTP."""
 
     def __init__(
@@ -393,197 +373,6 @@ class TinkerService:
         src = self.store.get("runs", "model_id", ckpt["model_id"])
         return src["user_metadata"] if src else None
 
-    # ------------------------------------------------------------------ sampling
-
-    def create_sampling_session(self, tenant: str, req: s.CreateSamplingSessionRequest) -> dict[str, Any]:
-        self.session_row(tenant, req.session_id)
-        sampler_id = f"{req.session_id}:sample:{req.sampling_session_seq_id}"
-        if req.model_path:
-            ckpt = self.find_checkpoint(tenant, parse_path(req.model_path))
-            base = (ckpt.get("meta") or {}).get("base_model", "")
-            self.runner(base)
-        elif req.base_model:
-            base = req.base_model
-            self.runner(base)
-        else:
-            raise InvalidRequest("create_sampling_session needs base_model or model_path")
-        existing = self.store.get("samplers", "sampler_id", sampler_id)
-        if existing is not None:
-            if existing["tenant"] != tenant or existing["model_path"] != req.model_path:
-                raise Conflict(f"sampling session {sampler_id} already exists with other weights")
-        else:
-            self.store.insert("samplers", {
-                "sampler_id": sampler_id, "tenant": tenant, "session_id": req.session_id,
-                "base_model": base, "model_path": req.model_path, "source_model_id": None,
-                "created": now(),
-            })
-        return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
-
-    def get_sampler(self, tenant: str, sampler_id: str) -> dict[str, Any]:
-        row = self.store.get("samplers", "sampler_id", sampler_id)
-        if row is None or row["tenant"] != tenant:
-            raise NotFound(f"sampler {sampler_id} not found")
-        return {"sampler_id": sampler_id, "base_model": row["base_model"],
-                "model_path": row["model_path"]}
-
-    def sample(self, tenant: str, req: s.SampleRequest, idem: str | None) -> Submitted:
-        key, base, ckpt, base_only = self._sampler_target(tenant, req)
-        runner = self.runner(base)
-        prompt = wire.model_input_tokens(req.prompt)
-        payload = self._sample_payload(runner, req, prompt)
-        payload.update(sampler_key=key, checkpoint=ckpt, base_only=base_only)
-        scope = req.sampling_session_id if req.seq_id is not None else None
-        op = Op("", "sample", tenant, payload)
-        sub = self._enqueue(runner, op, req.model_dump_json(), scope and f"sample:{scope}",
-                            req.seq_id, idem)
-        sub.sample_sequence_ids = [f"{sub.request_id}:{i}" for i in range(req.num_samples)]
-        sub.model_id = None
-        return sub
-
-    def _sampler_target(self, tenant: str, req: s.SampleRequest):
-        """(sampler key, base model, checkpoint row to load or None, base-model-only?)."""
-        if req.sampling_session_id:
-            row = self.store.get("samplers", "sampler_id", req.sampling_session_id)
-            if row is None or row["tenant"] != tenant:
-                raise NotFound(f"sampling session {req.sampling_session_id} not found")
-            if row["model_path"]:
-                ckpt = self.find_checkpoint(tenant, parse_path(row["model_path"]))
-                return row["model_path"], row["base_model"], ckpt, False
-            if row["source_model_id"]:
-                return row["sampler_id"], row["base_model"], None, False
-            return f"base:{row['base_model']}", row["base_model"], None, True
-        if req.model_path:
-            ckpt = self.find_checkpoint(tenant, parse_path(req.model_path))
-            return req.model_path, (ckpt.get("meta") or {}).get("base_model", ""), ckpt, False
-        if req.base_model:
-            return f"base:{req.base_model}", req.base_model, None, True
-        raise InvalidRequest("asample needs sampling_session_id, model_path or base_model")
-
-    def _sample_payload(self, runner: Runner, req: s.SampleRequest, prompt: list[int]) -> dict[str, Any]:
-        unsupported = {
-            "topk_prompt_logprobs": req.topk_prompt_logprobs, "topk_sample_logprobs": req.topk_sample_logprobs,
-            "prompt_alt_tokens_k": req.prompt_alt_tokens_k,
-            "target_prompt_logprobs": req.target_prompt_logprobs is not None,
-            "prompt_logprobs_last_n": req.prompt_logprobs_last_n is not None,
-            "record_stability_info": bool(req.record_stability_info),
-        }
-        used = [k for k, v in unsupported.items() if v]
-        if used:
-            raise InvalidRequest(f"not supported by lorafleet: {used}")
-        info = runner.base.info
-        if not prompt:
-            raise BadTokens("the prompt is empty")
-        if max(prompt) >= info.vocab_size:
-            raise BadTokens(f"prompt token id {max(prompt)} is outside the vocabulary ({info.vocab_size})")
-        if not 1 <= req.num_samples <= MAX_SAMPLES:
-            raise InvalidRequest(f"num_samples must be in 1..{MAX_SAMPLES}")
-        sp = req.sampling_params
-        max_tokens = DEFAULT_MAX_TOKENS if sp.max_tokens is None else sp.max_tokens
-        if max_tokens < 1 and not req.prompt_logprobs:
-            raise InvalidRequest("max_tokens must be >= 1")
-        if len(prompt) + max_tokens > info.max_context:
-            raise InvalidRequest(
-                f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceeds the context "
-                f"length {info.max_context} of {runner.base.name}"
-            )
-        if sp.temperature < 0 or not 0 < sp.top_p <= 1:
-            raise InvalidRequest("temperature must be >= 0 and top_p in (0, 1]")
-        stop_strings: tuple[str, ...] = ()
-        stop_ids: tuple[int, ...] | None = None
-        if isinstance(sp.stop, str):
-            stop_strings = (sp.stop,)
-        elif sp.stop is not None and all(isinstance(x, str) for x in sp.stop):
-            stop_strings = tuple(sp.stop)  # type: ignore[arg-type]
-            if not stop_strings:
-                stop_ids = ()
-        elif sp.stop is not None:
-            stop_ids = tuple(int(x) for x in sp.stop)
-        return {
-            "prompt": prompt, "num_samples": req.num_samples, "prompt_logprobs": bool(req.prompt_logprobs),
-            "params": {"max_tokens": max_tokens, "temperature": sp.temperature, "top_p": sp.top_p,
-                       "top_k": sp.top_k, "seed": sp.seed, "stop_strings": stop_strings,
-                       "stop_token_ids": stop_ids},
-        }
-
-    # ------------------------------------------------------------------ REST
-
-    def capabilities(self) -> dict[str, Any]:
-        return {"supported_models": [
-            {"model_name": name, "max_context_length": r.base.info.max_context,
-             "trainable": True, "sampleable": True}
-            for name, r in self.runners.items()
-        ]}
-
-    def training_runs(self, tenant: str, limit: int, offset: int) -> dict[str, Any]:
-        rows = self.store.select(
-            "SELECT * FROM runs WHERE tenant = ? ORDER BY created DESC LIMIT ? OFFSET ?",
-            tenant, limit, offset,
-        )
-        total = self.store.select("SELECT COUNT(*) AS n FROM runs WHERE tenant = ?", tenant)[0]["n"]
-        return {"training_runs": [self._run_json(r) for r in rows],
-                "cursor": {"offset": offset, "limit": limit, "total_count": total}}
-
-    def training_run(self, tenant: str, model_id: str) -> dict[str, Any]:
-        return self._run_json(self.run_row(tenant, model_id))
-
-    def _run_json(self, row: dict[str, Any]) -> dict[str, Any]:
-        ckpts = self.checkpoints.list(row["tenant"], row["model_id"])
-        last = {k: next((c for c in reversed(ckpts) if c["kind"] == k), None)
-                for k in ("training", "sampler")}
-        return {
-            "training_run_id": row["model_id"], "base_model": row["base_model"],
-            "model_owner": row["tenant"], "is_lora": True, "corrupted": bool(row["corrupted"]),
-            "lora_rank": row["lora"].get("rank"),
-            "last_request_time": _iso(row["last_request"]),
-            "last_checkpoint": last["training"] and checkpoint_json(last["training"]),
-            "last_sampler_checkpoint": last["sampler"] and checkpoint_json(last["sampler"]),
-            "user_metadata": row["user_metadata"] or None,
-        }
-
-    def list_checkpoints(self, tenant: str, model_id: str | None, limit: int = 1000,
-                         offset: int = 0, kinds: set[str] | None = None) -> dict[str, Any]:
-        if model_id is not None:
-            self.run_row(tenant, model_id)
-        rows = [r for r in self.checkpoints.list(tenant, model_id)
-                if kinds is None or r["kind"] in kinds]
-        page = rows[offset: offset + limit]
-        return {"checkpoints": [checkpoint_json(r) for r in page],
-                "cursor": {"offset": offset, "limit": limit, "total_count": len(rows)}}
-
-    def delete_checkpoint(self, tenant: str, path: str) -> None:
-        self.checkpoints.delete(tenant, path)
-        if self.catalog is not None:
-            self.catalog.delete(tenant, path)
-
-    def checkpoint_path(self, model_id: str, checkpoint_id: str) -> str:
-        return str(parse_path(f"tinker://{model_id}/{checkpoint_id}"))
-
-    def weights_info(self, tenant: str, tinker_path: str) -> dict[str, Any]:
-        row = self.find_checkpoint(tenant, parse_path(tinker_path))
-        flags = (row.get("meta") or {}).get("lora_flags") or {}
-        return {
-            "base_model": (row.get("meta") or {}).get("base_model"), "is_lora": True,
-            "lora_rank": flags.get("rank"), "train_unembed": False,
-            "train_mlp": flags.get("train_mlp"), "train_attn": flags.get("train_attn"),
-            "optimizer_config": {"type": "adamw"},
-        }
-
-    def sessions(self, tenant: str, limit: int, offset: int) -> dict[str, Any]:
-        rows = self.store.select(
-            "SELECT session_id FROM sessions WHERE tenant = ? ORDER BY created DESC LIMIT ? OFFSET ?",
-            tenant, limit, offset,
-        )
-        return {"sessions": [r["session_id"] for r in rows]}
-
-    def session(self, tenant: str, session_id: str) -> dict[str, Any]:
-        row = self.session_row(tenant, session_id)
-        runs = self.store.select("SELECT model_id FROM runs WHERE session_id = ?", session_id)
-        samplers = self.store.select("SELECT sampler_id FROM samplers WHERE session_id = ?", session_id)
-        return {"training_run_ids": [r["model_id"] for r in runs],
-                "sampler_ids": [r["sampler_id"] for r in samplers],
-                "user_metadata": {k: str(v) for k, v in (row["user_metadata"] or {}).items()} or None,
-                "display_name": row["display_name"]}
-
 
 def _flags_from_files(files: dict[str, bytes]) -> dict[str, Any]:
     config = json.loads(files.get("adapter_config.json", b"{}") or b"{}")
@@ -591,22 +380,3 @@ def _flags_from_files(files: dict[str, bytes]) -> dict[str, Any]:
     return {"rank": config.get("r"), "train_attn": bool(targets & set(ATTN_MODULES)),
             "train_mlp": bool(targets & set(MLP_MODULES)), "train_unembed": False,
             "target_modules": sorted(targets), "lora_alpha": config.get("lora_alpha")}
-
-
-def checkpoint_json(row: dict[str, Any]) -> dict[str, Any]:
-    path = parse_path(row["tinker_path"])
-    return {
-        "checkpoint_id": path.checkpoint_id, "checkpoint_type": row["kind"],
-        "time": _iso(row["created"]), "tinker_path": row["tinker_path"],
-        "size_bytes": row["size_bytes"], "public": bool(row["public"]),
-        "user_metadata": row["user_metadata"],
-        "expires_at": _iso(row["expires_at"]) if row["expires_at"] else None,
-    }
-
-
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).isoformat()
-
-
-def np_max(a: np.ndarray) -> int:
-    return int(a.max()) if a.size else -1

@@ -1,0 +1,134 @@
+"""Sampling calls of the Tinker API: sampling sessions, samplers and `asample`.
+
+A mixin of `TinkerService` (its state lives there). Validates sampling requests against the
+base model (vocabulary, context length) and queues them on the base's runner.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lorafleet.api.runner import Op, Runner
+from lorafleet.api.tinker import schemas as s
+from lorafleet.api.tinker import wire
+from lorafleet.api.tinker.checkpoints import parse_path
+from lorafleet.api.tinker.store import now
+from lorafleet.api.tinker.submitted import Submitted
+from lorafleet.errors import BadTokens, Conflict, InvalidRequest, NotFound
+
+MAX_SAMPLES = 128
+DEFAULT_MAX_TOKENS = 256
+
+
+class SamplingCalls:
+    """create_sampling_session, GET samplers/{id}, asample."""
+
+    def create_sampling_session(self, tenant: str, req: s.CreateSamplingSessionRequest) -> dict[str, Any]:
+        self.session_row(tenant, req.session_id)
+        sampler_id = f"{req.session_id}:sample:{req.sampling_session_seq_id}"
+        if req.model_path:
+            ckpt = self.find_checkpoint(tenant, parse_path(req.model_path))
+            base = (ckpt.get("meta") or {}).get("base_model", "")
+            self.runner(base)
+        elif req.base_model:
+            base = req.base_model
+            self.runner(base)
+        else:
+            raise InvalidRequest("create_sampling_session needs base_model or model_path")
+        existing = self.store.get("samplers", "sampler_id", sampler_id)
+        if existing is not None:
+            if existing["tenant"] != tenant or existing["model_path"] != req.model_path:
+                raise Conflict(f"sampling session {sampler_id} already exists with other weights")
+        else:
+            self.store.insert("samplers", {
+                "sampler_id": sampler_id, "tenant": tenant, "session_id": req.session_id,
+                "base_model": base, "model_path": req.model_path, "source_model_id": None,
+                "created": now(),
+            })
+        return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
+
+    def get_sampler(self, tenant: str, sampler_id: str) -> dict[str, Any]:
+        row = self.store.get("samplers", "sampler_id", sampler_id)
+        if row is None or row["tenant"] != tenant:
+            raise NotFound(f"sampler {sampler_id} not found")
+        return {"sampler_id": sampler_id, "base_model": row["base_model"],
+                "model_path": row["model_path"]}
+
+    def sample(self, tenant: str, req: s.SampleRequest, idem: str | None) -> Submitted:
+        key, base, ckpt, base_only = self._sampler_target(tenant, req)
+        runner = self.runner(base)
+        prompt = wire.model_input_tokens(req.prompt)
+        payload = self._sample_payload(runner, req, prompt)
+        payload.update(sampler_key=key, checkpoint=ckpt, base_only=base_only)
+        scope = req.sampling_session_id if req.seq_id is not None else None
+        op = Op("", "sample", tenant, payload)
+        sub = self._enqueue(runner, op, req.model_dump_json(), scope and f"sample:{scope}",
+                            req.seq_id, idem)
+        sub.sample_sequence_ids = [f"{sub.request_id}:{i}" for i in range(req.num_samples)]
+        sub.model_id = None
+        return sub
+
+    def _sampler_target(self, tenant: str, req: s.SampleRequest):
+        """(sampler key, base model, checkpoint row to load or None, base-model-only?)."""
+        if req.sampling_session_id:
+            row = self.store.get("samplers", "sampler_id", req.sampling_session_id)
+            if row is None or row["tenant"] != tenant:
+                raise NotFound(f"sampling session {req.sampling_session_id} not found")
+            if row["model_path"]:
+                ckpt = self.find_checkpoint(tenant, parse_path(row["model_path"]))
+                return row["model_path"], row["base_model"], ckpt, False
+            if row["source_model_id"]:
+                return row["sampler_id"], row["base_model"], None, False
+            return f"base:{row['base_model']}", row["base_model"], None, True
+        if req.model_path:
+            ckpt = self.find_checkpoint(tenant, parse_path(req.model_path))
+            return req.model_path, (ckpt.get("meta") or {}).get("base_model", ""), ckpt, False
+        if req.base_model:
+            return f"base:{req.base_model}", req.base_model, None, True
+        raise InvalidRequest("asample needs sampling_session_id, model_path or base_model")
+
+    def _sample_payload(self, runner: Runner, req: s.SampleRequest, prompt: list[int]) -> dict[str, Any]:
+        unsupported = {
+            "topk_prompt_logprobs": req.topk_prompt_logprobs, "topk_sample_logprobs": req.topk_sample_logprobs,
+            "prompt_alt_tokens_k": req.prompt_alt_tokens_k,
+            "target_prompt_logprobs": req.target_prompt_logprobs is not None,
+            "prompt_logprobs_last_n": req.prompt_logprobs_last_n is not None,
+            "record_stability_info": bool(req.record_stability_info),
+        }
+        used = [k for k, v in unsupported.items() if v]
+        if used:
+            raise InvalidRequest(f"not supported by lorafleet: {used}")
+        info = runner.base.info
+        if not prompt:
+            raise BadTokens("the prompt is empty")
+        if max(prompt) >= info.vocab_size:
+            raise BadTokens(f"prompt token id {max(prompt)} is outside the vocabulary ({info.vocab_size})")
+        if not 1 <= req.num_samples <= MAX_SAMPLES:
+            raise InvalidRequest(f"num_samples must be in 1..{MAX_SAMPLES}")
+        sp = req.sampling_params
+        max_tokens = DEFAULT_MAX_TOKENS if sp.max_tokens is None else sp.max_tokens
+        if max_tokens < 1 and not req.prompt_logprobs:
+            raise InvalidRequest("max_tokens must be >= 1")
+        if len(prompt) + max_tokens > info.max_context:
+            raise InvalidRequest(
+                f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceeds the context "
+                f"length {info.max_context} of {runner.base.name}"
+            )
+        if sp.temperature < 0 or not 0 < sp.top_p <= 1:
+            raise InvalidRequest("temperature must be >= 0 and top_p in (0, 1]")
+        stop_strings: tuple[str, ...] = ()
+        stop_ids: tuple[int, ...] | None = None
+        if isinstance(sp.stop, str):
+            stop_strings = (sp.stop,)
+        elif sp.stop is not None and all(isinstance(x, str) for x in sp.stop):
+            stop_strings = tuple(sp.stop)  # type: ignore[arg-type]
+            if not stop_strings:
+                stop_ids = ()
+        elif sp.stop is not None:
+            stop_ids = tuple(int(x) for x in sp.stop)
+        return {
+            "prompt": prompt, "num_samples": req.num_samples, "prompt_logprobs": bool(req.prompt_logprobs),
+            "params": {"max_tokens": max_tokens, "temperature": sp.temperature, "top_p": sp.top_p,
+                       "top_k": sp.top_k, "seed": sp.seed, "stop_strings": stop_strings,
+                       "stop_token_ids": stop_ids},
+        }
