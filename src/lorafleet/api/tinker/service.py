@@ -1,8 +1,9 @@
 """The Tinker service: validates requests, records them, and hands work to the runners.
 
 Called by the thin HTTP routes in `routes.py`; returns plain dicts (the JSON answers) and
-raises `lorafleet.errors` types. Never touches the engine or tensors: compute goes to a
-`Runner` as an `Op` and comes back through a future.
+raises `lorafleet.errors` types. Never calls the engine: compute goes to a `Runner` as an
+`Op` and comes back through a future. (Loss inputs are wrapped zero-copy as tensors only to
+reuse the engine's own input checks, so bad input is refused before it is queued.)
 """
 
 from __future__ import annotations
