@@ -115,3 +115,20 @@ def test_bad_training_input_gets_typed_errors(tiny_engine):
     assert not tiny_engine.has_grads(h)
     with pytest.raises(InvalidRequest, match="learning_rate"):
         tiny_engine.optim_step(h, AdamParams(learning_rate=float("nan")))
+
+
+def test_optimizer_state_is_keyed_by_name_not_position(tiny_engine):
+    """Tensors read back from a sorted safetensors file must still meet their Adam moments."""
+    spec = LoraSpec(rank=2, target_modules=("q_proj", "down_proj"))
+    h = tiny_engine.create_adapter(spec, seed=0)
+    tiny_engine.forward_backward([FwdBwdRequest(h, [_datum(1, 6)])])
+    tiny_engine.optim_step(h, AdamParams(learning_rate=1e-2))
+    tensors, opt = tiny_engine.get_tensors(h), tiny_engine.optimizer_state(h)
+    h2 = tiny_engine.create_adapter(spec, seed=1)
+    tiny_engine.set_tensors(h2, dict(sorted(tensors.items(), reverse=True)))
+    tiny_engine.load_optimizer_state(h2, opt)
+    for handle in (h, h2):
+        tiny_engine.forward_backward([FwdBwdRequest(handle, [_datum(2, 6)])])
+        tiny_engine.optim_step(handle, AdamParams(learning_rate=1e-2))
+    for k, v in tiny_engine.get_tensors(h).items():
+        assert torch.equal(v, tiny_engine.get_tensors(h2)[k])

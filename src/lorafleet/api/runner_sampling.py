@@ -60,7 +60,7 @@ class SamplingWork:
             self.engine.remove_adapter(victim.handle)
             victim.handle = None
         handle = self.engine.create_adapter(version.spec)
-        self._set_tensors(handle, version.tensors)
+        self.engine.set_tensors(handle, version.tensors)
         version.handle = handle
         return handle
 

@@ -55,7 +55,7 @@ class TrainingWork:
         adapter = _parse_peft(files)
         handle = self.engine.create_adapter(adapter.spec)
         try:
-            self._set_tensors(handle, adapter.tensors)
+            self.engine.set_tensors(handle, adapter.tensors)
             if p["optimizer"]:
                 self._load_optimizer(handle, files)
             if self.catalog is not None:
@@ -72,14 +72,6 @@ class TrainingWork:
             parent=p["row"]["tinker_path"],
         )
         return {"path": p["row"]["tinker_path"], "model_id": p["model_id"], "type": "load_weights"}
-
-    def _set_tensors(self, handle: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Set weights in the engine's own key order: its optimizer state is positional, and
-        safetensors files come back sorted by name."""
-        order = list(self.engine.get_tensors(handle))
-        if set(order) == set(tensors):
-            tensors = {k: tensors[k] for k in order}
-        self.engine.set_tensors(handle, tensors)
 
     def _load_optimizer(self, handle: int, files: dict[str, bytes]) -> None:
         if OPTIMIZER_NAME not in files:
@@ -98,7 +90,7 @@ class TrainingWork:
                 f"(rank {model.spec.rank})"
             )
         self.engine.discard_grads(model.handle)
-        self._set_tensors(model.handle, adapter.tensors)
+        self.engine.set_tensors(model.handle, adapter.tensors)
         if p["optimizer"]:
             self._load_optimizer(model.handle, files)
         model.parent = p["row"]["tinker_path"]

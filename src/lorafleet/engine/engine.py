@@ -43,6 +43,7 @@ class _Live:
 
     weights: LoraWeights
     params: list[Tensor]
+    names: list[str]  # one per param: `<module path>.lora_A` / `.lora_B`, the optimizer-state keys
     _opt: AdamState | None = None
 
     @property
@@ -56,14 +57,15 @@ class _Live:
         self._opt = state
 
 
-def _leaves(weights: LoraWeights) -> tuple[LoraWeights, list[Tensor]]:
-    pairs, params = {}, []
+def _leaves(weights: LoraWeights) -> tuple[LoraWeights, list[Tensor], list[str]]:
+    pairs, params, names = {}, [], []
     for path, (a, b) in weights.pairs.items():
         a = a.detach().to(torch.float32).clone().requires_grad_(True)
         b = b.detach().to(torch.float32).clone().requires_grad_(True)
         pairs[path] = (a, b)
         params += [a, b]
-    return LoraWeights(weights.spec, pairs), params
+        names += [f"{path}.lora_A", f"{path}.lora_B"]
+    return LoraWeights(weights.spec, pairs), params, names
 
 
 class Engine:
@@ -86,10 +88,10 @@ class Engine:
             weights = LoraWeights.init(self.info, spec, seed)
         elif weights.spec != spec:
             raise InvalidRequest("weights.spec differs from spec")
-        live_w, params = _leaves(weights.checked(self.info))
+        live_w, params, names = _leaves(weights.checked(self.info))
         handle = self._next_handle
         self._next_handle += 1
-        self._adapters[handle] = _Live(live_w, params)
+        self._adapters[handle] = _Live(live_w, params, names)
         return handle
 
     def remove_adapter(self, handle: int) -> None:
@@ -115,7 +117,7 @@ class Engine:
         live = self._live(handle)
         if weights.spec != live.weights.spec:
             raise InvalidRequest(f"weights have spec {weights.spec}, adapter has {live.weights.spec}")
-        live.weights, live.params = _leaves(weights.checked(self.info))
+        live.weights, live.params, live.names = _leaves(weights.checked(self.info))
         if reset_optimizer:
             live.opt = None  # fresh zeros on first use
 
@@ -127,11 +129,12 @@ class Engine:
         self.set_weights(handle, from_peft_tensors(self.spec(handle), tensors))
 
     def optimizer_state(self, handle: int) -> dict[str, Tensor]:
-        return self._live(handle).opt.to_tensors()
+        live = self._live(handle)
+        return live.opt.to_tensors(live.names)
 
     def load_optimizer_state(self, handle: int, state: dict[str, Tensor]) -> None:
         live = self._live(handle)
-        live.opt = AdamState.from_tensors(state, live.params)
+        live.opt = AdamState.from_tensors(state, live.params, live.names)
 
     def discard_grads(self, handle: int) -> None:
         for p in self._live(handle).params:

@@ -66,7 +66,7 @@ class LoraSpec:
             "task_type": "CAUSAL_LM",
             "base_model_name_or_path": base_model,
             "r": self.rank,
-            "lora_alpha": self.alpha,
+            "lora_alpha": int(self.alpha) if float(self.alpha).is_integer() else self.alpha,
             "lora_dropout": 0.0,
             "target_modules": list(self.target_modules),
             "use_rslora": self.use_rslora,

@@ -30,24 +30,25 @@ class AdamState:
     def zeros(cls, params: list[Tensor]) -> AdamState:
         return cls(0, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params])
 
-    def to_tensors(self) -> dict[str, Tensor]:
+    def to_tensors(self, names: list[str]) -> dict[str, Tensor]:
+        """The state keyed by parameter name (`exp_avg.<name>`), so it survives reordering."""
         out = {"step": torch.tensor([self.step], dtype=torch.int64)}
-        for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq)):
-            out[f"exp_avg.{i}"] = m.clone()
-            out[f"exp_avg_sq.{i}"] = v.clone()
+        for name, m, v in zip(names, self.exp_avg, self.exp_avg_sq, strict=True):
+            out[f"exp_avg.{name}"] = m.clone()
+            out[f"exp_avg_sq.{name}"] = v.clone()
         return out
 
     @classmethod
-    def from_tensors(cls, state: dict[str, Tensor], params: list[Tensor]) -> AdamState:
+    def from_tensors(cls, state: dict[str, Tensor], params: list[Tensor], names: list[str]) -> AdamState:
         try:
-            exp_avg = [state[f"exp_avg.{i}"].clone() for i in range(len(params))]
-            exp_avg_sq = [state[f"exp_avg_sq.{i}"].clone() for i in range(len(params))]
+            exp_avg = [state[f"exp_avg.{n}"].clone() for n in names]
+            exp_avg_sq = [state[f"exp_avg_sq.{n}"].clone() for n in names]
             step = int(state["step"].item())
         except KeyError as e:
             raise InvalidRequest(f"optimizer state lacks {e.args[0]!r}") from e
-        for p, m, v in zip(params, exp_avg, exp_avg_sq):
+        for name, p, m, v in zip(names, params, exp_avg, exp_avg_sq):
             if m.shape != p.shape or v.shape != p.shape:
-                raise InvalidRequest("optimizer state does not match the adapter's shapes")
+                raise InvalidRequest(f"optimizer state of {name} does not match the adapter's shape {tuple(p.shape)}")
         return cls(step, exp_avg, exp_avg_sq)
 
 
