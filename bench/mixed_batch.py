@@ -1,8 +1,8 @@
 """Mixed-adapter decoding throughput: lorafleet vs its base, PEFT mixed batches, PEFT switching.
 
 SmolLM2-135M-Instruct, fp32, 8 chat-templated prompts of different lengths (35 to 50 tokens),
-greedy, every row made to produce exactly 64 new tokens (EOS stopping off; --quick: the first
-4 prompts, 16 tokens). Variants, all timed in one process, interleaved, medians over repeats:
+greedy, every row made to produce exactly 64 new tokens (EOS stopping off; --quick: 16 tokens,
+2 rounds). Variants, all timed in one process, interleaved, medians over repeats:
 
     base_lorafleet   (a) lorafleet engine, the 8 rows with no adapter
     base_hf          reference: transformers `generate` on the plain (un-injected) base
@@ -73,7 +73,7 @@ def main() -> None:
     from lorafleet.lora.spec import LoraSpec
     from lorafleet.model import load_base
 
-    n_new, n_rows = (16, 4) if args.quick else (64, len(QUESTIONS))
+    n_new = 16 if args.quick else 64
     paths = paths_from_env()
     t0 = time.perf_counter()
     engine = Engine(load_base(SMOL, paths))
@@ -81,7 +81,7 @@ def main() -> None:
     peft_base = load_base(SMOL, paths).model  # PEFT wraps its own copy
     tok = engine.base.tokenizer
     eos = engine.base.eos_token_id
-    prompts = chat_prompts(tok)[:n_rows]
+    prompts = chat_prompts(tok)
     spec = LoraSpec(rank=8, alpha=16, target_modules=ATTN)
     handles = [
         engine.create_adapter(spec, weights=random_adapter(engine.info, spec, seed=i))
