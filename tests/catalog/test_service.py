@@ -302,3 +302,26 @@ def test_revisions_listing(catalog, policy):
     p2 = catalog.list_revisions(ALICE, "alice/chat", limit=3, cursor=p1.next_cursor)
     assert [r.id for r in p1.items + p2.items] == [r.id for r in reversed(revs)]
     assert p2.next_cursor is None
+
+
+def test_bulk_insert_rows_resolve_like_published_ones(catalog):
+    """The bulk path (COPY on PostgreSQL) stores the same columns, JSON included."""
+    from lorafleet.catalog import repo
+    from lorafleet.catalog.refs import new_id
+
+    now = datetime.now(UTC)
+    pid, rid = new_id("pol"), new_id("rev")
+    with catalog.db.write() as conn:
+        repo.ensure_tenant(conn, "bulk", now)
+        repo.bulk_insert(conn, "policies", [dict(
+            id=pid, owner="bulk", name="p", base_model=BASE, base_digest=None, lora_rank=4,
+            lora_alpha=8.0, target_modules="q_proj,v_proj", use_rslora=False, parent_revision_id=None,
+            public=False, created_at=now, deleted_at=None, tinker_run_id=None)])
+        repo.bulk_insert(conn, "revisions", [dict(
+            id=rid, policy_id=pid, seq=1, kind="sampler", sha256="ab" * 32, size_bytes=3,
+            store_url="x", step=5, parent_revision_id=None, loss_fn="ppo", loss_config={"clip": 0.2},
+            optimizer_config=None, data_digest=None, code_version="v1", created_by="bulk",
+            created_at=now, expires_at=None, tinker_path="tinker://bulk:train:0/weights/1")])
+    rev = catalog.resolve("tinker://bulk:train:0/weights/1", ADMIN)
+    assert rev.id == rid and rev.provenance.loss_config == {"clip": 0.2} and rev.step == 5
+    assert catalog.resolve("bulk/p", ADMIN).id == rid

@@ -7,11 +7,12 @@ query each and are built once at import time, so SQLAlchemy's statement cache se
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, Row, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import JSON, Connection, Row, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from lorafleet.catalog import tables as t
@@ -254,9 +255,23 @@ def insert_revision(conn: Connection, rev: Revision, manifest: Manifest) -> None
 
 
 def bulk_insert(conn: Connection, table: str, rows: list[dict[str, object]]) -> None:
-    """executemany for bulk loads (benchmarks, imports): one round trip per driver batch."""
-    if rows:
+    """Bulk load (benchmarks, imports): COPY on PostgreSQL, executemany elsewhere."""
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        _copy(conn, table, rows)
+    else:
         conn.execute(insert(t.metadata.tables[table]), rows)
+
+
+def _copy(conn: Connection, table: str, rows: list[dict[str, object]]) -> None:
+    cols = list(rows[0])
+    json_cols = {c.name for c in t.metadata.tables[table].columns if isinstance(c.type, JSON)}
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    with cursor.copy(f"COPY {table} ({', '.join(cols)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row([json.dumps(row[c]) if c in json_cols and row[c] is not None else row[c]
+                            for c in cols])
 
 
 def revision_by_id(conn: Connection, revision_id: str) -> Located | None:
