@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv bench-quick clean sdk-venvs
+.PHONY: run test venv clean sdk-venvs
 
 venv: $(STAMP)
 
@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps tinker-cookbook==0.6.1
 	touch $(STAMP)
 
+# One torch thread by default: on 2 cores next to a client (a recipe, the SDK), 2 threads
+# collapse under contention (../shared/reference/small_models.md). THREADS=2 on an idle box.
+THREADS ?= 1
 run: venv
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/lorafleet serve
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/lorafleet serve --threads $(THREADS)
 
 # Old tinker SDKs for the compatibility matrix (tests/e2e/test_tinker_sdk_matrix.py): one small
 # venv per version with nothing but `tinker==X`, created on demand, gitignored.
