@@ -51,7 +51,8 @@ class Config:
     loss_fn: str = "importance_sampling"  # or "ppo"
     max_tokens: int = 12
     temperature: float = 1.0
-    seed: int = 0
+    seed: int = 0  # policy i: LoRA init seed + i, its own problem stream and sampling seeds
+    task: str = "cycle"  # "cycle": policy i gets add/sub/mul in turn; or one of add, sub, mul for all
     out: Path = Path("out/grpo")
     name_prefix: str = "grpo"
     quiet: bool = False
@@ -63,6 +64,8 @@ class Policy:
 
     index: int
     op: str
+    rank: int = 8
+    seed: int = 0
     training: object = None
     tokenizer: object = None
     rng: random.Random = field(default_factory=random.Random)
@@ -85,6 +88,22 @@ def group_advantages(rewards_G: list[float]) -> list[float]:
     """GRPO: each sample's reward minus its group's mean (no std scaling: stable at small G)."""
     mean = statistics.fmean(rewards_G)
     return [r - mean for r in rewards_G]
+
+
+def make_policies(cfg: Config) -> list[Policy]:
+    """The K policies of a run: policy i has seed cfg.seed + i and its task by cfg.task."""
+    ops = list(OPS)
+    out = []
+    for i in range(cfg.policies):
+        op = ops[i % len(ops)] if cfg.task == "cycle" else cfg.task
+        out.append(Policy(i, op, rank=cfg.rank, seed=cfg.seed + i, rng=random.Random((cfg.seed + i) * 1000 + i)))
+    return out
+
+
+def sample_seed(policy: Policy, step: int, prompt_index: int) -> int:
+    """Sampling is seeded per (policy, step, prompt), so a run replays the same way whether its
+    policy shares decode batches with others or runs alone."""
+    return (policy.seed * 1_000_003 + policy.index * 10_007 + step * 101 + prompt_index) % (2**31)
 
 
 def make_problem(policy: Policy) -> tuple[str, int]:
@@ -119,11 +138,12 @@ async def policy_step(cfg: Config, service, policy: Policy, step: int) -> float:
     sampler = await service.create_sampling_client(model_path=saved.path)
     problems = [make_problem(policy) for _ in range(cfg.batch_size)]
     prompts = [prompt_tokens(policy.tokenizer, q) for q, _ in problems]
-    params = types.SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                                  stop=[policy.tokenizer.eos_token_id])
     results = await asyncio.gather(*[
-        sampler.sample(types.ModelInput.from_ints(p), num_samples=cfg.group_size, sampling_params=params)
-        for p in prompts
+        sampler.sample(types.ModelInput.from_ints(p), num_samples=cfg.group_size,
+                       sampling_params=types.SamplingParams(
+                           max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                           stop=[policy.tokenizer.eos_token_id], seed=sample_seed(policy, step, j)))
+        for j, p in enumerate(prompts)
     ])
     data, all_rewards = [], []
     for prompt, (_, answer), res in zip(prompts, problems, results):
@@ -142,17 +162,20 @@ async def policy_step(cfg: Config, service, policy: Policy, step: int) -> float:
     return mean
 
 
-async def train(cfg: Config) -> list[Policy]:
+async def train(cfg: Config, policies: list[Policy] | None = None) -> list[Policy]:
+    """Train `policies` (default: make_policies(cfg)) concurrently for cfg.steps steps.
+
+    Pass a subset to run policies one after another with the same problems and seeds.
+    """
     service = tinker.ServiceClient(base_url=cfg.base_url)
-    ops = list(OPS)
-    policies = [Policy(i, ops[i % len(ops)], rng=random.Random(cfg.seed * 1000 + i)) for i in range(cfg.policies)]
+    policies = make_policies(cfg) if policies is None else policies
     for p in policies:
         p.training = await service.create_lora_training_client(
-            base_model=cfg.base_model, rank=cfg.rank, seed=cfg.seed + p.index,
-            user_metadata={"recipe": "grpo", "task": p.op, "policy": str(p.index)},
+            base_model=cfg.base_model, rank=p.rank, seed=p.seed,
+            user_metadata={"recipe": "grpo", "task": p.op, "policy": str(p.index), "rank": str(p.rank)},
         )
         p.tokenizer = p.training.get_tokenizer()
-    bar = tqdm(range(cfg.steps), desc=f"GRPO x{cfg.policies}", disable=cfg.quiet)
+    bar = tqdm(range(cfg.steps), desc=f"GRPO x{len(policies)}", disable=cfg.quiet)
     for step in bar:
         means = await asyncio.gather(*[policy_step(cfg, service, p, step) for p in policies])
         bar.set_postfix_str(" ".join(f"{p.op}={m:.2f}" for p, m in zip(policies, means)))
