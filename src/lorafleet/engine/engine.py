@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -287,14 +288,19 @@ class Engine:
         if req.record_routes and not self.router_paths:
             raise InvalidRequest(f"record_routes: {self.info.name} is not a mixture of experts")
 
-    def sample(self, reqs: list[SampleRequest]) -> list[SampleResult]:
-        """Sample all requests in one decode batch (rows of many adapters together)."""
+    def sample(self, reqs: list[SampleRequest],
+               on_token: Callable[[int, int, int, float], None] | None = None) -> list[SampleResult]:
+        """Sample all requests in one decode batch (rows of many adapters together).
+
+        `on_token(request, sample, token, logprob)` is called after each decode step for every
+        token chosen (on the calling thread), for streaming.
+        """
         for req in reqs:
             self.validate_sample(req)
         adapters = [self._slot_weights_for_sampling(r.adapter) for r in reqs]
         return generate(
             self.base.model, self.runtime, self.base.tokenizer, self.base.eos_token_id, reqs, adapters,
-            router_paths=self.router_paths,
+            router_paths=self.router_paths, on_token=on_token,
         )
 
     def _slot_weights_for_sampling(self, handle: int | None) -> LoraWeights | None:

@@ -9,6 +9,7 @@ every row's numbers what they would be alone (up to float rounding).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ from lorafleet.lora.weights import LoraWeights
 @dataclass(slots=True)
 class _Row:
     request: int
+    sample: int
     generator: torch.Generator
     stop_ids: set[int]
     tokens: list[int]
@@ -65,8 +67,12 @@ def generate(
     requests: list[SampleRequest],
     adapters: list[LoraWeights | None],
     router_paths: list[str] | None = None,
+    on_token: Callable[[int, int, int, float], None] | None = None,
 ) -> list[SampleResult]:
     """Sample every request in one batch; `adapters[i]` is request i's adapter (or None).
+
+    `on_token(request, sample, token, logprob)`, if given, is called (on this thread) for every
+    token as soon as its decode step chose it, so callers can stream.
 
     With `router_paths` (a MoE base's routers, in layer order) and `record_routes` on a request,
     its sequences carry the experts chosen at every position fed to the model.
@@ -104,6 +110,7 @@ def generate(
     rows = [
         _Row(
             request=i,
+            sample=k,
             generator=_generator(r.params.seed, k),
             stop_ids={eos_id} if r.params.stop_token_ids is None else set(r.params.stop_token_ids),
             tokens=[],
@@ -138,6 +145,8 @@ def generate(
             tok = int(tokens[b])
             row.tokens.append(tok)
             row.logprobs.append(float(logprobs[b]))
+            if on_token is not None:
+                on_token(row.request, row.sample, tok, row.logprobs[-1])
             if tok in row.stop_ids or _hit_stop_string(tokenizer, row, p.stop_strings):
                 row.stop_reason = "stop"
             elif len(row.tokens) >= p.max_tokens:
