@@ -29,7 +29,7 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Any
 
 import torch
@@ -60,8 +60,6 @@ class Runner(TrainingWork, SamplingWork):
         types: Any = None,
         gap_timeout_s: float = 30.0,
         max_sample_queue: int = 512,
-        max_live_samplers: int = 16,
-        max_sampler_versions: int = 64,
         max_fused_tokens: int = 65536,
         catalog: Any = None,
         residency: Any = None,
@@ -75,18 +73,16 @@ class Runner(TrainingWork, SamplingWork):
         self.t = types or engine_types()
         self.gap_timeout_s = gap_timeout_s
         self.max_sample_queue = max_sample_queue
-        self.max_live_samplers = max_live_samplers
-        self.max_sampler_versions = max_sampler_versions
         self.max_fused_tokens = max_fused_tokens
         self.catalog = catalog  # a CatalogBridge, or None to keep checkpoints local only
         self.metrics = metrics  # lorafleet.metrics.Metrics: batch sizes and tokens
-        self.residency = residency  # engine.residency.Residency for catalog revisions (serving)
+        # engine.residency.Residency: every adapter version that samples (catalog revisions
+        # served over the OpenAI API, Tinker sampler versions) is moved between tiers by it
+        self.residency = residency or _local_residency(engine, metrics)
         from lorafleet.engine.serving import ServingQueue
 
         self.serving = ServingQueue(max_jobs=max_sample_queue)
-        self.max_serving_adapters = 32
         self.models: dict[str, LiveModel] = {}
-        self.samplers: OrderedDict[str, SamplerVersion] = OrderedDict()
         self._unordered: deque[Op] = deque()
         self._samples: deque[Op] = deque()
         self._pending_models: set[str] = set()
@@ -159,7 +155,8 @@ class Runner(TrainingWork, SamplingWork):
                 barriers = self._take_barriers() if not fused else []
                 samples = list(self._samples)
                 self._samples.clear()
-            samples += self._take_serving()
+            tinker_keys = {op.payload["sampler_key"] for op in samples}
+            samples += self._take_serving(reserved=len(tinker_keys))
             for op in unordered:
                 self._run_one(op)
             if fused:
@@ -248,3 +245,13 @@ class Runner(TrainingWork, SamplingWork):
 
     def _fail(self, op: Op, message: str, category: str) -> None:
         self.futures.fail(op.request_id, message, category)
+
+
+def _local_residency(engine: Any, metrics: Any) -> Any:
+    """A residency manager without a store (no catalog): Tinker sampler versions only."""
+    from lorafleet.engine.residency import Residency
+
+    def no_store(keys: list[Any]) -> dict[Any, Any]:
+        return {k: NotFound(f"{k} is not in memory and this server has no catalog") for k in keys}
+
+    return Residency(engine, no_store, metrics=metrics)

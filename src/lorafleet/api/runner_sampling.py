@@ -1,9 +1,12 @@
-"""Sampling work of the engine thread: frozen sampler versions, Tinker samples and OpenAI-API
-serving jobs, all in one `engine.sample` call per turn.
+"""Sampling work of the engine thread: Tinker samples and OpenAI-API serving jobs, all in one
+`engine.sample` call per turn.
 
-A mixin of `lorafleet.api.runner.Runner` (its state lives there). Every sampler checkpoint is
-an immutable `SamplerVersion`; the newest `max_live_samplers` hold engine handles, the rest
-keep host tensors (up to `max_sampler_versions`) and are re-activated on demand.
+A mixin of `lorafleet.api.runner.Runner` (its state lives there). Adapter tensors of both
+kinds live in the runner's `Residency` (engine/residency.py), the only code that moves them
+between engine slots, host memory and the store: catalog revisions are keyed by revision id
+and loaded by its cold loader; Tinker sampler versions are keyed by sampler id and put into
+the host tier by `_add_sampler` (fresh from training) or `_resolve_sampler` (read back from
+their checkpoint when they were evicted).
 """
 
 from __future__ import annotations
@@ -11,29 +14,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
-
-import torch
 
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.futures import PROTO_TYPE
-from lorafleet.errors import InvalidRequest, LorafleetError, NotFound
+from lorafleet.engine.residency import Tier
+from lorafleet.errors import LorafleetError, NotFound
 from lorafleet.lora import io as lora_io
-from lorafleet.lora.spec import LoraSpec
+from lorafleet.lora.weights import LoraWeights
 
 from lorafleet.api.work import Op
 
 log = logging.getLogger("lorafleet.tinker.runner")
-
-
-@dataclass(slots=True)
-class SamplerVersion:
-    """Immutable weights a sampler samples from; `tensors` None = the base model itself."""
-
-    spec: LoraSpec | None
-    tensors: dict[str, torch.Tensor] | None
-    handle: int | None = None
 
 
 class SamplingWork:
@@ -41,67 +34,55 @@ class SamplingWork:
 
     # ------------------------------------------------------------------ sampling
 
-    def _add_sampler(self, key: str, version: SamplerVersion) -> None:
-        self.samplers[key] = version
-        self.samplers.move_to_end(key)
-        while len(self.samplers) > self.max_sampler_versions:
-            _, old = self.samplers.popitem(last=False)
-            if old.handle is not None:
-                self.engine.remove_adapter(old.handle)
+    def _add_sampler(self, key: str, weights: LoraWeights) -> None:
+        """Immutable sampler weights (fresh from training) into the host tier, then a slot."""
+        self.residency.add_host(key, weights)
+        self.residency.activate([key])  # live before the save's future completes
 
-    def _activate(self, key: str) -> int | None:
-        version = self.samplers[key]
-        self.samplers.move_to_end(key)
-        if version.tensors is None or version.handle is not None:
-            return version.handle
-        live = [v for v in self.samplers.values() if v.handle is not None]
-        while len(live) >= self.max_live_samplers:
-            victim = live.pop(0)
-            self.engine.remove_adapter(victim.handle)
-            victim.handle = None
-        handle = self.engine.create_adapter(version.spec)
-        self.engine.set_tensors(handle, version.tensors)
-        version.handle = handle
-        return handle
-
-    def _resolve_sampler(self, op: Op) -> int | None:
+    def _resolve_sampler(self, op: Op) -> str | None:
+        """The residency key of a Tinker sample's weights (host-resident now), None = the base."""
         p = op.payload
         key = p["sampler_key"]
-        if key not in self.samplers:
-            row = p.get("checkpoint")
-            if row is None:
-                if p.get("base_only"):
-                    self.samplers[key] = SamplerVersion(None, None)
-                else:
-                    raise NotFound(f"sampler weights for {key} are no longer available")
-            else:
-                adapter = lora_io.parse_peft_files(self.checkpoints.read_files(row))
-                self._add_sampler(key, SamplerVersion(adapter.spec, adapter.tensors))
-        return self._activate(key)
+        if self.residency.tier(key) != Tier.STORE:
+            return key
+        row = p.get("checkpoint")
+        if row is None:
+            if p.get("base_only"):
+                return None
+            raise NotFound(f"sampler weights for {key} are no longer available")
+        self.residency.add_host(key, lora_io.parse_peft_files(self.checkpoints.read_files(row)).weights)
+        return key
 
     def _run_samples(self, ops: list[Op]) -> None:
         """One engine.sample call for every queued Tinker sample and OpenAI serving request."""
-        serving = self._activate_serving([op for op in ops if op.kind == "serve"])
-        ready: list[tuple[Op, list[Any]]] = []
+        keys: dict[Op, str | None] = {}
         for op in ops:
             try:
-                if op.kind == "serve":
-                    if op not in serving:
-                        continue
-                    handle = serving[op]
-                    ready.append((op, [replace(r, adapter=handle) for r in op.payload["requests"]]))
-                else:
-                    handle = self._resolve_sampler(op)
-                    ready.append((op, [self._sample_request(handle, op.payload)]))
+                keys[op] = op.payload["revision_id"] if op.kind == "serve" else self._resolve_sampler(op)
             except Exception as e:
                 self._sample_failed(op, e)
-        if not ready:
+        try:  # every adapter of the batch gets its slot together: none evicts another
+            handles = self.residency.activate([k for k in keys.values() if k is not None])
+        except Exception as e:
+            for op in keys:
+                self._sample_failed(op, e)
+            return
+        ready: list[tuple[Op, list[Any]]] = []
+        for op, key in keys.items():
+            handle = None if key is None else handles[key]
+            if op.kind == "serve":
+                ready.append((op, [replace(r, adapter=handle) for r in op.payload["requests"]]))
+            else:
+                ready.append((op, [self._sample_request(handle, op.payload)]))
+        batch = [r for _, reqs in ready for r in reqs]
+        if not batch:  # only warm-up jobs (no requests): their adapters are in slots now
+            for op, _ in ready:
+                self._finish_sample(op, [])
             return
         try:
-            batch = [r for _, reqs in ready for r in reqs]
             if self.metrics is not None:
                 self.metrics.batch_size.labels("sample").observe(sum(r.num_samples for r in batch))
-            flat = self.engine.sample(batch)
+            flat = self.engine.sample(batch, on_token=_stream_to(ready))
         except Exception as e:
             if len(ready) > 1 and isinstance(e, LorafleetError):
                 for op, reqs in ready:  # isolate the bad request
@@ -115,20 +96,9 @@ class SamplingWork:
             self._finish_sample(op, flat[i: i + len(reqs)])
             i += len(reqs)
 
-    def _activate_serving(self, ops: list[Op]) -> dict[Op, int | None]:
-        """Engine handles for the serving requests' revisions, all activated together."""
-        keys = [op.payload["revision_id"] for op in ops if op.payload["revision_id"] is not None]
-        try:
-            handles = self.residency.activate(keys) if keys else {}
-        except Exception as e:
-            for op in ops:
-                self._sample_failed(op, e)
-            return {}
-        return {op: handles.get(op.payload["revision_id"]) for op in ops}
-
     def _sample_alone(self, op: Op, reqs: list[Any]) -> None:
         try:
-            res = self.engine.sample(reqs)
+            res = self.engine.sample(reqs, on_token=_stream_to([(op, reqs)]))
         except Exception as e:
             self._sample_failed(op, e)
         else:
@@ -150,12 +120,12 @@ class SamplingWork:
                        on_token: Callable[[int, int, int, float], None] | None = None) -> Future:
         """Queue engine SampleRequests on a catalog revision (None = the base model alone).
 
-        The revision must already be in the host tier (`residency.ensure_host`). Returns a
-        future of the SampleResults; `on_token(request, sample, token, logprob)` is called for
-        every generated token once its batch finishes. Raises NoCapacity when the queue is full.
+        The revision must already be in the host tier (`residency.ensure_host`) and should be
+        pinned there until the future resolves. Returns a future of the SampleResults;
+        `on_token(request, sample, token, logprob)` is called on the engine thread after every
+        decode step that chose a token for this job. With no requests the job only puts the
+        revision into a slot (warm-up). Raises NoCapacity when the queue is full.
         """
-        if revision_id is not None and self.residency is None:
-            raise InvalidRequest("this server has no catalog: only base models can be served")
         from lorafleet.engine.serving import ServeJob
 
         job = ServeJob(revision_id, list(requests), on_token)
@@ -164,9 +134,9 @@ class SamplingWork:
             self._cv.notify_all()
         return job.future
 
-    def _take_serving(self) -> list[Op]:
+    def _take_serving(self, reserved: int = 0) -> list[Op]:
         """A fair batch of serving jobs (round robin over adapters), as ops for `_run_samples`."""
-        jobs = self.serving.take(max_adapters=self.max_serving_adapters)
+        jobs = self.serving.take(max_adapters=self.residency.free_slots_for_batch() - reserved)
         return [Op("", "serve", "", {"revision_id": j.key, "requests": j.requests,
                                      "on_token": j.on_token, "future": j.future}) for j in jobs]
 
@@ -179,16 +149,6 @@ class SamplingWork:
 
     def _finish_sample(self, op: Op, results: list[Any]) -> None:
         if op.kind == "serve":
-            callback = op.payload["on_token"]
-            try:
-                if callback is not None:
-                    for i, res in enumerate(results):
-                        for j, seq in enumerate(res.sequences):
-                            for tok, lp in zip(seq.tokens, seq.logprobs):
-                                callback(i, j, tok, lp)
-            except Exception as e:
-                op.payload["future"].set_exception(e)
-                return
             op.payload["future"].set_result(results)
             return
         res = results[0]
@@ -202,3 +162,27 @@ class SamplingWork:
     @property
     def queued_samples(self) -> int:
         return len(self._samples)
+
+
+def _stream_to(ready: list[tuple[Op, list[Any]]]) -> Callable[[int, int, int, float], None] | None:
+    """An engine `on_token` callback that routes batch rows to their serving jobs' callbacks."""
+    route: list[tuple[Op, int] | None] = []
+    for op, reqs in ready:
+        cb = op.payload.get("on_token") if op.kind == "serve" else None
+        route.extend((op, i) if cb is not None else None for i in range(len(reqs)))
+    if not any(route):
+        return None
+    broken: set[Op] = set()
+
+    def on_token(request: int, sample: int, token: int, logprob: float) -> None:
+        target = route[request]
+        if target is None or target[0] in broken:
+            return
+        op, i = target
+        try:
+            op.payload["on_token"](i, sample, token, logprob)
+        except Exception:  # a streaming client's callback must not fail the whole batch
+            log.exception("on_token callback failed")
+            broken.add(op)
+
+    return on_token

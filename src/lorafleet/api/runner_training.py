@@ -20,8 +20,8 @@ from lorafleet.api.tinker.checkpoints import OPTIMIZER_NAME, TinkerPath
 from lorafleet.api.tinker.futures import PROTO_TYPE
 from lorafleet.api.tinker.store import now
 from lorafleet.errors import Conflict, InvalidRequest, LorafleetError
+from lorafleet.lora.weights import LoraWeights
 
-from lorafleet.api.runner_sampling import SamplerVersion
 from lorafleet.api.work import LiveModel, Op
 
 log = logging.getLogger("lorafleet.tinker.runner")
@@ -203,20 +203,24 @@ class TrainingWork:
             "code_version": lorafleet.__version__,
         }
 
-    def _peft_files(self, model: LiveModel) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:
+    def _peft_files(self, model: LiveModel, layout: str = "packed") -> tuple[LoraWeights, dict[str, bytes]]:
+        """A snapshot of the run's weights and their PEFT files. Checkpoints and catalog
+        revisions keep MoE expert LoRA in the packed layout (lorafleet's serving layout, see
+        docs/moe.md); external exports use the per-expert layout PEFT loads. Dense adapters
+        give the same bytes either way."""
         from lorafleet.lora import io as lora_io
 
         tensors = {k: v.detach().to("cpu", torch.float32).clone()
                    for k, v in self.engine.get_tensors(model.handle).items()}
         weights = lora_io.from_peft_tensors(model.spec, tensors)
-        return tensors, lora_io.peft_files(weights, self.base.name)
+        return weights, lora_io.peft_files(weights, self.base.name, layout=layout)
 
     def _save(self, op: Op, model: LiveModel, kind: str, with_optimizer: bool) -> dict[str, Any]:
         p = op.payload
         path = TinkerPath(model.model_id, kind, p["name"])
         if self.checkpoints.exists(path):
             raise Conflict(f"checkpoint {path} already exists; checkpoints are immutable")
-        tensors, files = self._peft_files(model)
+        weights, files = self._peft_files(model, "per_expert" if kind == "external" else "packed")
         if with_optimizer:
             from safetensors.torch import save as st_save
 
@@ -231,7 +235,7 @@ class TrainingWork:
                                      p.get("user_metadata"))
         model.parent = str(path)
         model.batches = hashlib.sha256()
-        return {"path": str(path), "tensors": tensors, "size_bytes": row["size_bytes"]}
+        return {"path": str(path), "weights": weights, "size_bytes": row["size_bytes"]}
 
     def _do_save_weights(self, op: Op, model: LiveModel) -> dict[str, Any]:
         out = self._save(op, model, "training", with_optimizer=True)
@@ -246,13 +250,12 @@ class TrainingWork:
         p = op.payload
         if p.get("name"):
             out = self._save(op, model, "sampler", with_optimizer=False)
-            tensors, sampler_id, result = out["tensors"], out["path"], {"path": out["path"]}
+            weights, sampler_id, result = out["weights"], out["path"], {"path": out["path"]}
         else:
-            tensors, _ = self._peft_files(model)
+            weights, _ = self._peft_files(model)
             sampler_id = p["sampler_id"]
             result = {"sampling_session_id": sampler_id}
-        self._add_sampler(sampler_id, SamplerVersion(model.spec, tensors))
-        self._activate(sampler_id)  # live before the future completes
+        self._add_sampler(sampler_id, weights)  # host + slot, live before the future completes
         return {**result, "type": "save_weights_for_sampler"}
 
 

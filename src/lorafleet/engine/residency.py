@@ -75,7 +75,8 @@ class Residency:
             max_entries=max_host_adapters, max_bytes=max_host_bytes, size=lambda w: w.nbytes,
             on_evict=lambda k, _: self._count_evict(Tier.HOST),
         )
-        self._pending_pins: dict[Hashable, int] = {}
+        self._pending_pins: dict[Hashable, int] = {}  # host holds of keys not loaded yet
+        self._user_pins: dict[Hashable, int] = {}  # pin() counts (host + slot)
         self.loader = ColdLoader(fetch_many, self._admit_host, max_queue=max_queue,
                                  batch_size=load_batch, workers=load_workers, metrics=self.metrics)
 
@@ -109,23 +110,65 @@ class Residency:
         self._admit_host(key, weights)
 
     def pin(self, key: Hashable) -> None:
-        """Keep `key` resident (host, and its slot while it has one) until unpinned."""
+        """Keep `key` resident (host, and its slot once it has one) until unpinned.
+
+        Pins are counted: every pin needs its unpin.
+        """
+        with self._lock:
+            self._user_pins[key] = self._user_pins.get(key, 0) + 1
+            self.hold(key)
+            if self._user_pins[key] == 1 and key in self._slots:
+                self._slots.pin(key)
+
+    def unpin(self, key: Hashable) -> None:
+        with self._lock:
+            count = self._user_pins.get(key, 0)
+            if count <= 0:
+                return
+            self.release(key)
+            if count == 1:
+                del self._user_pins[key]
+                if key in self._slots:
+                    self._slots.unpin(key)
+            else:
+                self._user_pins[key] = count - 1
+
+    def hold(self, key: Hashable) -> None:
+        """Keep `key` in host memory (not necessarily in a slot) until `release`, e.g. while a
+        request for it waits for the engine. Counted, like pins; applies on arrival if absent."""
         with self._lock:
             if key in self._host:
                 self._host.pin(key)
             else:
                 self._pending_pins[key] = self._pending_pins.get(key, 0) + 1
-            if key in self._slots:
-                self._slots.pin(key)
 
-    def unpin(self, key: Hashable) -> None:
+    def release(self, key: Hashable) -> None:
         with self._lock:
-            self._host.unpin(key)
-            self._slots.unpin(key)
-            if key in self._pending_pins:
+            if self._pending_pins.get(key, 0) > 0:
                 self._pending_pins[key] -= 1
                 if self._pending_pins[key] <= 0:
                     del self._pending_pins[key]
+            else:
+                self._host.unpin(key)
+
+    @property
+    def max_slots(self) -> int:
+        return self._slots.max_entries or 0
+
+    def free_slots_for_batch(self) -> int:
+        """Distinct adapters one batch may use: slots that are not pinned."""
+        with self._lock:
+            pinned = sum(1 for k in self._slots.keys() if self._slots.is_pinned(k))
+        return max(1, self.max_slots - pinned)
+
+    def has_host(self, key: Hashable) -> bool:
+        """Whether `key`'s weights are in host memory now (no LRU touch, no metrics)."""
+        with self._lock:
+            return key in self._host
+
+    def is_pinned(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._user_pins
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -159,7 +202,7 @@ class Residency:
                     raise NoCapacity(f"all {self._slots.max_entries} adapter slots are pinned or in use")
                 handle = self.engine.create_adapter(weights.spec, weights=weights)
                 self._slots.put(key, handle, protected=wanted)
-                if self._host.is_pinned(key):
+                if key in self._user_pins:
                     self._slots.pin(key)
                 handles[key] = handle
             self._publish_counts()
