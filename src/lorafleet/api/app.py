@@ -62,6 +62,11 @@ class ServeConfig:
     max_sample_queue: int = 512
     session_timeout_s: float = 900.0  # no heartbeat for this long ends a session
     use_catalog: bool = True  # publish runs and checkpoints into the catalog (paths.database_url)
+    max_slots: int = 64  # live adapters per engine (residency slot tier)
+    max_host_adapters: int | None = 512  # host-memory adapter cache, in adapters ...
+    max_host_bytes: int | None = None  # ... and/or in bytes
+    load_queue: int = 64  # cold loads waiting or running at most; more misses get 429
+    load_batch: int = 8  # cold loads fetched together
     engines: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # name -> (base, engine)
 
 
@@ -84,12 +89,12 @@ def build_service(cfg: ServeConfig, metrics: Any = None) -> TinkerService:
         runners[name] = Runner(engine, base, futures, store, checkpoints,
                                gap_timeout_s=cfg.gap_timeout_s,
                                max_sample_queue=cfg.max_sample_queue, catalog=bridge,
-                               residency=_residency(engine, bridge, metrics), metrics=metrics)
+                               residency=_residency(engine, bridge, metrics, cfg), metrics=metrics)
     return TinkerService(runners, store, futures, checkpoints, catalog=bridge)
 
 
-def _residency(engine: Any, bridge: CatalogBridge | None, metrics: Any) -> Any:
-    """Slots / host cache / cold loader for catalog revisions served over the OpenAI API."""
+def _residency(engine: Any, bridge: CatalogBridge | None, metrics: Any, cfg: ServeConfig) -> Any:
+    """Slots / host cache / cold loader of one engine: catalog revisions and sampler versions."""
     if bridge is None:
         return None
     from lorafleet.catalog.records import ADMIN
@@ -105,7 +110,9 @@ def _residency(engine: Any, bridge: CatalogBridge | None, metrics: Any) -> Any:
                 out[key] = e
         return out
 
-    return Residency(engine, fetch_many, metrics=metrics)
+    return Residency(engine, fetch_many, max_slots=cfg.max_slots, max_host_adapters=cfg.max_host_adapters,
+                     max_host_bytes=cfg.max_host_bytes, max_queue=cfg.load_queue,
+                     load_batch=cfg.load_batch, metrics=metrics)
 
 
 def _load(name: str, cfg: ServeConfig) -> tuple[Any, Any]:
@@ -136,8 +143,7 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
             janitor.cancel()
             for r in svc.runners.values():
                 await asyncio.to_thread(r.stop)
-                if r.residency is not None:
-                    r.residency.close()
+                r.residency.close()
             if catalog is not None:
                 catalog.close()
 

@@ -37,14 +37,27 @@ def status_for(exc: LorafleetError) -> int:
     return next(STATUS[c] for c in type(exc).__mro__ if c in STATUS)
 
 
-def error_response(exc: LorafleetError) -> JSONResponse:
+# OpenAI's error `type` per status, for the /v1 (OpenAI-compatible) paths
+OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                410: "not_found_error", 422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def error_response(exc: LorafleetError, path: str = "") -> JSONResponse:
     status = status_for(exc)
     headers = {}
     if isinstance(exc, NoCapacity):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     if status >= 500:
         log.error("%s: %s", type(exc).__name__, exc)
-    return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=status, headers=headers)
+    return JSONResponse(body(str(exc), type(exc).__name__, status, path), status_code=status, headers=headers)
+
+
+def body(message: str, name: str, status: int, path: str = "") -> dict:
+    """The error body: OpenAI's shape on /v1 paths (what the openai SDK reads), ours elsewhere."""
+    if path.startswith("/v1/"):
+        return {"error": {"message": message, "type": OPENAI_TYPES.get(status, "server_error"),
+                          "param": None, "code": name}}
+    return {"detail": message, "error": name}
 
 
 def validation_message(exc: RequestValidationError) -> str:
@@ -59,9 +72,9 @@ def install(app: FastAPI) -> None:
     """Register the handlers on `app`."""
 
     @app.exception_handler(LorafleetError)
-    async def _lorafleet(_: Request, exc: LorafleetError) -> JSONResponse:
-        return error_response(exc)
+    async def _lorafleet(request: Request, exc: LorafleetError) -> JSONResponse:
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": validation_message(exc), "error": "InvalidRequest"}, status_code=400)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(body(validation_message(exc), "InvalidRequest", 400, request.url.path), status_code=400)

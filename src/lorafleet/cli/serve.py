@@ -28,6 +28,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", type=Path, default=None,
                    help="folder of the Tinker service's database and checkpoints "
                         "(default: <lorafleet home>/tinker)")
+    g = p.add_argument_group("adapter residency (serving)")
+    g.add_argument("--max-slots", type=int, default=64,
+                   help="live adapters per engine, the slot tier (default 64)")
+    g.add_argument("--max-host-adapters", type=int, default=512,
+                   help="adapters kept in host memory, LRU (default 512; 0 = no count limit)")
+    g.add_argument("--max-host-bytes", type=int, default=None,
+                   help="byte budget of the host adapter cache (default: none)")
+    g.add_argument("--load-queue", type=int, default=64,
+                   help="cold loads queued or running at most; more misses get 429 + Retry-After")
+    g.add_argument("--load-batch", type=int, default=8, help="cold loads fetched together")
     p.set_defaults(func=run)
 
 
@@ -60,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
 
     check_auth(args.auth, args.host)
     cfg = ServeConfig(bases=args.bases or [DEFAULT_BASE], paths=paths_from_env(), auth=args.auth,
-                      dtype=args.dtype, threads=args.threads, state_dir=args.state_dir)
+                      dtype=args.dtype, threads=args.threads, state_dir=args.state_dir,
+                      max_slots=args.max_slots, max_host_adapters=args.max_host_adapters or None,
+                      max_host_bytes=args.max_host_bytes, load_queue=args.load_queue,
+                      load_batch=args.load_batch)
     app = create_app(cfg)
     log.info("serving %s on http://%s:%d (auth %s)", cfg.bases, args.host, args.port, args.auth)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from lorafleet.api.auth import get_tenant
+from lorafleet.api.errors import body as error_body
 from lorafleet.api.errors import status_for
 from lorafleet.api.openai import schemas as s
 from lorafleet.api.openai.service import OpenAIService, Target
@@ -86,13 +87,13 @@ def _chat_prompt(tokenizer, messages: list[s.ChatMessage]) -> list[int]:
     return list(ids)
 
 
-async def _admit(svc: OpenAIService, who: Principal, req: s._Request, prompts: list[list[int]], max_tokens: int) -> Target:
-    target = svc.resolve(req.model, who)
+async def _admit(svc: OpenAIService, target: Target, prompts: list[list[int]], max_tokens: int) -> None:
+    """Context limits, then the cold load (if any) before answering, so that a full load queue
+    is a real 429 even for a stream."""
     for p in prompts:
         svc.check_context(target, len(p), max_tokens)
-    if target.revision_id is not None:  # load before answering, so a full queue is a real 429
+    if target.revision_id is not None:
         await asyncio.wrap_future(svc.runners[target.base].residency.ensure_host(target.revision_id))
-    return target
 
 
 def _finish(tokenizer, tokens: list[int], reason: str, stops: list[str]) -> tuple[str, str]:
@@ -116,15 +117,16 @@ async def completions(req: s.CompletionRequest, who: Principal = Depends(get_ten
     _refuse_unsupported(req)
     max_tokens = req.max_tokens or DEFAULT_MAX_TOKENS
     params = _params(req, max_tokens)
-    tokenizer = svc.tokenizer(svc.resolve(req.model, who))
+    target = svc.resolve(req.model, who)  # once: the request runs on this revision
+    tokenizer = svc.tokenizer(target)
     prompts = _completion_prompts(tokenizer, req.prompt)
-    target = await _admit(svc, who, req, prompts, max_tokens)
+    await _admit(svc, target, prompts, max_tokens)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     stops = list(params.stop_strings)
     if req.stream:
         return _sse(svc, target, prompts, params, req.n, lambda i, delta, reason: s.Completion(
             id=rid, created=created, model=req.model,
-            choices=[s.CompletionChoice(index=i, text=delta, finish_reason=reason)]).model_dump(exclude_none=True))
+            choices=[s.CompletionChoice(index=i, text=delta or "", finish_reason=reason)]).model_dump(exclude_none=True))
     results = await svc.sample(target, prompts, params, req.n)
     choices = []
     for pi, res in enumerate(results):
@@ -147,9 +149,10 @@ async def chat_completions(req: s.ChatCompletionRequest, who: Principal = Depend
     _refuse_unsupported(req)
     max_tokens = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS
     params = _params(req, max_tokens)
-    tokenizer = svc.tokenizer(svc.resolve(req.model, who))
+    target = svc.resolve(req.model, who)  # once: the request runs on this revision
+    tokenizer = svc.tokenizer(target)
     prompt = _chat_prompt(tokenizer, req.messages)
-    target = await _admit(svc, who, req, [prompt], max_tokens)
+    await _admit(svc, target, [prompt], max_tokens)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     stops = list(params.stop_strings)
     if req.stream:
@@ -212,9 +215,8 @@ def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingParams, n:
                     break
                 if item[0] == "error":
                     exc = item[1]
-                    body = {"error": {"message": str(exc), "type": type(exc).__name__,
-                                      "code": status_for(exc) if isinstance(exc, LorafleetError) else 500}}
-                    yield _event(body)
+                    status = status_for(exc) if isinstance(exc, LorafleetError) else 500
+                    yield _event(error_body(str(exc), type(exc).__name__, status, "/v1/"))
                     break
                 i, token = item
                 delta = texts[i].push(token)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from lorafleet.catalog.records import Principal
 from lorafleet.catalog.service import Catalog
 from lorafleet.engine.types import SampleRequest, SampleResult, SamplingParams
-from lorafleet.errors import InvalidRequest, NotFound
+from lorafleet.engine.residency import Tier
+from lorafleet.errors import InvalidRequest, NoCapacity, NotFound
 from lorafleet.metrics import Metrics
 
 TokenCallback = Callable[[int, int, int, float], None]  # (request, sample, token, logprob)
@@ -70,6 +71,74 @@ class OpenAIService:
                 f"exceeds the context length of {target.base}: {limit} tokens"
             )
 
+    # ---- residency: admission holds, warm-up and pins -----------------------------------
+
+    async def hold(self, target: Target) -> None:
+        """Make the target's revision host-resident and pin it there until `release`.
+
+        A miss waits for its cold load (queued, shared with identical misses) without holding
+        up resident work; a full load queue raises NoCapacity (429). The pin keeps the weights
+        in host memory until the engine has put them into a slot, however busy the cache is.
+        """
+        if target.revision_id is None:
+            return
+        residency = self.runners[target.base].residency
+        for _ in range(8):
+            await asyncio.wrap_future(residency.ensure_host(target.revision_id))
+            residency.hold(target.revision_id)
+            if residency.tier(target.revision_id) != Tier.STORE:
+                return
+            residency.release(target.revision_id)  # evicted between load and hold: load again
+        raise NoCapacity("the adapter cache is too busy to keep this adapter; retry shortly")
+
+    def release(self, target: Target) -> None:
+        if target.revision_id is not None:
+            self.runners[target.base].residency.release(target.revision_id)
+
+    def warm(self, ref: str, who: Principal, tier: str = "slot", timeout_s: float = 120.0) -> dict:
+        """Blocking (call from a worker thread): load `ref` into host memory, and into an engine
+        slot with tier='slot'. Returns where it is now."""
+        if tier not in ("host", "slot"):
+            raise InvalidRequest(f"tier must be 'host' or 'slot', got {tier!r}")
+        target = self.resolve(ref, who)
+        if target.revision_id is None:
+            return self._where(target)
+        runner = self.runners[target.base]
+        runner.residency.ensure_host(target.revision_id).result(timeout_s)
+        if tier == "slot":
+            runner.residency.hold(target.revision_id)
+            try:
+                if runner.residency.tier(target.revision_id) == Tier.STORE:  # evicted meanwhile
+                    raise NoCapacity("the adapter cache is too busy to warm this adapter; retry shortly")
+                runner.submit_serving(target.revision_id, []).result(timeout_s)
+            finally:
+                runner.residency.release(target.revision_id)
+        return self._where(target)
+
+    def pin(self, ref: str, who: Principal, timeout_s: float = 120.0) -> dict:
+        """Pin `ref` (host and slot) until `unpin`, loading it now."""
+        target = self.resolve(ref, who)
+        if target.revision_id is not None:
+            self.runners[target.base].residency.pin(target.revision_id)
+            self.warm(target.revision_id, who, "slot", timeout_s)
+        return self._where(target)
+
+    def unpin(self, ref: str, who: Principal) -> dict:
+        target = self.resolve(ref, who)
+        if target.revision_id is not None:
+            self.runners[target.base].residency.unpin(target.revision_id)
+        return self._where(target)
+
+    def _where(self, target: Target) -> dict:
+        if target.revision_id is None:
+            return {"ref": target.model, "revision_id": None, "base": target.base, "tier": "base"}
+        residency = self.runners[target.base].residency
+        return {"ref": target.model, "revision_id": target.revision_id, "base": target.base,
+                "tier": str(residency.tier(target.revision_id)),
+                "pinned": residency.is_pinned(target.revision_id)}
+
+    # ---- sampling ---------------------------------------------------------------------------
+
     async def sample(
         self,
         target: Target,
@@ -78,13 +147,28 @@ class OpenAIService:
         n: int,
         on_token: TokenCallback | None = None,
     ) -> list[SampleResult]:
-        """Sample `n` completions per prompt on the target's revision."""
+        """Sample `n` completions per prompt on the target's revision (held: see `hold`)."""
         runner = self.runners[target.base]
         t0 = time.perf_counter()
-        if target.revision_id is not None:
-            await asyncio.wrap_future(runner.residency.ensure_host(target.revision_id))
-        requests = [SampleRequest(None, p, n, params) for p in prompts]
-        future = runner.submit_serving(target.revision_id, requests, on_token)
-        results = await asyncio.wrap_future(future)
-        self.metrics.request_latency.labels("openai").observe(time.perf_counter() - t0)
+        first: list[float] = []
+
+        def count(i: int, k: int, token: int, logprob: float) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            if on_token is not None:
+                on_token(i, k, token, logprob)
+
+        await self.hold(target)
+        try:
+            requests = [SampleRequest(None, p, n, params) for p in prompts]
+            future = runner.submit_serving(target.revision_id, requests, count)
+            results = await asyncio.wrap_future(future)
+        finally:
+            self.release(target)
+        m = self.metrics
+        m.request_latency.labels("openai").observe(time.perf_counter() - t0)
+        if first:
+            m.first_token_latency.labels("openai").observe(first[0] - t0)
+        m.tokens.labels("prompt").inc(sum(len(p) for p in prompts) * n)
+        m.tokens.labels("completion").inc(sum(len(q.tokens) for r in results for q in r.sequences))
         return results

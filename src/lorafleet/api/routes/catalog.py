@@ -13,9 +13,9 @@ from __future__ import annotations
 import base64
 import binascii
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorafleet.api.auth import get_catalog, get_tenant, require_admin
@@ -123,11 +123,31 @@ class AliasIn(_Wire):
     ref: str = Field(description="reference of the target revision (in this policy)")
     require: str | None = Field(default=None, description="gate such as accuracy>=0.8")
     reason: str | None = None
+    prewarm: bool = Field(default=False, description="load the target into host memory and an "
+                          "engine slot before the alias moves (readiness gate)")
 
 
 class RollbackIn(_Wire):
     to: str | None = Field(default=None, description="reference; default: the previous target")
     reason: str | None = None
+    prewarm: bool = Field(default=False, description="as for PUT alias (a resident target is instant)")
+
+
+class WarmIn(_Wire):
+    refs: list[str] = Field(min_length=1, max_length=256, description="adapter references")
+    tier: Literal["host", "slot"] = "slot"
+
+
+class PinIn(_Wire):
+    ref: str
+
+
+class ResidencyOut(_Wire):
+    ref: str
+    revision_id: str | None
+    base: str
+    tier: str
+    pinned: bool = False
 
 
 class AliasOut(_Wire):
@@ -376,11 +396,14 @@ def list_aliases(owner: str, name: str, catalog: Cat, who: Who) -> list[AliasOut
 
 
 @router.put("/policies/{owner}/{name}/aliases/{alias}", response_model=AliasEventOut)
-def set_alias(owner: str, name: str, alias: str, body: AliasIn, catalog: Cat, who: Who) -> AliasEventOut:
+def set_alias(owner: str, name: str, alias: str, body: AliasIn, catalog: Cat, who: Who,
+              request: Request) -> AliasEventOut:
     check_alias(alias)
     rev = catalog.resolve(body.ref, who)
     if rev.policy != f"{owner}/{name}":
         raise InvalidRequest(f"{body.ref!r} is a revision of {rev.policy}, not of {owner}/{name}")
+    if body.prewarm:  # register -> prewarm -> expose: users of the alias never wait for a load
+        _serving(request).warm(rev.id, who, "slot")
     return event_to_wire(catalog.set_alias(who, rev.id, alias, require=body.require, reason=body.reason))
 
 
@@ -390,7 +413,10 @@ def alias_history(owner: str, name: str, alias: str, catalog: Cat, who: Who) -> 
 
 
 @router.post("/policies/{owner}/{name}/aliases/{alias}/rollback", response_model=AliasEventOut)
-def rollback(owner: str, name: str, alias: str, body: RollbackIn, catalog: Cat, who: Who) -> AliasEventOut:
+def rollback(owner: str, name: str, alias: str, body: RollbackIn, catalog: Cat, who: Who,
+             request: Request) -> AliasEventOut:
+    if body.prewarm and body.to:
+        _serving(request).warm(body.to, who, "slot")
     return event_to_wire(catalog.rollback(who, f"{owner}/{name}:{alias}", to=body.to, reason=body.reason))
 
 
@@ -424,3 +450,31 @@ def gc(catalog: Cat, _: Annotated[Principal, Depends(require_admin)],
        grace_s: Annotated[float, Query(ge=0)] = 3600.0) -> GcOut:
     r: GcReport = catalog.gc(grace_s=grace_s)
     return GcOut(**{f: getattr(r, f) for f in GcOut.model_fields})
+
+
+# ---- residency (serving): warm-up and pins ------------------------------------------------
+
+
+def _serving(request: Request):
+    svc = getattr(request.app.state, "openai", None)
+    if svc is None:
+        raise InvalidRequest("this server serves no adapters (no engine): warm and pin are unavailable")
+    return svc
+
+
+@router.post("/warm", response_model=list[ResidencyOut])
+def warm(body: WarmIn, who: Who, request: Request) -> list[ResidencyOut]:
+    """Prefetch references into host memory (`tier: host`) or engine slots (`tier: slot`)."""
+    svc = _serving(request)
+    return [ResidencyOut(**svc.warm(ref, who, body.tier)) for ref in body.refs]
+
+
+@router.post("/pin", response_model=ResidencyOut)
+def pin(body: PinIn, who: Who, request: Request) -> ResidencyOut:
+    """Load `ref` into a slot and keep it there (and in host memory) until unpinned."""
+    return ResidencyOut(**_serving(request).pin(body.ref, who))
+
+
+@router.post("/unpin", response_model=ResidencyOut)
+def unpin(body: PinIn, who: Who, request: Request) -> ResidencyOut:
+    return ResidencyOut(**_serving(request).unpin(body.ref, who))
