@@ -233,6 +233,7 @@ class Catalog:
     ) -> Revision:
         """Import a PEFT LoRA folder; checks it fits its base model; creates the policy if needed."""
         from lorafleet.catalog.peft import load_peft_dir  # torch is needed on this path only
+        from lorafleet.model.registry import base_digest
 
         adapter = load_peft_dir(Path(path))
         owner, short = parse_policy_name(policy)
@@ -241,7 +242,8 @@ class Catalog:
         if existing is None or existing.deleted_at:
             if not create:
                 raise NotFound(f"no policy {policy}")
-            self.create_policy(who, policy, adapter.base_model, adapter.spec, public=public)
+            self.create_policy(who, policy, adapter.base_model, adapter.spec, public=public,
+                               base_digest=base_digest(adapter.base_model))
         elif existing.base_model != adapter.base_model:
             raise IncompatibleAdapter(
                 f"{path} is an adapter for {adapter.base_model}; {policy} is on {existing.base_model}")

@@ -260,6 +260,15 @@ def _build_tiny(name: str) -> nn.Module:
     return model
 
 
+def base_digest(name: str) -> str:
+    """sha256 identifying a registered base's exact weights, without loading them."""
+    if name == DEFAULT_BASE:
+        return smollm2.gguf_digest()
+    if name in _TINY:
+        return _tiny_digest(name)
+    raise UnknownBaseModel(f"unknown base model {name!r}; registered: {list_bases()}")
+
+
 def load_base(name: str, paths: Paths, dtype: torch.dtype | str = torch.float32) -> LoadedBase:
     """Load a registered base model, frozen, in eval mode, in `dtype` (fp32 or bf16)."""
     if isinstance(dtype, str):
@@ -272,9 +281,10 @@ def load_base(name: str, paths: Paths, dtype: torch.dtype | str = torch.float32)
 
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     if name == DEFAULT_BASE:
-        model, digest = smollm2.load_model(paths.models_dir), smollm2.gguf_digest()
+        model = smollm2.load_model(paths.models_dir)
     else:
-        model, digest = _build_tiny(name), _tiny_digest(name)
+        model = _build_tiny(name)
+    digest = base_digest(name)
     model = model.to(dtype)
     model.eval()
     model.requires_grad_(False)
