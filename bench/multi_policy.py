@@ -10,7 +10,9 @@ adapters); `sequential` trains policy 0, then 1, then 2, each alone. Same proble
 init seeds, same sampling seeds in both modes, so each policy should learn the same thing.
 Keys: wall_speedup = sequential / concurrent wall seconds (target >= 1.77, MinT's 4B figure);
 peak_rss_ratio = server VmHWM concurrent / sequential (target <= 1.10); final_reward_* per
-policy and mode (the mean of the last step), max_final_reward_diff; the server's fusion counters.
+policy and mode (the mean of the last step), max_final_reward_diff; the server's CPU seconds and
+mean rows per engine call (sample / train) in each mode. `--serial-fwdbwd` keeps the policies'
+forward_backward calls apart (the recipe's option), which shows what fusing them costs in memory.
 """
 
 from __future__ import annotations
@@ -67,6 +69,22 @@ class Server:
                 return int(line.split()[1]) * 1024
         raise KeyError(field)
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the server process has used (all its threads)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def batch_rows(self) -> dict[str, float]:
+        """Mean rows per engine call by kind, from the server's /metrics histogram."""
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        sums, counts = {}, {}
+        for line in text.splitlines():
+            for suffix, into in (("_sum", sums), ("_count", counts)):
+                if line.startswith("lorafleet_batch_rows" + suffix + "{"):
+                    kind = line.split('kind="', 1)[1].split('"', 1)[0]
+                    into[kind] = float(line.rsplit(" ", 1)[1])
+        return {k: sums[k] / counts[k] for k in counts if counts[k]} | {f"{k}_calls": counts[k] for k in counts}
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -91,6 +109,7 @@ def run_mode(mode: str, cfg, threads: int, workdir: Path) -> dict:
     try:
         cfg.base_url = server.url
         rss_idle = server.status("VmHWM")
+        cpu0 = server.cpu_s()
         t0 = time.perf_counter()
         if mode == "concurrent":
             policies = asyncio.run(grpo.train(cfg))
@@ -100,9 +119,12 @@ def run_mode(mode: str, cfg, threads: int, workdir: Path) -> dict:
                 policies += asyncio.run(grpo.train(cfg, [p]))
         wall = time.perf_counter() - t0
         peak = server.status("VmHWM")
+        cpu = server.cpu_s() - cpu0
+        rows = server.batch_rows()
     finally:
         server.stop()
-    return {"wall_s": wall, "peak_rss": peak, "rss_after_load": rss_idle,
+    return {"wall_s": wall, "peak_rss": peak, "rss_after_load": rss_idle, "server_cpu_s": cpu,
+            "batch_rows": rows,
             "rewards": [p.rewards for p in policies]}
 
 
@@ -114,6 +136,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="server torch threads (default 1)")
     ap.add_argument("--policies", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--serial-fwdbwd", action="store_true",
+                    help="recipe's serial_fwdbwd: no fused forward_backward across policies")
     ap.add_argument("--order", default="sequential,concurrent", help="modes, in this order")
     args = ap.parse_args()
     os.environ.setdefault("TINKER_API_KEY", "tml-local")
@@ -121,7 +145,7 @@ def main() -> None:
 
     cfg = grpo.Config(base_model=TINY if args.quick else SMOL, policies=args.policies, steps=args.steps,
                       group_size=4, batch_size=2, max_tokens=8, learning_rate=1e-3, quiet=True,
-                      name_prefix="mp")
+                      name_prefix="mp", serial_fwdbwd=args.serial_fwdbwd)
     workdir = Path(tempfile.mkdtemp(prefix="lorafleet-multi-policy-"))
     res = {}
     for mode in args.order.split(","):
@@ -134,7 +158,7 @@ def main() -> None:
     emit({
         "bench": "multi_policy", "base": cfg.base_model, "policies": cfg.policies, "steps": cfg.steps,
         "group_size": cfg.group_size, "batch_size": cfg.batch_size, "max_tokens": cfg.max_tokens,
-        "threads": args.threads,
+        "threads": args.threads, "serial_fwdbwd": args.serial_fwdbwd,
         "sequential_s": seq["wall_s"], "concurrent_s": con["wall_s"],
         "wall_speedup": seq["wall_s"] / con["wall_s"],
         "peak_rss_sequential_mib": seq["peak_rss"] / 2**20, "peak_rss_concurrent_mib": con["peak_rss"] / 2**20,
@@ -142,6 +166,12 @@ def main() -> None:
         "final_reward_sequential": final_seq, "final_reward_concurrent": final_con,
         "max_final_reward_diff": max(abs(a - b) for a, b in zip(final_seq, final_con)),
         "reward_curves_identical": seq["rewards"] == con["rewards"],
+        # where the speed-up comes from: server CPU seconds (same work, fewer seconds = batching
+        # efficiency) vs wall (idle gaps filled), and mean rows per engine call
+        "server_cpu_s_sequential": seq["server_cpu_s"], "server_cpu_s_concurrent": con["server_cpu_s"],
+        "server_busy_sequential": seq["server_cpu_s"] / seq["wall_s"],
+        "server_busy_concurrent": con["server_cpu_s"] / con["wall_s"],
+        "batch_rows_sequential": seq["batch_rows"], "batch_rows_concurrent": con["batch_rows"],
         "mean_reward_sequential": [sum(r) / len(r) for r in seq["rewards"]],
         "mean_reward_concurrent": [sum(r) / len(r) for r in con["rewards"]],
     })

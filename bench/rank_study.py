@@ -1,10 +1,12 @@
 """How small can the adapter be? GRPO on the recipe's task at LoRA ranks x seeds (long; not in CI).
 
-    python bench/rank_study.py                    # SmolLM2, ranks 1,4,16 x seeds 0,1,2, 12 steps
+    python bench/rank_study.py                    # SmolLM2, ranks 1,4,16 x seeds 0,1,2, 10 steps, group 6 x 2
     python bench/rank_study.py --quick            # tiny-llama, 2 steps (plumbing only)
 
 All rank x seed runs train concurrently on one `lorafleet serve` subprocess (the recipe's own
-`train`); each is its own training run. Policies with the same seed see the same problems.
+`train`); each is its own training run. Sampling is batched across them; forward_backward runs
+one policy at a time (`serial_fwdbwd`): fusing all 9 made the server's fp32 logits
+(9 x 16 x ~50 tokens x 49,152 vocab) and their gradients reach 15.5 GB RSS and get OOM-killed. Policies with the same seed see the same problems.
 Prints ONE JSON line (reward curves, first/last-3-steps mean per run, per-rank summary) and
 writes the plot to --plot (default docs/img/rank_study.png).
 """
@@ -58,8 +60,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--ranks", default="1,4,16")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--group-size", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--learning-rate", type=float, default=1e-3)
     ap.add_argument("--task", default="add")
@@ -76,7 +78,7 @@ def main() -> None:
     base = TINY if args.quick else SMOL
     cfg = grpo.Config(base_model=base, steps=args.steps, group_size=args.group_size,
                       batch_size=args.batch_size, max_tokens=8, learning_rate=args.learning_rate,
-                      quiet=False, name_prefix="rank", task=args.task)
+                      quiet=False, name_prefix="rank", task=args.task, serial_fwdbwd=True)
     runs = [(r, s) for s in seeds for r in ranks]
     policies = [grpo.Policy(i, args.task, rank=r, seed=s, rng=random.Random(s * 1000))
                 for i, (r, s) in enumerate(runs)]
