@@ -129,3 +129,34 @@ def test_pinned_adapters_stay(tiny_engine):
     res.ensure_host("rev4").result(10)
     res.activate(["rev4"])  # rev0 is now the least recently used slot and unpinned
     assert res.tier("rev0") is not Tier.SLOT and res.tier("rev4") is Tier.SLOT
+
+
+def test_holds_keep_host_weights_and_pins_keep_slots(tiny_engine):
+    fetch = BlobFetch(tiny_engine.info, 6)
+    res = Residency(tiny_engine, fetch, max_slots=2, max_host_adapters=2)
+    res.hold("rev0")  # before the load: applies on arrival
+    res.ensure_host("rev0").result(10)
+    res.ensure_host("rev1").result(10)
+    res.ensure_host("rev2").result(10)  # evicts rev1, never the held rev0
+    assert res.tier("rev0") is Tier.HOST and res.tier("rev1") is Tier.STORE
+    res.hold("rev2")
+    with pytest.raises(NoCapacity):  # host full of held adapters: a retryable refusal
+        res.ensure_host("rev3").result(10)
+    res.release("rev0")
+    res.release("rev2")
+    res.ensure_host("rev3").result(10)
+    # a hold never pins a slot; a pin does, and is counted
+    res.pin("rev3")
+    res.pin("rev3")
+    res.activate(["rev3"])
+    assert res.is_pinned("rev3") and res.free_slots_for_batch() == 1
+    res.ensure_host("rev4").result(10)
+    res.activate(["rev4"])
+    res.ensure_host("rev5").result(10)
+    res.activate(["rev5"])  # evicts rev4, never the pinned rev3
+    assert res.tier("rev3") is Tier.SLOT and res.tier("rev4") is not Tier.SLOT
+    res.unpin("rev3")
+    assert res.is_pinned("rev3")
+    res.unpin("rev3")
+    assert not res.is_pinned("rev3") and res.free_slots_for_batch() == 2
+    res.close()
