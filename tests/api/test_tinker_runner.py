@@ -4,50 +4,46 @@ from __future__ import annotations
 
 import threading
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from lorafleet.api.runner import FWDBWD, Op, Runner
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.checkpoints import Checkpoints
 from lorafleet.api.tinker.futures import FutureTable
 from lorafleet.api.tinker.store import TinkerStore
-from lorafleet.errors import BadTokens, InvalidRequest
+from lorafleet.engine import Engine
+from lorafleet.errors import InvalidRequest
 from lorafleet.lora.spec import LoraSpec
-from lorafleet.train.types import AdamParams, Datum, FwdBwdRequest, FwdBwdResult
+from lorafleet.model import load_base
 
 
-class FakeEngine:
-    """Records what the runner asks; fails forward_backward for token id 999."""
+class RecordingEngine(Engine):
+    """The real engine on tiny-llama, recording what the runner asks and able to pause."""
 
-    def __init__(self):
+    def __init__(self, base):
+        super().__init__(base)
         self.calls: list[tuple] = []
         self.gate = threading.Event()
         self.gate.set()
         self.discarded: list[int] = []
 
-    def create_adapter(self, spec, seed=None):
-        self.handles = getattr(self, "handles", 100) + 1
-        return self.handles
-
     def forward_backward(self, reqs):
         self.gate.wait()
         self.calls.append(("fb", [(r.adapter, int(r.data[0].tokens[0])) for r in reqs]))
-        if any(int(d.tokens[0]) == 999 for r in reqs for d in r.data):
-            raise BadTokens("token 999")
-        return [FwdBwdResult([{"logprobs": torch.zeros(d.tokens.numel()),
-                               "elementwise_loss": torch.ones(d.tokens.numel())} for d in r.data],
-                             {"loss:sum": 1.0}) for r in reqs]
+        return super().forward_backward(reqs)
 
     def optim_step(self, h, hp):
         self.calls.append(("optim", h))
-        return {}
+        return super().optim_step(h, hp)
 
     def discard_grads(self, h):
         self.discarded.append(h)
+        super().discard_grads(h)
+
+
+OUT_OF_VOCAB = 10**6
 
 
 def call(model_id, seq, first_token=1):
@@ -57,14 +53,12 @@ def call(model_id, seq, first_token=1):
 
 
 @pytest.fixture()
-def rig(tmp_path):
+def rig(tmp_path, paths):
     store = TinkerStore(":memory:")
     futures = FutureTable(store)
-    engine = FakeEngine()
-    base = SimpleNamespace(name="fake", digest="d")
-    types = SimpleNamespace(Datum=Datum, FwdBwdRequest=FwdBwdRequest, AdamParams=AdamParams)
-    runner = Runner(engine, base, futures, store, Checkpoints(store, tmp_path), types=types,
-                    gap_timeout_s=0.3)
+    base = load_base("lorafleet/tiny-llama", paths)
+    engine = RecordingEngine(base)
+    runner = Runner(engine, base, futures, store, Checkpoints(store, tmp_path), gap_timeout_s=0.3)
     runner.start()
     yield runner, engine, futures
     runner.stop()
@@ -127,7 +121,7 @@ def test_failed_chunk_discards_grads_and_poisons_optim_step(rig):
     runner, engine, futures = rig
     create(runner, futures, "a")
     good = submit(runner, futures, FWDBWD, "a", 1, call("a", 1, 5))
-    bad = submit(runner, futures, FWDBWD, "a", 2, call("a", 2, 999))
+    bad = submit(runner, futures, FWDBWD, "a", 2, call("a", 2, OUT_OF_VOCAB))
     opt = submit(runner, futures, "optim_step", "a", 3, {})
     assert wait_done(futures, good) == "done"
     assert wait_done(futures, bad) == "failed"
@@ -142,3 +136,22 @@ def test_gap_is_skipped_after_timeout(rig):
     rid = submit(runner, futures, FWDBWD, "a", 2, call("a", 2))  # seq 1 never comes
     assert futures.state_of(rid) == "pending"
     assert wait_done(futures, rid, timeout=3) == "done"
+
+
+def test_a_bad_request_in_a_fused_batch_leaves_other_runs_gradients_alone(rig):
+    runner, engine, futures = rig
+    create(runner, futures, "a")
+    create(runner, futures, "b")
+    first = submit(runner, futures, FWDBWD, "a", 1, call("a", 1, 5))
+    assert wait_done(futures, first) == "done"
+    engine.gate.clear()
+    blocker = submit(runner, futures, FWDBWD, "a", 2, call("a", 2, 6))
+    time.sleep(0.1)
+    fused = [submit(runner, futures, FWDBWD, "a", 3, call("a", 3, 7)),
+             submit(runner, futures, FWDBWD, "b", 1, call("b", 1, OUT_OF_VOCAB))]
+    engine.gate.set()
+    assert wait_done(futures, blocker) == "done"
+    assert [wait_done(futures, rid) for rid in fused] == ["done", "failed"]
+    a = runner.models["a"].handle
+    assert a not in engine.discarded and engine.has_grads(a)
+    assert wait_done(futures, submit(runner, futures, "optim_step", "a", 4, {})) == "done"

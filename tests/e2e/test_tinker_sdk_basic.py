@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tinker
-import torch
 from tinker import types
 
 from tests.e2e.conftest import TINY

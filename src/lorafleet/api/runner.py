@@ -39,10 +39,10 @@ from lorafleet.api.runner_training import TrainingWork
 from lorafleet.api.tinker.checkpoints import Checkpoints
 from lorafleet.api.tinker.futures import JSON_TYPE, FutureTable
 from lorafleet.api.tinker.store import TinkerStore
-from lorafleet.api.work import BARRIERS, FWDBWD, LiveModel, Op, engine_types
+from lorafleet.api.work import BARRIERS, FWDBWD, LiveModel, Op
 from lorafleet.errors import InvalidRequest, LorafleetError, NoCapacity, NotFound
 
-__all__ = ["FWDBWD", "LiveModel", "Op", "Runner", "engine_types"]
+__all__ = ["FWDBWD", "LiveModel", "Op", "Runner"]
 log = logging.getLogger("lorafleet.tinker.runner")
 
 
@@ -57,7 +57,6 @@ class Runner(TrainingWork, SamplingWork):
         store: TinkerStore,
         checkpoints: Checkpoints,
         *,
-        types: Any = None,
         gap_timeout_s: float = 30.0,
         max_sample_queue: int = 512,
         max_fused_tokens: int = 65536,
@@ -70,7 +69,6 @@ class Runner(TrainingWork, SamplingWork):
         self.futures = futures
         self.store = store
         self.checkpoints = checkpoints
-        self.t = types or engine_types()
         self.gap_timeout_s = gap_timeout_s
         self.max_sample_queue = max_sample_queue
         self.max_fused_tokens = max_fused_tokens

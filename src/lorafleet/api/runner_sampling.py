@@ -20,6 +20,7 @@ from typing import Any
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.futures import PROTO_TYPE
 from lorafleet.engine.residency import Tier
+from lorafleet.engine.types import SampleRequest, SamplingParams
 from lorafleet.errors import LorafleetError, NotFound
 from lorafleet.lora import io as lora_io
 from lorafleet.lora.weights import LoraWeights
@@ -141,8 +142,8 @@ class SamplingWork:
                                      "on_token": j.on_token, "future": j.future}) for j in jobs]
 
     def _sample_request(self, handle: int | None, p: dict[str, Any]) -> Any:
-        params = self.t.SamplingParams(**p["params"])
-        return self.t.SampleRequest(
+        params = SamplingParams(**p["params"])
+        return SampleRequest(
             adapter=handle, prompt=p["prompt"], num_samples=p["num_samples"], params=params,
             prompt_logprobs=p["prompt_logprobs"],
         )

