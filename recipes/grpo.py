@@ -7,8 +7,11 @@ Each policy is its own training run on `lorafleet serve`. A step of one policy:
   3. reward each completion (0.5 for the strict format "just the number", 0.5 for the right
      value) and take group-relative advantages  A = r - mean(r_group);
   4. `forward_backward` with `importance_sampling` (or `ppo`) and `optim_step`.
-The K policies run concurrently (asyncio), so the server fuses their sampling into shared
-decode batches and their forward_backward calls into shared training batches.
+The K policies run concurrently (asyncio), so the server batches their sampling into shared
+decode batches and fuses their forward_backward calls into shared training batches
+(`--serial-fwdbwd` keeps those apart: flat server memory, no wall-time cost on CPU; see
+docs/BENCHMARKS.md). Sampling is seeded per (policy, step, prompt): a policy learns the same
+thing whether it runs alongside others or alone.
 
 Run (after `make run` in another shell):
     .venv/bin/python recipes/grpo.py --policies 3 --steps 20
