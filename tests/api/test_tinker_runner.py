@@ -155,3 +155,11 @@ def test_a_bad_request_in_a_fused_batch_leaves_other_runs_gradients_alone(rig):
     a = runner.models["a"].handle
     assert a not in engine.discarded and engine.has_grads(a)
     assert wait_done(futures, submit(runner, futures, "optim_step", "a", 4, {})) == "done"
+
+
+def test_fused_batches_are_capped_by_logit_memory(tmp_path, paths):
+    base = load_base("lorafleet/tiny-llama", paths)
+    runner = Runner(RecordingEngine(base), base, FutureTable(TinkerStore(":memory:")),
+                    TinkerStore(":memory:"), Checkpoints(TinkerStore(":memory:"), tmp_path),
+                    max_fused_logit_bytes=4 * base.info.vocab_size * 4 * 3)
+    assert runner.max_fused_tokens == 4  # two 3-token chunks no longer fit one batch

@@ -60,6 +60,7 @@ class Runner(TrainingWork, SamplingWork):
         gap_timeout_s: float = 30.0,
         max_sample_queue: int = 512,
         max_fused_tokens: int = 65536,
+        max_fused_logit_bytes: int = 4 << 30,
         catalog: Any = None,
         residency: Any = None,
         metrics: Any = None,
@@ -71,7 +72,10 @@ class Runner(TrainingWork, SamplingWork):
         self.checkpoints = checkpoints
         self.gap_timeout_s = gap_timeout_s
         self.max_sample_queue = max_sample_queue
-        self.max_fused_tokens = max_fused_tokens
+        # a fused batch holds its full-vocabulary logits ~3 times (logits, softmax, grads):
+        # 9 fused SmolLM2 policies reached 15.5 GB, so cap the tokens by that memory too
+        vocab = getattr(getattr(base, "info", None), "vocab_size", 0) or 1
+        self.max_fused_tokens = max(1, min(max_fused_tokens, max_fused_logit_bytes // (vocab * 4 * 3)))
         self.catalog = catalog  # a CatalogBridge, or None to keep checkpoints local only
         self.metrics = metrics  # lorafleet.metrics.Metrics: batch sizes and tokens
         # engine.residency.Residency: every adapter version that samples (catalog revisions
