@@ -8,7 +8,7 @@ from lorafleet.errors import IncompatibleAdapter, InvalidRequest
 from lorafleet.lora.spec import LoraSpec
 from lorafleet.lora.weights import LoraWeights
 from lorafleet.train.types import AdamParams, Datum, FwdBwdRequest
-from tests.helpers import random_adapter
+from tests.helpers import assert_fused_equals_separate, random_adapter, random_datum
 
 EXPERTS = ("gate_proj", "up_proj", "down_proj")
 SPECS = [
@@ -38,37 +38,12 @@ def top1_engine(paths):
     return Engine(load_base_from_config("test/tiny-moe-top1", cfg, paths))
 
 
-def _datum(seed, n, loss):
-    g = torch.Generator().manual_seed(seed)
-    toks = torch.randint(3, 1000, (n + 1,), generator=g)
-    inputs = {"target_tokens": toks[1:]}
-    if loss == "cross_entropy":
-        inputs["weights"] = torch.rand(n, generator=g) - 0.2
-    else:
-        inputs["logprobs"] = -torch.rand(n, generator=g) * 5
-        inputs["advantages"] = torch.randn(n, generator=g)
-    return Datum(toks[:-1], inputs)
-
-
-def _grads(engine, h):
-    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in engine._live(h).params]
-
-
 @pytest.mark.parametrize("loss", ["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"])
 def test_fused_expert_lora_gradients_equal_separate_runs(moe_engine, loss):
     e = moe_engine
     handles = [e.create_adapter(s, weights=random_adapter(e.info, s, seed=i, b_scale=0.2)) for i, s in enumerate(SPECS)]
-    reqs = [FwdBwdRequest(h, [_datum(10 * i + j, 5 + 2 * j + i, loss) for j in range(2)], loss) for i, h in enumerate(handles)]
-    fused = e.forward_backward(reqs)
-    fused_grads = [_grads(e, h) for h in handles]
-    for h in handles:
-        e.discard_grads(h)
-    for i, (h, req) in enumerate(zip(handles, reqs)):
-        (alone,) = e.forward_backward([req])
-        for g_fused, g_alone in zip(fused_grads[i], _grads(e, h)):
-            torch.testing.assert_close(g_fused, g_alone, rtol=1e-3, atol=1e-5)
-        assert alone.metrics["loss:sum"] == pytest.approx(fused[i].metrics["loss:sum"], rel=1e-5, abs=1e-5)
-        e.discard_grads(h)
+    reqs = [FwdBwdRequest(h, [random_datum(10 * i + j, 5 + 2 * j + i, loss) for j in range(2)], loss) for i, h in enumerate(handles)]
+    _, fused_grads = assert_fused_equals_separate(e, handles, reqs, rtol=1e-3, atol=1e-5)
     # every expert-LoRA tensor that saw a token got a gradient (experts hit, router, attention)
     live = e._live(handles[0]).weights.pairs
     assert live["model.layers.0.mlp.experts.down_proj"][1].ndim == 3
@@ -85,19 +60,11 @@ def test_fused_batches_with_replayed_and_fresh_routes_equal_separate_runs(moe_en
     def routes(n):  # distinct expert ids per token, as a router would choose
         return torch.stack([torch.stack([torch.randperm(16, generator=g)[:2] for _ in range(n)]) for _ in range(4)])
 
-    data = [_datum(40 + j, 6 + j, "ppo") for j in range(3)]
+    data = [random_datum(40 + j, 6 + j, "ppo") for j in range(3)]
     data[0] = Datum(data[0].tokens, data[0].loss_inputs, routes=routes(6))
     data[2] = Datum(data[2].tokens, data[2].loss_inputs, routes=routes(8))
     reqs = [FwdBwdRequest(handles[0], data[:2], "ppo"), FwdBwdRequest(handles[1], data[1:], "ppo")]
-    fused = e.forward_backward(reqs)
-    fused_grads = [_grads(e, h) for h in handles]
-    for h in handles:
-        e.discard_grads(h)
-    for i, (h, req) in enumerate(zip(handles, reqs)):
-        (alone,) = e.forward_backward([req])
-        for g_fused, g_alone in zip(fused_grads[i], _grads(e, h)):
-            torch.testing.assert_close(g_fused, g_alone, rtol=1e-3, atol=1e-5)
-        assert alone.metrics["loss:sum"] == pytest.approx(fused[i].metrics["loss:sum"], rel=1e-5, abs=1e-5)
+    fused, _ = assert_fused_equals_separate(e, handles, reqs, rtol=1e-3, atol=1e-5)
     (fresh,) = e.forward_backward([FwdBwdRequest(handles[0], data[:1], "ppo", forward_only=True, replay_routes=False)])
     assert (fresh.outputs[0]["logprobs"] - fused[0].outputs[0]["logprobs"]).abs().max() > 1e-3  # replay mattered
     for h in handles:
@@ -107,7 +74,7 @@ def test_fused_batches_with_replayed_and_fresh_routes_equal_separate_runs(moe_en
 def test_expert_lora_trains_and_loss_falls(moe_engine):
     e = moe_engine
     h = e.create_adapter(LoraSpec(rank=4, alpha=32, target_modules=(*EXPERTS, "gate")), seed=0)
-    data = [Datum(d.tokens, {"target_tokens": d.loss_inputs["target_tokens"]}) for d in (_datum(s, 12, "cross_entropy") for s in range(3))]
+    data = [Datum(d.tokens, {"target_tokens": d.loss_inputs["target_tokens"]}) for d in (random_datum(s, 12, "cross_entropy") for s in range(3))]
     (first,) = e.forward_backward([FwdBwdRequest(h, data)])
     for _ in range(6):
         e.optim_step(h, AdamParams(learning_rate=1e-2))
@@ -213,7 +180,7 @@ def test_trained_moe_adapter_exports_and_reloads_identically(moe_engine, tmp_pat
     e = moe_engine
     spec = LoraSpec(rank=2, alpha=16.0, target_modules=("q_proj", *EXPERTS, "gate"))
     h = e.create_adapter(spec, seed=1)
-    data = [_datum(s, 9, "cross_entropy") for s in range(2)]
+    data = [random_datum(s, 9, "cross_entropy") for s in range(2)]
     for _ in range(2):
         e.forward_backward([FwdBwdRequest(h, data)])
         e.optim_step(h, AdamParams(learning_rate=1e-2))

@@ -6,19 +6,7 @@ import torch
 from lorafleet.errors import BadTokens, InvalidRequest, MissingLossInput, NotFound, UnknownLoss
 from lorafleet.lora.spec import LoraSpec
 from lorafleet.train.types import AdamParams, Datum, FwdBwdRequest
-from tests.helpers import random_adapter
-
-
-def _datum(seed, n, loss="cross_entropy"):
-    g = torch.Generator().manual_seed(seed)
-    toks = torch.randint(3, 1000, (n + 1,), generator=g)
-    inputs = {"target_tokens": toks[1:]}
-    if loss == "cross_entropy":
-        inputs["weights"] = torch.rand(n, generator=g) - 0.2  # real-valued, some negative
-    else:
-        inputs["logprobs"] = -torch.rand(n, generator=g) * 5
-        inputs["advantages"] = torch.randn(n, generator=g)
-    return Datum(toks[:-1], inputs)
+from tests.helpers import assert_fused_equals_separate, grads, random_adapter, random_datum
 
 
 SPECS = [
@@ -28,30 +16,16 @@ SPECS = [
 ]
 
 
-def _grads(engine, h):
-    return [p.grad.clone() for p in engine._live(h).params]
-
-
 @pytest.mark.parametrize("loss", ["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"])
 def test_fused_gradients_equal_separate_runs(tiny_engine, loss):
     handles = [tiny_engine.create_adapter(s, weights=random_adapter(tiny_engine.info, s, seed=i)) for i, s in enumerate(SPECS)]
-    reqs = [FwdBwdRequest(h, [_datum(10 * i + j, 5 + 3 * j + i, loss) for j in range(2)], loss) for i, h in enumerate(handles)]
-    fused = tiny_engine.forward_backward(reqs)
-    fused_grads = [_grads(tiny_engine, h) for h in handles]
-    for h in handles:
-        tiny_engine.discard_grads(h)
-    for i, (h, req) in enumerate(zip(handles, reqs)):
-        (alone,) = tiny_engine.forward_backward([req])
-        for g_fused, g_alone in zip(fused_grads[i], _grads(tiny_engine, h)):
-            torch.testing.assert_close(g_fused, g_alone, rtol=1e-4, atol=1e-6)
-        assert alone.metrics["loss:sum"] == pytest.approx(fused[i].metrics["loss:sum"], rel=1e-5, abs=1e-5)
-        for o_f, o_a in zip(fused[i].outputs, alone.outputs):
-            torch.testing.assert_close(o_f["logprobs"], o_a["logprobs"], rtol=1e-5, atol=1e-5)
+    reqs = [FwdBwdRequest(h, [random_datum(10 * i + j, 5 + 3 * j + i, loss) for j in range(2)], loss) for i, h in enumerate(handles)]
+    assert_fused_equals_separate(tiny_engine, handles, reqs, rtol=1e-4, atol=1e-6)
 
 
 def test_forward_only_leaves_no_gradient_and_matches_loss(tiny_engine):
     h = tiny_engine.create_adapter(SPECS[0], seed=1)
-    d = _datum(1, 7)
+    d = random_datum(1, 7)
     (fo,) = tiny_engine.forward_backward([FwdBwdRequest(h, [d], forward_only=True)])
     assert not tiny_engine.has_grads(h)
     want = -(fo.outputs[0]["logprobs"] * d.loss_inputs["weights"]).sum()
@@ -61,13 +35,13 @@ def test_forward_only_leaves_no_gradient_and_matches_loss(tiny_engine):
 
 def test_gradients_accumulate_until_optim_step_and_loss_falls(tiny_engine):
     h = tiny_engine.create_adapter(LoraSpec(rank=8), seed=0)
-    data = [Datum(d.tokens, {"target_tokens": d.loss_inputs["target_tokens"]}) for d in (_datum(s, 12) for s in range(4))]
+    data = [Datum(d.tokens, {"target_tokens": d.loss_inputs["target_tokens"]}) for d in (random_datum(s, 12) for s in range(4))]
     first = tiny_engine.forward_backward([FwdBwdRequest(h, data[:2]), FwdBwdRequest(h, data[2:])])
     loss0 = sum(r.metrics["loss:sum"] for r in first)
-    g_split = _grads(tiny_engine, h)
+    g_split = grads(tiny_engine, h)
     tiny_engine.discard_grads(h)
     tiny_engine.forward_backward([FwdBwdRequest(h, data)])
-    for a, b in zip(g_split, _grads(tiny_engine, h)):
+    for a, b in zip(g_split, grads(tiny_engine, h)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     for _ in range(5):
         tiny_engine.optim_step(h, AdamParams(learning_rate=5e-3))
@@ -80,7 +54,7 @@ def test_gradients_accumulate_until_optim_step_and_loss_falls(tiny_engine):
 def test_optimizer_state_round_trip_gives_identical_next_step(tiny_engine):
     spec = LoraSpec(rank=4)
     h = tiny_engine.create_adapter(spec, seed=0)
-    data = [_datum(3, 9)]
+    data = [random_datum(3, 9)]
     hp = AdamParams(learning_rate=1e-2, weight_decay=0.01, grad_clip_norm=1.0)
     for _ in range(2):
         tiny_engine.forward_backward([FwdBwdRequest(h, data)])
@@ -97,7 +71,7 @@ def test_optimizer_state_round_trip_gives_identical_next_step(tiny_engine):
 
 def test_bad_training_input_gets_typed_errors(tiny_engine):
     h = tiny_engine.create_adapter(SPECS[0], seed=0)
-    d = _datum(0, 4)
+    d = random_datum(0, 4)
     vocab = tiny_engine.info.vocab_size
     cases = [
         (FwdBwdRequest(h, [d], "nope"), UnknownLoss, "unknown loss_fn"),
@@ -121,14 +95,14 @@ def test_optimizer_state_is_keyed_by_name_not_position(tiny_engine):
     """Tensors read back from a sorted safetensors file must still meet their Adam moments."""
     spec = LoraSpec(rank=2, target_modules=("q_proj", "down_proj"))
     h = tiny_engine.create_adapter(spec, seed=0)
-    tiny_engine.forward_backward([FwdBwdRequest(h, [_datum(1, 6)])])
+    tiny_engine.forward_backward([FwdBwdRequest(h, [random_datum(1, 6)])])
     tiny_engine.optim_step(h, AdamParams(learning_rate=1e-2))
     tensors, opt = tiny_engine.get_tensors(h), tiny_engine.optimizer_state(h)
     h2 = tiny_engine.create_adapter(spec, seed=1)
     tiny_engine.set_tensors(h2, dict(sorted(tensors.items(), reverse=True)))
     tiny_engine.load_optimizer_state(h2, opt)
     for handle in (h, h2):
-        tiny_engine.forward_backward([FwdBwdRequest(handle, [_datum(2, 6)])])
+        tiny_engine.forward_backward([FwdBwdRequest(handle, [random_datum(2, 6)])])
         tiny_engine.optim_step(handle, AdamParams(learning_rate=1e-2))
     for k, v in tiny_engine.get_tensors(h).items():
         assert torch.equal(v, tiny_engine.get_tensors(h2)[k])
