@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request, Response
 
+from lorafleet.api.errors import install as install_errors
 from lorafleet.api.runner import Runner
 from lorafleet.api.tinker.catalog_bridge import CatalogBridge
 from lorafleet.api.tinker.checkpoints import Checkpoints
@@ -155,7 +156,7 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
     lookup = (lambda key: catalog.principal_for_key(key).tenant) if catalog is not None else None
     app.state.tenancy = Tenancy(cfg.auth, lookup)
     app.state.url_secret = secrets.token_bytes(32)
-    install_errors(app)
+    install_errors(app)  # the one map from lorafleet errors to HTTP
     app.middleware("http")(_log_requests)
     app.include_router(tinker_router)
     if catalog is not None:
@@ -199,10 +200,3 @@ async def _log_requests(request: Request, call_next):
     log.log(level, "%s %s -> %d in %.1f ms", request.method, request.url.path,
             response.status_code, (time.perf_counter() - t0) * 1000)
     return response
-
-
-def install_errors(app: FastAPI) -> None:
-    """Map lorafleet errors to HTTP: `lorafleet.api.errors` is the one map."""
-    from lorafleet.api.errors import install
-
-    install(app)

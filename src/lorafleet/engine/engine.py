@@ -99,9 +99,6 @@ class Engine:
         self._live(handle)
         del self._adapters[handle]
 
-    def has_adapter(self, handle: int) -> bool:
-        return handle in self._adapters
-
     @property
     def adapter_count(self) -> int:
         return len(self._adapters)

@@ -54,9 +54,6 @@ class PinnedLRU(Generic[K, V]):
         self._items.move_to_end(key)
         return self._items[key]
 
-    def peek(self, key: K) -> V | None:
-        return self._items.get(key)
-
     def can_admit(self, protected: Iterable[K] = ()) -> bool:
         """Whether one more entry fits after evicting everything evictable."""
         keep = set(protected) | set(self._pins)
