@@ -62,6 +62,12 @@ class SamplingWork:
                 keys[op] = op.payload["revision_id"] if op.kind == "serve" else self._resolve_sampler(op)
             except Exception as e:
                 self._sample_failed(op, e)
+        for op in [op for op, k in keys.items() if op.kind == "serve" and k is not None
+                   and self.residency.tier(k) is Tier.STORE]:
+            del keys[op]  # evicted between admission and this batch: load it again, then requeue
+            self._reload_then_requeue(op)
+        if not keys:
+            return
         try:  # every adapter of the batch gets its slot together: none evicts another
             handles = self.residency.activate([k for k in keys.values() if k is not None])
         except Exception as e:
@@ -134,6 +140,34 @@ class SamplingWork:
         with self._cv:
             self._cv.notify_all()
         return job.future
+
+    def _reload_then_requeue(self, op: Op) -> None:
+        """A serving job whose adapter left host memory before its batch (the host cache was
+        full of other loads) goes back to the cold loader; it is requeued once the load lands.
+        Its hold (taken at admission) pins the weights on arrival, so this happens at most once."""
+        from lorafleet.engine.serving import ServeJob
+
+        p = op.payload
+        job = ServeJob(p["revision_id"], p["requests"], p["on_token"], future=p["future"])
+        try:
+            load = self.residency.ensure_host(job.key)
+        except LorafleetError as e:  # the load queue is full: a retryable 429
+            job.future.set_exception(e)
+            return
+
+        def requeue(done: Future) -> None:
+            if done.exception() is not None:
+                job.future.set_exception(done.exception())
+                return
+            try:
+                self.serving.put(job)
+            except LorafleetError as e:
+                job.future.set_exception(e)
+                return
+            with self._cv:
+                self._cv.notify_all()
+
+        load.add_done_callback(requeue)
 
     def _take_serving(self, reserved: int = 0) -> list[Op]:
         """A fair batch of serving jobs (round robin over adapters), as ops for `_run_samples`."""
