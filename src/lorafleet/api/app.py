@@ -1,6 +1,7 @@
 """The FastAPI application: wiring, lifespan, error mapping, request logging.
 
-`create_app(config)` loads the base models, starts one engine thread (`Runner`) per base and
+`create_app(config)` loads the base models, starts one engine scheduler (engine/scheduler.py:
+a compute thread and an I/O worker) per base and
 mounts the Tinker API under `/api/v1` plus `/healthz`. Handlers stay async and thin; the
 engines run in their own threads.
 """
@@ -20,7 +21,6 @@ import torch
 from fastapi import FastAPI, Request, Response
 
 from lorafleet.api.errors import install as install_errors
-from lorafleet.api.runner import Runner
 from lorafleet.api.tinker.catalog_bridge import CatalogBridge
 from lorafleet.api.tinker.checkpoints import Checkpoints
 from lorafleet.api.tinker.futures import FutureTable
@@ -29,6 +29,8 @@ from lorafleet.api.tinker.service import TinkerService
 from lorafleet.api.tinker.store import TinkerStore
 from lorafleet.api.tinker.tenancy import Tenancy
 from lorafleet.config import Paths
+from lorafleet.engine.decode import Budgets
+from lorafleet.engine.scheduler import Scheduler
 
 log = logging.getLogger("lorafleet.api")
 
@@ -68,6 +70,11 @@ class ServeConfig:
     max_host_bytes: int | None = None  # ... and/or in bytes
     load_queue: int = 64  # cold loads waiting or running at most; more misses get 429
     load_batch: int = 8  # cold loads fetched together
+    max_num_seqs: int = 64  # rows decoding at once per engine
+    max_num_batched_tokens: int = 1024  # tokens per decode step (decode rows + prefill chunks)
+    kv_cache_bytes: int = 2 << 30  # KV cache of one engine's running batch; more preempts rows
+    micro_batch_tokens: int = 1024  # training tokens per scheduler iteration (between decode steps)
+    boundary_only: bool = False  # admit sampling work only at batch boundaries (benchmark baseline)
     engines: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # name -> (base, engine)
 
 
@@ -84,13 +91,15 @@ def build_service(cfg: ServeConfig, metrics: Any = None) -> TinkerService:
         from lorafleet.catalog.service import Catalog
 
         bridge = CatalogBridge(Catalog.open(cfg.paths.database_url, cfg.paths.store_url))
-    runners: dict[str, Runner] = {}
+    runners: dict[str, Scheduler] = {}
+    budgets = Budgets(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                      kv_cache_bytes=cfg.kv_cache_bytes, boundary_only=cfg.boundary_only)
     for name in cfg.bases:
         base, engine = cfg.engines.get(name) or _load(name, cfg)
-        runners[name] = Runner(engine, base, futures, store, checkpoints,
-                               gap_timeout_s=cfg.gap_timeout_s,
-                               max_sample_queue=cfg.max_sample_queue, catalog=bridge,
-                               residency=_residency(engine, bridge, metrics, cfg), metrics=metrics)
+        runners[name] = Scheduler(engine, base, residency=_residency(engine, bridge, metrics, cfg),
+                                  budgets=budgets, gap_timeout_s=cfg.gap_timeout_s,
+                                  max_sample_queue=cfg.max_sample_queue,
+                                  micro_batch_tokens=cfg.micro_batch_tokens, metrics=metrics)
     return TinkerService(runners, store, futures, checkpoints, catalog=bridge)
 
 

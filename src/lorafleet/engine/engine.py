@@ -1,7 +1,8 @@
 """Engine: one resident base model executing training and sampling for many adapters.
 
-Synchronous and single-threaded by design: the API runs it in one worker thread and feeds
-it batches. Adapters are addressed by engine-assigned integer handles; adding or removing
+Synchronous and single-threaded by design: the scheduler (engine/scheduler.py) drives it from
+one compute thread. `sample` is the whole-batch reference path (engine/generate.py); serving
+decodes through engine/decode.py, which joins and retires rows every step. Adapters are addressed by engine-assigned integer handles; adding or removing
 one never touches the base weights (the LoRA layers read the batch's adapters from the
 runtime, see lora/layers.py).
 """
@@ -294,13 +295,14 @@ class Engine:
         """
         for req in reqs:
             self.validate_sample(req)
-        adapters = [self._slot_weights_for_sampling(r.adapter) for r in reqs]
+        adapters = [self.sampling_weights(r.adapter) for r in reqs]
         return generate(
             self.base.model, self.runtime, self.base.tokenizer, self.base.eos_token_id, reqs, adapters,
             router_paths=self.router_paths, on_token=on_token,
         )
 
-    def _slot_weights_for_sampling(self, handle: int | None) -> LoraWeights | None:
+    def sampling_weights(self, handle: int | None) -> LoraWeights | None:
+        """The weights sampling rows of `handle` use (None: the base alone)."""
         if handle is None:
             return None
         return self._live(handle).weights

@@ -10,15 +10,21 @@ miss is queued on the ColdLoader and the request waits without blocking resident
 Keys are immutable revision ids, so the same key always means the same bytes, and an evicted
 adapter reloaded later gives bit-identical outputs.
 
-Threading: `activate`/`release_slots` run on the engine thread only; everything else is
-safe from any thread (the host tier has a lock).
+Admission is one protocol, acquire -> lease -> release: the service calls `acquire(key)`
+when it admits a request (a counted host hold taken *before* the load is asked for, so a
+loaded adapter can never be evicted before its job runs); the scheduler calls
+`lease.activate()` when the job's rows join the batch (a slot, pinned while the rows run) and
+`lease.release()` when the job ends (slot pin and host hold dropped, exactly once).
+
+Threading: `activate` and `Lease.activate` run on the engine thread only; everything else is
+safe from any thread (the tiers share one lock).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future
 from enum import StrEnum
 
@@ -40,6 +46,38 @@ class Tier(StrEnum):
 
 class NotResident(LookupError):
     """`activate` was asked for a key that is not in host memory yet (an engine-thread bug)."""
+
+
+class Lease:
+    """One job's hold on an adapter version, from admission to the end of the job.
+
+    `loaded` resolves once the weights are in host memory. Released exactly once.
+    """
+
+    def __init__(self, residency: Residency, key: Hashable, loaded: Future) -> None:
+        self.residency = residency
+        self.key = key
+        self.loaded = loaded
+        self._slot = False
+        self._released = False
+
+    def activate(self) -> int:
+        """Engine thread: the adapter's engine handle, its slot pinned until `release`."""
+        handle = self.residency.activate([self.key])[self.key]
+        if not self._slot:
+            with self.residency._lock:
+                self.residency._slots.pin(self.key)
+            self._slot = True
+        return handle
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        with self.residency._lock:
+            if self._slot and self.key in self.residency._slots:
+                self.residency._slots.unpin(self.key)
+        self.residency.release(self.key)
 
 
 class Residency:
@@ -104,6 +142,29 @@ class Residency:
             return done
         self.metrics.tier_misses.labels(Tier.HOST).inc()
         return self.loader.request(key)
+
+    def acquire(self, key: Hashable, load: Callable[[], LoraWeights] | None = None) -> Lease:
+        """Admit a request for `key`: hold it in host memory until the lease is released.
+
+        The hold comes first, so the weights cannot be evicted between their load and the job.
+        A miss is loaded by `load()` (called here, e.g. a Tinker checkpoint read) or else by
+        the cold loader (`lease.loaded` resolves when it lands; NoCapacity when its queue is
+        full).
+        """
+        self.hold(key)
+        try:
+            if load is not None and not self.has_host(key):
+                self.add_host(key, load())
+            loaded = self.ensure_host(key)
+        except BaseException:
+            self.release(key)
+            raise
+        return Lease(self, key, loaded)
+
+    def can_activate(self, key: Hashable) -> bool:
+        """Whether `key` has a slot or one can be made now (without evicting pinned slots)."""
+        with self._lock:
+            return key in self._slots or self._slots.can_admit()
 
     def add_host(self, key: Hashable, weights: LoraWeights) -> None:
         """Put weights the caller already has (e.g. fresh from training) into the host tier."""

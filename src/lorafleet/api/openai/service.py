@@ -3,22 +3,27 @@
 A request's adapter reference (`owner/name`, `owner/name:alias`, `owner/name@rev`,
 `tinker://...`) resolves to one immutable revision at admission; the request then runs on
 that revision even if the alias moves meanwhile. A cold revision is loaded by the residency
-manager's scheduler while the request waits (without holding up resident work); a full load
-queue answers 429 + Retry-After.
+manager's cold loader while the request waits (without holding up resident work); a full load
+queue answers 429 + Retry-After. Requests become typed sample jobs on the base's scheduler,
+in the same fair queue as Tinker samples; their results come back through a `Reply` sink.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
+from typing import Any
 
 from lorafleet.catalog.records import Principal
 from lorafleet.catalog.service import Catalog
+from lorafleet.engine.jobs import Job, Sample, WorkKind
+from lorafleet.engine.residency import Lease
 from lorafleet.engine.types import SampleRequest, SampleResult, SamplingParams
-from lorafleet.engine.residency import Tier
-from lorafleet.errors import InvalidRequest, NoCapacity, NotFound
+from lorafleet.errors import InvalidRequest, NotFound
 from lorafleet.metrics import Metrics
 
 TokenCallback = Callable[[int, int, int, float], None]  # (request, sample, token, logprob)
@@ -37,8 +42,8 @@ class OpenAIService:
     """Glue between the /v1 routes, the catalog and the engines' serving queues.
 
     Args:
-        runners: base name -> the runner that owns that base's engine (see api/runner.py):
-            `.residency`, `.base` (tokenizer, info) and `.submit_serving(...)`.
+        runners: base name -> the engine scheduler of that base (engine/scheduler.py):
+            `.residency`, `.base` (tokenizer, info) and `.submit(job)`.
     """
 
     def __init__(self, runners: dict, catalog: Catalog, metrics: Metrics) -> None:
@@ -71,29 +76,22 @@ class OpenAIService:
                 f"exceeds the context length of {target.base}: {limit} tokens"
             )
 
-    # ---- residency: admission holds, warm-up and pins -----------------------------------
+    # ---- residency: admission leases, warm-up and pins ----------------------------------
 
-    async def hold(self, target: Target) -> None:
-        """Make the target's revision host-resident and pin it there until `release`.
-
-        A miss waits for its cold load (queued, shared with identical misses) without holding
-        up resident work; a full load queue raises NoCapacity (429). The pin keeps the weights
-        in host memory until the engine has put them into a slot, however busy the cache is.
-        """
+    async def acquire(self, target: Target) -> Lease | None:
+        """A residency lease on the target's revision, its weights in host memory (None: the
+        base alone). A miss waits for its cold load (queued, shared with identical misses)
+        without holding up resident work; a full load queue raises NoCapacity (429). The
+        lease holds the weights from now until the engine releases it when the job ends."""
         if target.revision_id is None:
-            return
-        residency = self.runners[target.base].residency
-        for _ in range(8):
-            await asyncio.wrap_future(residency.ensure_host(target.revision_id))
-            residency.hold(target.revision_id)
-            if residency.tier(target.revision_id) != Tier.STORE:
-                return
-            residency.release(target.revision_id)  # evicted between load and hold: load again
-        raise NoCapacity("the adapter cache is too busy to keep this adapter; retry shortly")
-
-    def release(self, target: Target) -> None:
-        if target.revision_id is not None:
-            self.runners[target.base].residency.release(target.revision_id)
+            return None
+        lease = self.runners[target.base].residency.acquire(target.revision_id)
+        try:  # shielded: the load is shared, a client that leaves must not cancel it for others
+            await asyncio.shield(asyncio.wrap_future(lease.loaded))
+        except BaseException:
+            lease.release()
+            raise
+        return lease
 
     def warm(self, ref: str, who: Principal, tier: str = "slot", timeout_s: float = 120.0) -> dict:
         """Blocking (call from a worker thread): load `ref` into host memory, and into an engine
@@ -104,15 +102,18 @@ class OpenAIService:
         if target.revision_id is None:
             return self._where(target)
         runner = self.runners[target.base]
-        runner.residency.ensure_host(target.revision_id).result(timeout_s)
-        if tier == "slot":
-            runner.residency.hold(target.revision_id)
-            try:
-                if runner.residency.tier(target.revision_id) == Tier.STORE:  # evicted meanwhile
-                    raise NoCapacity("the adapter cache is too busy to warm this adapter; retry shortly")
-                runner.submit_serving(target.revision_id, []).result(timeout_s)
-            finally:
-                runner.residency.release(target.revision_id)
+        lease = runner.residency.acquire(target.revision_id)
+        try:
+            lease.loaded.result(timeout_s)
+        except BaseException:
+            lease.release()
+            raise
+        if tier == "host":
+            lease.release()
+            return self._where(target)
+        reply = Reply()  # a job without requests: the engine puts the adapter into a slot
+        self._submit(runner, Job(WorkKind.SAMPLE, Sample([], lease), reply))
+        reply.future.result(timeout_s)
         return self._where(target)
 
     def pin(self, ref: str, who: Principal, timeout_s: float = 120.0) -> dict:
@@ -139,6 +140,14 @@ class OpenAIService:
 
     # ---- sampling ---------------------------------------------------------------------------
 
+    def _submit(self, runner, job: Job) -> None:
+        try:
+            runner.submit(job)  # NoCapacity (429) when the sample queue is full
+        except BaseException:
+            if job.payload.lease is not None:
+                job.payload.lease.release()
+            raise
+
     async def sample(
         self,
         target: Target,
@@ -147,7 +156,10 @@ class OpenAIService:
         n: int,
         on_token: TokenCallback | None = None,
     ) -> list[SampleResult]:
-        """Sample `n` completions per prompt on the target's revision (held: see `hold`)."""
+        """Sample `n` completions per prompt on the target's revision (leased: see `acquire`).
+
+        A caller that goes away (its task is cancelled, e.g. a closed SSE stream) cancels the
+        job: the engine frees its rows at its next step."""
         runner = self.runners[target.base]
         t0 = time.perf_counter()
         first: list[float] = []
@@ -158,13 +170,15 @@ class OpenAIService:
             if on_token is not None:
                 on_token(i, k, token, logprob)
 
-        await self.hold(target)
+        lease = await self.acquire(target)
+        reply = Reply(count)
+        job = Job(WorkKind.SAMPLE, Sample([SampleRequest(None, p, n, params) for p in prompts], lease), reply)
+        self._submit(runner, job)
         try:
-            requests = [SampleRequest(None, p, n, params) for p in prompts]
-            future = runner.submit_serving(target.revision_id, requests, count)
-            results = await asyncio.wrap_future(future)
-        finally:
-            self.release(target)
+            results = await asyncio.wrap_future(reply.future)
+        except BaseException:
+            job.cancel()
+            raise
         m = self.metrics
         m.request_latency.labels("openai").observe(time.perf_counter() - t0)
         if first:
@@ -172,3 +186,26 @@ class OpenAIService:
         m.tokens.labels("prompt").inc(sum(len(p) for p in prompts) * n)
         m.tokens.labels("completion").inc(sum(len(q.tokens) for r in results for q in r.sequences))
         return results
+
+
+class Reply:
+    """The sink of one OpenAI-API job: a concurrent future for its results, tokens to a callback.
+
+    The awaiting side may have cancelled the future (the client left): a late result is dropped.
+    """
+
+    def __init__(self, on_token: TokenCallback | None = None) -> None:
+        self.future: Future = Future()
+        self._on_token = on_token
+
+    def done(self, job: Job, result: Any) -> None:
+        with contextlib.suppress(InvalidStateError):
+            self.future.set_result(result)
+
+    def failed(self, job: Job, error: Exception) -> None:
+        with contextlib.suppress(InvalidStateError):
+            self.future.set_exception(error)
+
+    def on_token(self, job: Job, request: int, sample: int, token: int, logprob: float) -> None:
+        if self._on_token is not None:
+            self._on_token(request, sample, token, logprob)
