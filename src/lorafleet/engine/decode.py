@@ -22,26 +22,26 @@ Each row samples from its own `torch.Generator` (seeded from the request's seed 
 sample index), so a seeded request gives the same tokens whatever else is in the batch.
 Stop strings are checked on a tail window of the row's tokens, not the whole completion.
 
-The pure reference for all of this is `engine/generate.py` (one whole batch, no joining):
-the tests compare the two.
+Rows take their LoRA operands from the preallocated slot buffers (engine/slots.py) by a
+row -> slot index. The pure reference for all of this is `engine/generate.py` (one whole
+batch, no joining, tables stacked per batch): the tests compare the two.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from lorafleet.engine.batch import row_operands
 from lorafleet.engine.generate import _generator, _routes_now
 from lorafleet.engine.jobs import Job, Sample
 from lorafleet.engine.sampling import choose_tokens
+from lorafleet.engine.slots import SlotTable
 from lorafleet.engine.types import SampledSequence, SampleRequest, SampleResult
-from lorafleet.lora.weights import LoraWeights
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class _Row:
 class _JobState:
     job: Job
     requests: list[SampleRequest]
-    adapters: list[LoraWeights | None]  # per request (all the same adapter today)
+    slots: list[int]  # SlotTable index per request (0: the base alone)
     results: list[list[SampledSequence | None]]
     prompt_lps: list[list[float | None] | None]
     left: int  # rows not finished yet
@@ -115,13 +115,15 @@ class DecodeBatch:
 
     Args:
         engine: the Engine (its model, LoRA runtime, tokenizer, routers).
+        table: the adapter slots rows index (engine/slots.py).
         budgets: per-step limits.
         on_token: (job, request, sample, token, logprob) for every chosen token.
     """
 
-    def __init__(self, engine, budgets: Budgets,
+    def __init__(self, engine, table: SlotTable, budgets: Budgets,
                  on_token: Callable[[Job, int, int, int, float], None]) -> None:
         self.engine = engine
+        self.table = table
         self.budgets = budgets
         self.on_token = on_token
         base = engine.base
@@ -323,21 +325,12 @@ class DecodeBatch:
 
     def _row_operands(self):
         if self._operands is None:
-            self._operands = self._operands_for([r.job.adapters[r.request] for r in self.rows])
+            self._operands = self._operands_for([r.job.slots[r.request] for r in self.rows])
         return self._operands
 
-    def _operands_for(self, adapters: list[LoraWeights | None]):
-        slots: list[LoraWeights | None] = []
-        slot_of: dict[int, int] = {}
-        for w in adapters:
-            key = id(w) if w is not None else 0
-            if key not in slot_of:
-                slot_of[key] = len(slots)
-                slots.append(w)
-        if all(w is None for w in slots):
-            return {}
-        slot_B = torch.tensor([slot_of[id(w) if w is not None else 0] for w in adapters])
-        return row_operands(slots, slot_B, self.dtype)
+    def _operands_for(self, slots: list[int]):
+        """Gathered from the slot buffers by the rows' slot index: nothing restacked."""
+        return self.table.operands(torch.tensor(slots, dtype=torch.int64))
 
     def _record(self, requests: list[SampleRequest]) -> dict[str, Tensor] | None:
         return {} if self.router_paths and any(r.record_routes for r in requests) else None
@@ -354,7 +347,7 @@ class DecodeBatch:
         mask = torch.ones(1, pre.fed + n, dtype=torch.int64)
         cache = DynamicCache(ddp_cache_data=pre.kv) if pre.kv else DynamicCache()
         record = self._record([req])
-        with self.runtime.use(self._operands_for([pre.job.adapters[pre.request]])), \
+        with self.runtime.use(self._operands_for([pre.job.slots[pre.request]])), \
                 self.runtime.routes(record=record):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                              cache=cache, use_cache=True, logits_to_keep=0 if want_lp else 1)
@@ -451,10 +444,10 @@ def _lpad(t: Tensor, pad: int) -> Tensor:
     return torch.cat([t.new_zeros(t.shape[0], t.shape[1], pad, t.shape[3]), t], dim=2)
 
 
-def job_state(job: Job, adapters: list[LoraWeights | None]) -> _JobState:
+def job_state(job: Job, slots: list[int]) -> _JobState:
     payload: Sample = job.payload  # type: ignore[assignment]
     reqs = payload.requests
-    return _JobState(job, reqs, adapters, [[None] * r.num_samples for r in reqs],
+    return _JobState(job, reqs, slots, [[None] * r.num_samples for r in reqs],
                      [None] * len(reqs), left=sum(r.num_samples for r in reqs))
 
 
@@ -463,4 +456,3 @@ def results(state: _JobState) -> list[SampleResult]:
             for i, seqs in enumerate(state.results)]
 
 
-__all__ = ["Budgets", "DecodeBatch", "Hashable", "job_state", "results"]

@@ -1,7 +1,8 @@
 """Residency: where each adapter revision's tensors are, and the only code that moves them.
 
 Three tiers, from fastest to largest:
-  slot  - live in the engine (an adapter handle), at most `max_slots`, LRU with pinning;
+  slot  - copied into a slot of the preallocated `SlotTable` (engine/slots.py) that sampling
+          rows index, at most `max_slots`, LRU with pinning;
   host  - LoraWeights in CPU memory, at most `max_host_adapters` / `max_host_bytes`, LRU;
   store - the durable blob store behind `fetch_many` (the catalog), unbounded.
 
@@ -31,6 +32,7 @@ from enum import StrEnum
 from lorafleet.engine.engine import Engine
 from lorafleet.engine.loader import ColdLoader, FetchMany
 from lorafleet.engine.lru import PinnedLRU
+from lorafleet.engine.slots import SlotTable
 from lorafleet.errors import InvalidRequest, NoCapacity
 from lorafleet.lora.weights import LoraWeights
 from lorafleet.metrics import Metrics
@@ -62,7 +64,7 @@ class Lease:
         self._released = False
 
     def activate(self) -> int:
-        """Engine thread: the adapter's engine handle, its slot pinned until `release`."""
+        """Engine thread: the adapter's slot index, pinned until `release`."""
         handle = self.residency.activate([self.key])[self.key]
         if not self._slot:
             with self.residency._lock:
@@ -108,6 +110,9 @@ class Residency:
         self.engine = engine
         self.metrics = metrics or Metrics()
         self._lock = threading.RLock()
+        device = next(engine.base.model.parameters()).device
+        self.table = SlotTable(max_slots, engine.base.dtype, device)
+        self._free = list(range(max_slots, 0, -1))  # slot indices not in use
         self._slots: PinnedLRU[Hashable, int] = PinnedLRU(max_entries=max_slots, on_evict=self._evict_slot)
         self._host: PinnedLRU[Hashable, LoraWeights] = PinnedLRU(
             max_entries=max_host_adapters, max_bytes=max_host_bytes, size=lambda w: w.nbytes,
@@ -241,7 +246,7 @@ class Residency:
     # ---- engine thread ----------------------------------------------------------------------
 
     def activate(self, keys: Iterable[Hashable]) -> dict[Hashable, int]:
-        """Engine handles for `keys` (all must be host- or slot-resident), loading slots as needed.
+        """Slot indices for `keys` (all must be host- or slot-resident), loading slots as needed.
 
         Slots of the keys asked for together are never evicted for one another. Raises
         NoCapacity if they do not all fit (more distinct adapters than slots that aren't pinned).
@@ -261,16 +266,20 @@ class Residency:
                     raise NotResident(f"{key!r} is not in host memory; call ensure_host first")
                 if not self._slots.can_admit(protected=wanted):
                     raise NoCapacity(f"all {self._slots.max_entries} adapter slots are pinned or in use")
-                handle = self.engine.create_adapter(weights.spec, weights=weights)
+                weights = weights.checked(self.engine.info)
+                self._slots.put(key, 0, protected=wanted)  # evicts the LRU slot if all are taken
+                handle = self._free.pop()
                 self._slots.put(key, handle, protected=wanted)
+                self.table.load(handle, weights)  # the one copy: host tier -> slot buffers
                 if key in self._user_pins:
                     self._slots.pin(key)
                 handles[key] = handle
             self._publish_counts()
         return handles
 
-    def _evict_slot(self, key: Hashable, handle: int) -> None:
-        self.engine.remove_adapter(handle)
+    def _evict_slot(self, key: Hashable, slot: int) -> None:
+        if slot:  # 0: the placeholder of an activation in progress
+            self._free.append(slot)  # overwritten by the next load into it
         self._count_evict(Tier.SLOT)
 
     # ---- internals --------------------------------------------------------------------------

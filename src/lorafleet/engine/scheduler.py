@@ -103,7 +103,7 @@ class Scheduler:
             micro_batch_tokens=micro_batch_tokens, gap_timeout_s=gap_timeout_s, metrics=metrics,
         )
         self.samples = SampleQueue(max_jobs=max_sample_queue)
-        self.decode = DecodeBatch(engine, budgets or Budgets(), self._on_token)
+        self.decode = DecodeBatch(engine, self.residency.table, budgets or Budgets(), self._on_token)
         self._unordered: list[Job] = []
         self._cv = threading.Condition()
         self._stop = False
@@ -260,10 +260,7 @@ class Scheduler:
             self._end_sample(job, Cancelled("the client went away"))
             return False
         try:
-            adapter = None
-            if p.lease is not None:  # type: ignore[union-attr]
-                handle = p.lease.activate()  # type: ignore[union-attr]
-                adapter = self.engine.sampling_weights(handle)
+            slot = 0 if p.lease is None else p.lease.activate()  # type: ignore[union-attr]
             for r in p.requests:  # type: ignore[union-attr]
                 self.engine.validate_sample(r)
         except Exception as e:
@@ -272,7 +269,7 @@ class Scheduler:
         if not p.requests:  # type: ignore[union-attr]  # a warm-up: the adapter is in a slot now
             self._end_sample(job, [])
             return False
-        self.decode.admit(job_state(job, [adapter] * len(p.requests)))  # type: ignore[union-attr]
+        self.decode.admit(job_state(job, [slot] * len(p.requests)))  # type: ignore[union-attr]
         return True
 
     def _end_sample(self, job: Job, outcome: Any) -> None:
