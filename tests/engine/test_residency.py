@@ -11,7 +11,7 @@ from lorafleet.engine.residency import NotResident, Residency, Tier
 from lorafleet.errors import NoCapacity
 from lorafleet.lora.io import parse_peft_files, peft_files
 from lorafleet.lora.spec import LoraSpec
-from tests.helpers import random_adapter
+from tests.helpers import DEVICES, random_adapter
 
 PROMPT = [1, 504, 2823, 314]
 GREEDY = SamplingParams(max_tokens=6, temperature=0, stop_token_ids=())
@@ -167,7 +167,8 @@ def test_holds_keep_host_weights_and_pins_keep_slots(tiny_engine):
     res.close()
 
 
-def test_slot_operands_equal_the_stacked_reference(tiny_engine):
+@pytest.mark.parametrize("device", DEVICES)
+def test_slot_operands_equal_the_stacked_reference(tiny_engine, device):
     """Rows gather their operands from the preallocated slot buffers; the numbers equal the
     pure per-batch stacking (`row_operands`), mixed ranks and targets, slot 0 = the base."""
     from lorafleet.engine.batch import row_operands
@@ -175,7 +176,7 @@ def test_slot_operands_equal_the_stacked_reference(tiny_engine):
 
     specs = [LoraSpec(rank=2, alpha=32), LoraSpec(rank=8, alpha=16, target_modules=("q_proj", "up_proj"))]
     ws = [random_adapter(tiny_engine.info, s, seed=i, b_scale=0.5) for i, s in enumerate(specs)]
-    table = SlotTable(4, torch.float32)
+    table = SlotTable(4, torch.float32, device)
     table.load(3, ws[0])
     table.load(1, ws[1])
     got = table.operands(torch.tensor([3, 0, 1, 3]))
@@ -184,8 +185,8 @@ def test_slot_operands_equal_the_stacked_reference(tiny_engine):
     for path, (a, b) in want.items():
         ga, gb = got[path]
         r = a.shape[-1]  # the buffers may be wider (zero columns add nothing)
-        torch.testing.assert_close(ga[..., :r], a, rtol=0, atol=0)
-        torch.testing.assert_close(gb[:, :r], b, rtol=0, atol=0)
+        torch.testing.assert_close(ga[..., :r].cpu(), a, rtol=0, atol=0)
+        torch.testing.assert_close(gb[:, :r].cpu(), b, rtol=0, atol=0)
         assert not ga[..., r:].any() and not gb[:, r:].any()
     table.load(3, ws[1])  # a reload replaces the slot, stale modules are cleared
     assert set(table.operands(torch.tensor([3]))) == {p for p in ws[1].pairs}

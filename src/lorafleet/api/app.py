@@ -48,6 +48,9 @@ class ServeConfig:
         paths: lorafleet home, catalog URL, store URL.
         auth: 'none' (one local tenant) or 'keys' (API keys from the catalog).
         dtype: base model dtype ('float32' or 'bfloat16').
+        device: where the engines compute ('cpu', 'cuda', 'cuda:1').
+        max_num_seqs / max_num_batched_tokens / kv_cache_bytes: sampling budgets per engine
+            (engine/decode.py `Budgets`); micro_batch_tokens: training tokens per iteration.
         hold_s: how long retrieve_future holds a poll before answering try_again (SDK: 45 s timeout).
         gap_timeout_s: how long a missing seq_id blocks its model before it is skipped.
         state_dir: where the Tinker service keeps tinker.db and checkpoints (default home/tinker).
@@ -58,6 +61,7 @@ class ServeConfig:
     paths: Paths
     auth: str = "none"
     dtype: str = "float32"
+    device: str = "cpu"
     hold_s: float = 30.0
     gap_timeout_s: float = 30.0
     state_dir: Path | None = None
@@ -129,7 +133,7 @@ def _load(name: str, cfg: ServeConfig) -> tuple[Any, Any]:
     from lorafleet.engine import Engine
     from lorafleet.model import load_base
 
-    base = load_base(name, cfg.paths, dtype=cfg.dtype)
+    base = load_base(name, cfg.paths, dtype=cfg.dtype, device=cfg.device)
     return base, Engine(base)
 
 

@@ -132,12 +132,10 @@ class DecodeBatch:
         self.tokenizer = base.tokenizer
         self.eos = base.eos_token_id
         self.dtype = base.dtype
+        self.device = engine.device
         self.router_paths = engine.router_paths
         self.rows: list[_Row] = []
-        self.kv: list[tuple[Tensor, Tensor]] = []  # per layer, [B, H, L, D]
-        self.mask: Tensor = torch.zeros(0, 0, dtype=torch.int64)
-        self.pos: Tensor = torch.zeros(0, dtype=torch.int64)  # next position per row
-        self.pending: Tensor = torch.zeros(0, dtype=torch.int64)  # chosen, not yet fed
+        self._empty()
         self._operands = None
         self.prefills: deque[_Prefill] = deque()
         self.preempted: deque[_Prefill] = deque()
@@ -260,7 +258,7 @@ class DecodeBatch:
                 if row.job.requests[row.request].record_routes:
                     row.routes.append(step_routes[b])
         tokens = self._choose(self.rows, out.logits[:, -1])
-        self.pending = tokens
+        self.pending = tokens.to(self.device)
         keep = [b for b, row in enumerate(self.rows) if row.stop_reason is None]
         if len(keep) < len(self.rows):
             self._select(keep)
@@ -303,18 +301,23 @@ class DecodeBatch:
         state = row.job
         state.results[row.request][row.sample] = SampledSequence(
             tokens=row.tokens, logprobs=row.logprobs, stop_reason=row.stop_reason or "length",
-            routes=torch.cat(row.routes, dim=1) if row.routes else None,
+            routes=torch.cat(row.routes, dim=1).cpu() if row.routes else None,
         )
         self._end_rows(state, 1)
 
+    def _empty(self) -> None:
+        self.kv: list[tuple[Tensor, Tensor]] = []  # per layer, [B, H, L, D]
+        self.mask: Tensor = torch.zeros(0, 0, dtype=torch.int64, device=self.device)
+        self.pos: Tensor = torch.zeros(0, dtype=torch.int64, device=self.device)  # next position per row
+        self.pending: Tensor = torch.zeros(0, dtype=torch.int64, device=self.device)  # chosen, not fed yet
+
     def _select(self, keep: list[int]) -> None:
         """Keep only the batch rows `keep` (in order); trim KV columns no row uses."""
-        idx = torch.tensor(keep, dtype=torch.int64)
+        idx = torch.tensor(keep, dtype=torch.int64, device=self.device)
         self.rows = [self.rows[b] for b in keep]
         self._operands = None
         if not self.rows:
-            self.kv, self.mask = [], torch.zeros(0, 0, dtype=torch.int64)
-            self.pos = self.pending = torch.zeros(0, dtype=torch.int64)
+            self._empty()
             return
         mask = self.mask[idx]
         used = mask.any(dim=0).nonzero()
@@ -342,9 +345,10 @@ class DecodeBatch:
 
         req = pre.job.requests[pre.request]
         want_lp = req.prompt_logprobs and not pre.recompute
-        ids = torch.tensor([pre.ids[pre.fed: pre.fed + n]], dtype=torch.int64)
-        positions = torch.arange(pre.fed, pre.fed + n, dtype=torch.int64)[None]
-        mask = torch.ones(1, pre.fed + n, dtype=torch.int64)
+        dev = self.device
+        ids = torch.tensor([pre.ids[pre.fed: pre.fed + n]], dtype=torch.int64, device=dev)
+        positions = torch.arange(pre.fed, pre.fed + n, dtype=torch.int64, device=dev)[None]
+        mask = torch.ones(1, pre.fed + n, dtype=torch.int64, device=dev)
         cache = DynamicCache(ddp_cache_data=pre.kv) if pre.kv else DynamicCache()
         record = self._record([req])
         with self.runtime.use(self._operands_for([pre.job.slots[pre.request]])), \
@@ -361,7 +365,7 @@ class DecodeBatch:
             lp = torch.log_softmax(out.logits[0].float(), dim=-1)
             targets = pre.ids[pre.fed + 1: pre.fed + n + 1]
             if targets:
-                t = torch.tensor(targets, dtype=torch.int64)
+                t = torch.tensor(targets, dtype=torch.int64, device=lp.device)
                 pre.lps.extend(lp[: len(targets)].gather(1, t[:, None])[:, 0].tolist())
         pre.fed += n
         pre.last_logits = out.logits[:, -1]
@@ -394,7 +398,7 @@ class DecodeBatch:
     def _merge(self, rows: list[_Row], kv: list[tuple[Tensor, Tensor]], length: int, tokens: Tensor) -> None:
         """Add rows with KV of `length` real positions to the batch (left-padding as needed)."""
         width = self.mask.shape[1] if self.rows else 0
-        mask_new = torch.ones(len(rows), length, dtype=torch.int64)
+        mask_new = torch.ones(len(rows), length, dtype=torch.int64, device=self.device)
         if not self.rows:
             self.kv = [(k.contiguous(), v.contiguous()) for k, v in kv]
             self.mask = mask_new
@@ -410,8 +414,8 @@ class DecodeBatch:
             self.kv = [(torch.cat([k0, k1]), torch.cat([v0, v1])) for (k0, v0), (k1, v1) in zip(self.kv, kv)]
             self.mask = torch.cat([self.mask, mask_new])
         self.rows += rows
-        self.pos = torch.cat([self.pos, torch.full((len(rows),), length, dtype=torch.int64)])
-        self.pending = torch.cat([self.pending, tokens.to(torch.int64)])
+        self.pos = torch.cat([self.pos, torch.full((len(rows),), length, dtype=torch.int64, device=self.device)])
+        self.pending = torch.cat([self.pending, tokens.to(self.device, torch.int64)])
         self._operands = None
 
     # ---- memory -----------------------------------------------------------------------------
@@ -431,11 +435,10 @@ class DecodeBatch:
         states = {id(r.job): r.job for r in self.rows}
         for p in (*self.prefills, *self.preempted):
             states[id(p.job)] = p.job
-        self.rows, self.kv = [], []
+        self.rows = []
         self.prefills.clear()
         self.preempted.clear()
-        self.mask = torch.zeros(0, 0, dtype=torch.int64)
-        self.pos = self.pending = torch.zeros(0, dtype=torch.int64)
+        self._empty()
         return list(states.values())
 
 

@@ -269,8 +269,9 @@ def base_digest(name: str) -> str:
     raise UnknownBaseModel(f"unknown base model {name!r}; registered: {list_bases()}")
 
 
-def load_base(name: str, paths: Paths, dtype: torch.dtype | str = torch.float32) -> LoadedBase:
-    """Load a registered base model, frozen, in eval mode, in `dtype` (fp32 or bf16)."""
+def load_base(name: str, paths: Paths, dtype: torch.dtype | str = torch.float32,
+              device: torch.device | str = "cpu") -> LoadedBase:
+    """Load a registered base model, frozen, in eval mode, in `dtype` (fp32 or bf16), on `device`."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UnknownBaseModel(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
@@ -285,10 +286,10 @@ def load_base(name: str, paths: Paths, dtype: torch.dtype | str = torch.float32)
     else:
         model = _build_tiny(name)
     digest = base_digest(name)
-    model = model.to(dtype)
+    model = model.to(device=device, dtype=dtype)
     model.eval()
     model.requires_grad_(False)
-    log.info("loaded base %s (%s, %s, digest %s)", name, info.arch, dtype, digest[:12])
+    log.info("loaded base %s (%s, %s on %s, digest %s)", name, info.arch, dtype, device, digest[:12])
     return LoadedBase(name=name, digest=digest, model=model, tokenizer=tokenizer, tokenizer_dir=tok_dir, info=info)
 
 
