@@ -242,10 +242,8 @@ class DecodeBatch:
     # ---- decode -----------------------------------------------------------------------------
 
     def _decode(self) -> None:
-        from transformers.cache_utils import DynamicCache
-
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        cache = DynamicCache(ddp_cache_data=self.kv)
+        cache = _cache(self.kv)
         record = self._record([r.job.requests[r.request] for r in self.rows])
         with self.runtime.use(self._row_operands()), self.runtime.routes(record=record):
             out = self.model(input_ids=self.pending[:, None], attention_mask=self.mask,
@@ -349,7 +347,7 @@ class DecodeBatch:
         ids = torch.tensor([pre.ids[pre.fed: pre.fed + n]], dtype=torch.int64, device=dev)
         positions = torch.arange(pre.fed, pre.fed + n, dtype=torch.int64, device=dev)[None]
         mask = torch.ones(1, pre.fed + n, dtype=torch.int64, device=dev)
-        cache = DynamicCache(ddp_cache_data=pre.kv) if pre.kv else DynamicCache()
+        cache = _cache(pre.kv) if pre.kv else DynamicCache()
         record = self._record([req])
         with self.runtime.use(self._operands_for([pre.job.slots[pre.request]])), \
                 self.runtime.routes(record=record):
@@ -440,6 +438,17 @@ class DecodeBatch:
         self.preempted.clear()
         self._empty()
         return list(states.values())
+
+
+def _cache(kv: list[tuple[Tensor, Tensor]]):
+    """A transformers DynamicCache over our per-layer KV tensors, without copying them
+    (building it from `ddp_cache_data` would concatenate every layer once more)."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache(ddp_cache_data=[(k[:, :, :0], v[:, :, :0]) for k, v in kv])
+    for layer, (k, v) in zip(cache.layers, kv):
+        layer.keys, layer.values = k, v
+    return cache
 
 
 def _lpad(t: Tensor, pad: int) -> Tensor:
