@@ -18,8 +18,8 @@ from sqlalchemy.exc import IntegrityError
 from lorafleet.catalog import tables as t
 from lorafleet.catalog.records import (
     Alias,
-    ApiKey,
     AliasEvent,
+    ApiKey,
     Evaluation,
     LoraConfig,
     Policy,
@@ -55,7 +55,8 @@ def ensure_tenant(conn: Connection, name: str, now: datetime) -> None:
         pass
 
 
-KEY_ID_HEX = 16  # a key id is `key_` + this many leading hex digits of the key's sha256
+KEY_ID = "key_"  # a key's public id is this + the first KEY_ID_HEX hex digits of its sha256
+KEY_ID_HEX = 16
 
 _ACTIVE_KEYS = (
     select(func.count()).where(t.api_keys.c.tenant == t.tenants.c.name, t.api_keys.c.revoked_at.is_(None))
@@ -102,7 +103,7 @@ def tenant_for_key(conn: Connection, key_hash: str) -> str | None:
 
 
 def to_key(row: Row) -> ApiKey:
-    return ApiKey(id="key_" + row.key_hash[:KEY_ID_HEX], prefix=row.prefix, tenant=row.tenant,
+    return ApiKey(id=KEY_ID + row.key_hash[:KEY_ID_HEX], prefix=row.prefix, tenant=row.tenant,
                   label=row.label, created_at=utc(row.created_at),  # type: ignore[arg-type]
                   revoked_at=utc(row.revoked_at))
 
@@ -117,21 +118,30 @@ def list_keys(conn: Connection, tenant: str | None = None) -> list[ApiKey]:
 
 def find_keys(conn: Connection, *, key_hash: str | None = None, hash_prefix: str | None = None,
               prefix: str | None = None) -> list[ApiKey]:
-    """Keys with exactly this hash, or whose hash / shown prefix starts with the given text."""
+    """Keys with exactly this hash, or whose hash / shown prefix starts with the given text
+    (exactly one of the three)."""
     k = t.api_keys.c
     if key_hash is not None:
         cond = k.key_hash == key_hash
     elif hash_prefix is not None:
         cond = k.key_hash.startswith(hash_prefix, autoescape=True)
+    elif prefix is not None:
+        cond = k.prefix.startswith(prefix, autoescape=True)
     else:
-        cond = k.prefix.startswith(prefix or "", autoescape=True)
+        raise TypeError("find_keys needs key_hash, hash_prefix or prefix")
     return [to_key(r) for r in conn.execute(select(t.api_keys).where(cond).order_by(k.created_at))]
 
 
 def revoke_keys(conn: Connection, now: datetime, *, key_id: str | None = None, tenant: str | None = None) -> int:
-    """Revoke the live key with this id, or every live key of `tenant`; returns how many."""
+    """Revoke the live key with this (complete) id, or every live key of `tenant`; returns how many."""
     k = t.api_keys.c
-    cond = k.tenant == tenant if key_id is None else k.key_hash.startswith(key_id.removeprefix("key_"), autoescape=True)
+    if key_id is not None:
+        digits = key_id.removeprefix(KEY_ID)
+        if len(digits) != KEY_ID_HEX:
+            raise ValueError(f"not a complete key id: {key_id!r}")
+        cond = k.key_hash.startswith(digits, autoescape=True)
+    else:
+        cond = k.tenant == tenant
     return conn.execute(update(t.api_keys).where(cond, k.revoked_at.is_(None)).values(revoked_at=now)).rowcount
 
 

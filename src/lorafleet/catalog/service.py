@@ -134,15 +134,15 @@ class Catalog:
         if ref.startswith(KEY_PREFIX) and len(ref) > PREFIX_LEN:  # the secret itself
             hits = repo.find_keys(conn, key_hash=hash_key(ref))
             what = "no API key with that secret"
-        elif ref.startswith(KEY_PREFIX) or ref.startswith("key_"):
-            marker, _, rest = ref.partition("_" if ref.startswith("key_") else "-")
-            if len(rest) < 4:
-                raise InvalidRequest(f"{ref!r} is too short to name a key: {hint}")
-            hits = (repo.find_keys(conn, hash_prefix=rest.lower()) if marker == "key"
-                    else repo.find_keys(conn, prefix=ref))
-            what = f"no API key {ref!r}"
         else:
-            raise InvalidRequest(f"{ref!r} is not a key id or prefix: {hint}")
+            marker = next((m for m in (repo.KEY_ID, KEY_PREFIX) if ref.startswith(m)), None)
+            if marker is None:
+                raise InvalidRequest(f"{ref!r} is not a key id or prefix: {hint}")
+            if len(ref) < len(marker) + 4:
+                raise InvalidRequest(f"{ref!r} is too short to name a key: {hint}")
+            hits = (repo.find_keys(conn, hash_prefix=ref.removeprefix(marker).lower())
+                    if marker == repo.KEY_ID else repo.find_keys(conn, prefix=ref))
+            what = f"no API key {ref!r}"
         if not hits:
             raise NotFound(f"{what}: {hint}")
         if len(hits) > 1:
