@@ -154,6 +154,56 @@ def test_api_keys(catalog):
     assert key not in stored
 
 
+
+def test_revoked_keys_and_deleted_tenants_stop_authenticating(catalog):
+    from lorafleet.errors import Unauthorized
+
+    k1, k2 = catalog.create_key("dora", "ci"), catalog.create_key("dora")
+    erin = catalog.create_key("erin")
+    keys = catalog.list_keys("dora")
+    assert [(k.tenant, k.label, k.prefix, k.revoked_at) for k in keys] == [
+        ("dora", "ci", k1[:12], None), ("dora", None, k2[:12], None)]
+    assert all(k.id.startswith("key_") and k.id[4:] not in (k1, k2) for k in keys)
+
+    revoked, now = catalog.revoke_key(keys[0].id)
+    assert now and revoked.revoked_at is not None
+    with pytest.raises(Unauthorized):
+        catalog.principal_for_key(k1)
+    assert catalog.principal_for_key(k2) == Principal("dora")
+    again, now = catalog.revoke_key(k1[:12])  # by its shown prefix: idempotent
+    assert not now and again.revoked_at == revoked.revoked_at
+    with pytest.raises(NotFound, match="no API key"):
+        catalog.revoke_key("key_" + "0" * 16)
+    with pytest.raises(InvalidRequest, match="too short"):
+        catalog.revoke_key("tml-")
+
+    with pytest.raises(InvalidRequest, match="built-in"):
+        catalog.delete_tenant("local")
+    with pytest.raises(NotFound):
+        catalog.delete_tenant("nobody")
+    gone = catalog.delete_tenant("dora")
+    assert gone.deleted_at is not None and gone.active_keys == 0
+    assert catalog.delete_tenant("dora").deleted_at == gone.deleted_at  # idempotent
+    with pytest.raises(Unauthorized):
+        catalog.principal_for_key(k2)
+    assert all(k.revoked_at is not None for k in catalog.list_keys("dora"))
+    assert catalog.principal_for_key(erin) == Principal("erin")
+    with pytest.raises(Conflict, match="never reused"):
+        catalog.create_key("dora")
+    assert {t.name: t.deleted_at is not None for t in catalog.list_tenants()} == {
+        "dora": True, "erin": False, "local": False}
+
+
+def test_deleted_tenant_is_refused_even_with_a_live_key_row(catalog):
+    """Authentication checks the tenant itself, not only that its keys were revoked."""
+    from lorafleet.errors import Unauthorized
+
+    key = catalog.create_key("fred")
+    with catalog.db.write() as conn:
+        conn.execute(text("UPDATE tenants SET deleted_at = created_at WHERE name = 'fred'"))
+    with pytest.raises(Unauthorized):
+        catalog.principal_for_key(key)
+
 def test_list_search_paginate(catalog):
     for i in range(7):
         catalog.create_policy(ADMIN, f"team{i % 2}/p{i}", BASE if i < 5 else "lorafleet/tiny-moe",

@@ -1,4 +1,5 @@
-"""Catalog commands: `adapters`, `alias`, `rollback`, `eval`, `lineage`, `gc`, `fsck`, `keys`.
+"""Catalog commands: `adapters`, `alias`, `rollback`, `eval`, `lineage`, `gc`, `fsck`, `keys`,
+`tenants`.
 
 Settings come from the environment here, at the edge (`LORAFLEET_HOME`,
 `LORAFLEET_DATABASE_URL`, `LORAFLEET_STORE_URL`); the local CLI acts as the admin principal.
@@ -86,6 +87,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = _cmd(keys, "create", _keys_create, "create an API key for a tenant (printed once)")
     p.add_argument("--tenant", required=True)
     p.add_argument("--label")
+    p = _cmd(keys, "ls", _keys_ls, "list API keys (ids and prefixes, never secrets)")
+    p.add_argument("--tenant", help="only this tenant's keys")
+    p = _cmd(keys, "revoke", _keys_revoke, "revoke a key at once (idempotent)")
+    p.add_argument("key", metavar="KEY_ID_OR_PREFIX", help="key_... or tml-... as `keys ls` shows it")
+
+    tenants = sub.add_parser("tenants", help="list and delete tenants").add_subparsers(dest="action", required=True)
+    _cmd(tenants, "ls", _tenants_ls, "list tenants")
+    p = _cmd(tenants, "delete", _tenants_delete,
+             "revoke every key of a tenant and mark it deleted (its data stays, for gc)")
+    p.add_argument("tenant")
 
 
 def _cmd(sub: Any, name: str, fn: Callable[[Catalog, argparse.Namespace], Any], help: str) -> argparse.ArgumentParser:
@@ -255,6 +266,35 @@ def _keys_create(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
     return {"tenant": a.tenant, "key": key}, key
 
 
+def _keys_ls(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
+    keys = cat.list_keys(a.tenant)
+    rows = [[k.id, k.prefix or "-", k.tenant, k.label or "", _when(k.created_at), _when(k.revoked_at)]
+            for k in keys]
+    return keys, _table(["KEY ID", "PREFIX", "TENANT", "LABEL", "CREATED", "REVOKED"], rows)
+
+
+def _keys_revoke(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
+    key, now = cat.revoke_key(a.key)
+    state = "revoked" if now else f"already revoked at {_when(key.revoked_at)}"
+    return key, f"{key.id} ({key.prefix or 'no prefix'}) of tenant {key.tenant}: {state}"
+
+
+def _tenants_ls(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
+    tenants = cat.list_tenants()
+    rows = [[x.name, _when(x.created_at), str(x.active_keys), f"deleted {_when(x.deleted_at)}" if x.deleted_at else "active"]
+            for x in tenants]
+    return tenants, _table(["TENANT", "CREATED", "ACTIVE KEYS", "STATUS"], rows)
+
+
+def _tenants_delete(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
+    before = cat.get_tenant(a.tenant)
+    tenant = cat.delete_tenant(a.tenant)
+    if before.deleted_at is not None:
+        return tenant, f"tenant {tenant.name} was already deleted at {_when(before.deleted_at)}"
+    return tenant, (f"deleted tenant {tenant.name} ({before.active_keys} keys revoked); its policies "
+                    "and Tinker state stay until an operator removes them")
+
+
 # ---- formatting -------------------------------------------------------------------------
 
 
@@ -263,6 +303,10 @@ def _kv(text: str, flag: str) -> tuple[str, str]:
         raise InvalidRequest(f"{flag} {text!r}: expected KEY=VALUE")
     k, v = text.split("=", 1)
     return k.strip(), v.strip()
+
+
+def _when(dt: datetime | None) -> str:
+    return "-" if dt is None else dt.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _table(header: Sequence[str], rows: list[list[str]]) -> str:
