@@ -25,7 +25,6 @@ samples, OpenAI-API serving jobs), mixed into `Runner`.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -37,10 +36,10 @@ import torch
 from lorafleet.api.runner_sampling import SamplingWork
 from lorafleet.api.runner_training import TrainingWork
 from lorafleet.api.tinker.checkpoints import Checkpoints
-from lorafleet.api.tinker.futures import JSON_TYPE, FutureTable
+from lorafleet.api.tinker.futures import FutureTable
 from lorafleet.api.tinker.store import TinkerStore
 from lorafleet.api.work import BARRIERS, FWDBWD, LiveModel, Op
-from lorafleet.errors import InvalidRequest, LorafleetError, NoCapacity, NotFound
+from lorafleet.errors import InvalidRequest, NoCapacity, NotFound
 
 __all__ = ["FWDBWD", "LiveModel", "Op", "Runner"]
 log = logging.getLogger("lorafleet.tinker.runner")
@@ -232,21 +231,19 @@ class Runner(TrainingWork, SamplingWork):
         handler = getattr(self, f"_do_{op.kind}")
         try:
             result = handler(op, model) if model is not None else handler(op)
-        except LorafleetError as e:
-            self._fail(op, str(e), "user")
-        except Exception as e:  # a bug or an engine failure: report it, keep serving
-            log.exception("%s %s failed", op.kind, op.request_id)
-            self._fail(op, f"{type(e).__name__}: {e}", "server")
+        except Exception as e:  # a user error, or a bug / engine failure (logged): keep serving
+            self._fail(op, e)
         else:
             if op.request_id:
-                self.futures.complete(op.request_id, json.dumps(result).encode(), JSON_TYPE)
+                self.futures.complete_json(op.request_id, result)
         finally:
             if op.kind in ("create_model", "load_create"):
                 with self._cv:
                     self._pending_models.discard(op.payload["model_id"])
 
-    def _fail(self, op: Op, message: str, category: str) -> None:
-        self.futures.fail(op.request_id, message, category)
+    def _fail(self, op: Op, exc: BaseException) -> str:
+        """Fail the op's future; returns the message its client sees (see FutureTable.fail)."""
+        return self.futures.fail(op.request_id, exc, f"{op.kind} {op.request_id}")
 
 
 def _local_residency(engine: Any, metrics: Any) -> Any:

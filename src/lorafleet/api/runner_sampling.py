@@ -115,11 +115,7 @@ class SamplingWork:
         if op.kind == "serve":
             op.payload["future"].set_exception(e)
             return
-        if isinstance(e, LorafleetError):
-            self._fail(op, str(e), "user")
-        else:
-            log.error("sample %s failed", op.request_id, exc_info=e)
-            self._fail(op, f"{type(e).__name__}: {e}", "server")
+        self._fail(op, e)
 
     # ------------------------------------------------------------------ serving (OpenAI API)
 

@@ -17,7 +17,7 @@ import torch
 import lorafleet
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.checkpoints import OPTIMIZER_NAME, TinkerPath
-from lorafleet.api.tinker.futures import PROTO_TYPE
+from lorafleet.api.tinker.futures import NOT_FINITE, PROTO_TYPE
 from lorafleet.api.tinker.store import now
 from lorafleet.errors import Conflict, InvalidRequest, LorafleetError
 from lorafleet.lora.weights import LoraWeights
@@ -105,8 +105,8 @@ class TrainingWork:
         if model is not None:
             self.engine.remove_adapter(model.handle)
             for queued in model.ops.values():
-                self._fail(queued, f"training run {model.model_id} was unloaded: "
-                                   f"{op.payload.get('reason', 'its session ended')}", "user")
+                self._fail(queued, Conflict(f"training run {model.model_id} was unloaded: "
+                                            f"{op.payload.get('reason', 'its session ended')}"))
         return {}
 
     # ------------------------------------------------------------------ training
@@ -152,12 +152,9 @@ class TrainingWork:
             self.engine.discard_grads(model.handle)
         except Exception:
             log.exception("discard_grads failed for %s", model.model_id)
+        message = self._fail(op, e)
         if not op.payload.forward_only:
-            model.poisoned = f"forward_backward {op.request_id} failed: {e}"
-        user = isinstance(e, LorafleetError)
-        if not user:
-            log.exception("forward_backward failed", exc_info=e)
-        self._fail(op, str(e) if user else f"{type(e).__name__}: {e}", "user" if user else "server")
+            model.poisoned = f"forward_backward {op.request_id} failed: {message}"
 
     def _finish_fwdbwd(self, model: LiveModel, op: Op, res: Any) -> None:
         call: wire.FwdBwdCall = op.payload
@@ -168,8 +165,12 @@ class TrainingWork:
         if not call.forward_only:
             model.batches.update(call.fingerprint.encode())
             model.last_loss = {"loss_fn": call.loss_fn, "loss_config": call.loss_config}
-        payload = wire.encode_forward_backward_output(wire.FwdBwdOutcome(outputs, metrics))
-        self.futures.complete(op.request_id, payload, PROTO_TYPE)
+        outcome = wire.FwdBwdOutcome(outputs, metrics)
+        if not wire.is_finite(outcome):  # diverged: its gradients must not reach optim_step
+            self._poison(model, op, InvalidRequest(
+                f"forward_backward produced a non-finite loss or output: {NOT_FINITE}"))
+            return
+        self.futures.complete(op.request_id, wire.encode_forward_backward_output(outcome), PROTO_TYPE)
 
     def _fwdbwd_request(self, model: LiveModel, call: wire.FwdBwdCall) -> Any:
         data = []

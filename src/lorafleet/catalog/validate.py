@@ -4,6 +4,7 @@ IncompatibleAdapter with a message naming what is wrong."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 
 from lorafleet.catalog.records import Evaluation, LoraConfig, Policy, RevisionKind
@@ -57,14 +58,16 @@ def check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     for k, v in metadata.items():
         if not isinstance(k, str) or not isinstance(v, str) or not k or len(k) > 128 or len(v) > 1024:
             raise InvalidRequest(f"metadata must map names (<=128 chars) to strings (<=1024): {k!r}")
+        if "\x00" in k or "\x00" in v:
+            raise InvalidRequest(f"metadata {k!r}: text may not contain NUL (\\x00) characters")
     return dict(metadata)
 
 
 def check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     out: dict[str, float] = {}
     for k, v in metrics.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-            raise InvalidRequest(f"metric {k!r} must be a number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise InvalidRequest(f"metric {k!r} must be a finite number, got {v!r}")
         out[str(k)] = float(v)
     if not out:
         raise InvalidRequest("an evaluation needs at least one metric")

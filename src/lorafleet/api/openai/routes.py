@@ -12,8 +12,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from lorafleet.api.auth import get_tenant
+from lorafleet.api.checks import refuse_nul_params
 from lorafleet.api.errors import body as error_body
-from lorafleet.api.errors import status_for
+from lorafleet.api.errors import client_message, status_for
 from lorafleet.api.openai import schemas as s
 from lorafleet.api.openai.service import OpenAIService, Target
 from lorafleet.api.openai.text import IncrementalText, truncate_at_stop
@@ -21,7 +22,7 @@ from lorafleet.catalog.records import Principal
 from lorafleet.engine.types import SampleResult, SamplingParams
 from lorafleet.errors import InvalidRequest, LorafleetError
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(refuse_nul_params)])
 DEFAULT_MAX_TOKENS = 16
 
 
@@ -215,8 +216,10 @@ def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingParams, n:
                     break
                 if item[0] == "error":
                     exc = item[1]
-                    status = status_for(exc) if isinstance(exc, LorafleetError) else 500
-                    yield _event(error_body(str(exc), type(exc).__name__, status, "/v1/"))
+                    ours = isinstance(exc, LorafleetError)
+                    message = client_message(exc, "completion stream")  # no internal text
+                    yield _event(error_body(message, type(exc).__name__ if ours else "InternalError",
+                                            status_for(exc) if ours else 500, "/v1/"))
                     break
                 i, token = item
                 delta = texts[i].push(token)

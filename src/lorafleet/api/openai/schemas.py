@@ -11,8 +11,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lorafleet.api.checks import Checked
 
-class _Request(BaseModel):
+
+class _Request(Checked):  # finite numbers, no NUL in any string (api/checks.py)
     model_config = ConfigDict(extra="allow")
 
     model: str
@@ -38,7 +40,7 @@ class CompletionRequest(_Request):
     suffix: str | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Checked):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]

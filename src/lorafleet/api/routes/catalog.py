@@ -16,9 +16,10 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from lorafleet.api.auth import get_catalog, get_tenant, require_admin
+from lorafleet.api.checks import Checked, refuse_nul_params
 from lorafleet.catalog.records import (
     Alias, AliasEvent, Comparison, Evaluation, GcReport, Lineage, LoraConfig, Policy, Principal,
     Provenance, Revision,
@@ -31,7 +32,7 @@ Cat = Annotated[Catalog, Depends(get_catalog)]
 Who = Annotated[Principal, Depends(get_tenant)]
 
 
-class _Wire(BaseModel):
+class _Wire(Checked):  # finite numbers, no NUL in any string (api/checks.py)
     model_config = ConfigDict(extra="forbid")
 
 
@@ -297,7 +298,7 @@ def _meta_filters(meta: list[str]) -> dict[str, str]:
 
 # ---- routes -----------------------------------------------------------------------------
 
-router = APIRouter(prefix="/catalog/v1", tags=["catalog"])
+router = APIRouter(prefix="/catalog/v1", tags=["catalog"], dependencies=[Depends(refuse_nul_params)])
 
 
 def catalog_router() -> APIRouter:
@@ -447,7 +448,7 @@ def create_key(body: KeyIn, catalog: Cat, _: Annotated[Principal, Depends(requir
 
 @router.post("/gc", response_model=GcOut)
 def gc(catalog: Cat, _: Annotated[Principal, Depends(require_admin)],
-       grace_s: Annotated[float, Query(ge=0)] = 3600.0) -> GcOut:
+       grace_s: Annotated[float, Query(ge=0, allow_inf_nan=False)] = 3600.0) -> GcOut:
     r: GcReport = catalog.gc(grace_s=grace_s)
     return GcOut(**{f: getattr(r, f) for f in GcOut.model_fields})
 

@@ -9,24 +9,26 @@ from __future__ import annotations
 import base64
 import email.utils
 import io
+import json
 import logging
 import tarfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
+from lorafleet.api.checks import refuse_nul_params
 from lorafleet.api.tinker import schemas as s
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.checkpoints import parse_path
-from lorafleet.api.tinker.futures import DONE, PROTO_TYPE
+from lorafleet.api.tinker.futures import DONE, NOT_FINITE, PROTO_TYPE
 from lorafleet.api.tinker.service import SAFE_CLIENT_CONFIG, TinkerService
 from lorafleet.api.tinker.tenancy import sign, verify
 from lorafleet.errors import InvalidRequest, NotFound
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", dependencies=[Depends(refuse_nul_params)])
 log = logging.getLogger("lorafleet.tinker")
 URL_TTL_S = 3600
 ARCHIVE_NAME = "archive.tar"
@@ -222,7 +224,11 @@ async def retrieve_future(request: Request) -> Response:
         if "protobuf" in request.headers.get("accept", ""):
             return Response(result.payload, media_type=PROTO_TYPE)
         convert = wire.sample_proto_to_json if result.kind == "sample" else wire.fwdbwd_proto_to_json
-        return JSONResponse(convert(result.payload or b""))
+        try:  # strict JSON: a non-finite value (weights gone NaN) is the caller's error
+            return Response(json.dumps(convert(result.payload or b""), allow_nan=False),
+                            media_type="application/json")
+        except ValueError:
+            return JSONResponse({"error": NOT_FINITE, "category": "user"})
     return Response(result.payload, media_type="application/json")
 
 

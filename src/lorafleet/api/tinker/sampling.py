@@ -114,8 +114,6 @@ class SamplingCalls:
                 f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceeds the context "
                 f"length {info.max_context} of {runner.base.name}"
             )
-        if sp.temperature < 0 or not 0 < sp.top_p <= 1:
-            raise InvalidRequest("temperature must be >= 0 and top_p in (0, 1]")
         stop_strings: tuple[str, ...] = ()
         stop_ids: tuple[int, ...] | None = None
         if isinstance(sp.stop, str):
@@ -126,6 +124,10 @@ class SamplingCalls:
                 stop_ids = ()
         elif sp.stop is not None:
             stop_ids = tuple(int(x) for x in sp.stop)
+            bad = [t for t in stop_ids if not 0 <= t < info.vocab_size]
+            if bad:
+                raise BadTokens(f"stop token ids {bad[:8]} are outside the vocabulary "
+                                f"({info.vocab_size}) of {runner.base.name}")
         return {
             "prompt": prompt, "num_samples": req.num_samples, "prompt_logprobs": bool(req.prompt_logprobs),
             "params": {"max_tokens": max_tokens, "temperature": sp.temperature, "top_p": sp.top_p,

@@ -2,33 +2,42 @@
 
 Only `api/tinker` imports these. Unknown fields are ignored (newer SDKs add fields), and
 `parse` turns malformed JSON or a failed validation into `InvalidRequest` (HTTP 400), so
-the status-code policy stays in `api/errors.py`.
+the status-code policy stays in `api/errors.py`. Every body is checked by `parse_json` for
+non-finite numbers and NUL characters (`api/checks.py`); float fields refuse NaN/inf also
+when sent as strings, and hyper-parameters carry their ranges here.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lorafleet.api.checks import check_json
 from lorafleet.errors import InvalidRequest
 
 M = TypeVar("M", bound=BaseModel)
+MAX_TTL_S = 100 * 365 * 86400
+FLOAT32_MAX = 3.4028234663852886e38
+# a checkpoint's retention: 0 or None keep it until deleted
+TtlSeconds = Annotated[int, Field(ge=0, le=MAX_TTL_S)]
 
 
 class Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False)
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
-    """Decode a JSON object body; malformed JSON is an `InvalidRequest`."""
+    """Decode a JSON object body; malformed JSON, a non-finite number or a NUL character
+    anywhere in it is an `InvalidRequest`."""
     try:
         data = json.loads(body or b"{}")
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidRequest(f"malformed JSON body: {e}") from e
     if not isinstance(data, dict):
         raise InvalidRequest("the JSON body must be an object")
+    check_json(data)
     return data
 
 
@@ -86,13 +95,13 @@ class ModelRef(Wire):
     model_id: str
 
 
-class AdamParams(Wire):
-    learning_rate: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-12
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
+class AdamParams(Wire):  # the optimizer computes in float32: larger values cannot be applied
+    learning_rate: float = Field(default=1e-4, ge=0, le=FLOAT32_MAX)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    eps: float = Field(default=1e-12, ge=0, le=FLOAT32_MAX)
+    weight_decay: float = Field(default=0.0, ge=0, le=FLOAT32_MAX)
+    grad_clip_norm: float = Field(default=0.0, ge=0, le=FLOAT32_MAX)
 
 
 class OptimStepRequest(Wire):
@@ -106,7 +115,7 @@ class SaveWeightsRequest(Wire):
     model_id: str
     path: str | None = None
     seq_id: int | None = None
-    ttl_seconds: int | None = None
+    ttl_seconds: TtlSeconds | None = None
     overwrite: bool = False
     user_metadata: dict[str, str] | None = None
 
@@ -142,9 +151,9 @@ class SamplingParams(Wire):
     max_tokens: int | None = None
     seed: int | None = None
     stop: str | list[str] | list[int] | None = None
-    temperature: float = 1.0
-    top_k: int = -1
-    top_p: float = 1.0
+    temperature: float = Field(default=1.0, ge=0)
+    top_k: int = Field(default=-1, ge=-1)  # -1 or 0: off
+    top_p: float = Field(default=1.0, gt=0, le=1)
 
 
 class SampleRequest(Wire):
@@ -170,7 +179,7 @@ class RetrieveFutureRequest(Wire):
 
 
 class TtlRequest(Wire):
-    ttl_seconds: int | None = None
+    ttl_seconds: TtlSeconds | None = None
 
 
 class WeightsInfoRequest(Wire):

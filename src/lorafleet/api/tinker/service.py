@@ -282,9 +282,7 @@ class TinkerService(SamplingCalls, RestQueries):
             raise InvalidRequest(
                 f"optimizer {req.optimizer_params.get('type')!r} is not supported; use AdamParams"
             )
-        adam = (req.adam_params or s.AdamParams()).model_dump()
-        if adam["learning_rate"] < 0 or not 0 <= adam["beta1"] < 1 or not 0 <= adam["beta2"] < 1:
-            raise InvalidRequest(f"invalid AdamParams {adam}")
+        adam = (req.adam_params or s.AdamParams()).model_dump()  # ranges checked by the schema
         return self._ordered(tenant, "optim_step", req.model_id, req.seq_id, adam,
                              req.model_dump_json(), idem)
 

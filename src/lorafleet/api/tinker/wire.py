@@ -4,7 +4,8 @@ Only this module knows the byte layouts of the Tinker protocol (see
 reference/tinker_protocol.md §6.3, §6.4, §7.3, §7.4). It uses the message classes the `tinker`
 package ships (`tinker.proto.tinker_public_pb2`), so the schema cannot drift from the SDK.
 Everything here is pure: bytes or dicts in, numpy-backed records out (and back). Malformed
-input raises `InvalidRequest` naming the offending field; nothing here touches the engine.
+input (including NaN/inf numbers and NUL characters) raises `InvalidRequest` naming the
+offending field; nothing here touches the engine.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from tinker.proto import tinker_public_pb2 as pb
 
+from lorafleet.api.checks import check_text, finite
 from lorafleet.errors import InvalidRequest
 
 # Proto dtype enum -> numpy dtype accepted in requests. bf16/int32 are accepted for
@@ -179,11 +181,16 @@ def _widen(arr: np.ndarray, proto_dtype: int) -> np.ndarray:
 
 
 def check_call(call: FwdBwdCall) -> FwdBwdCall:
-    """Check what can be checked without the model: non-empty data, aligned shapes, dtypes."""
+    """Check what can be checked without the model: non-empty data, aligned shapes, dtypes,
+    finite loss_fn_config values, no NUL in names."""
     if not call.model_id:
         raise InvalidRequest("model_id is required")
     if not call.loss_fn:
         raise InvalidRequest("loss_fn is required")
+    check_text(call.model_id, "model_id")
+    check_text(call.loss_fn, "loss_fn")
+    for key, value in call.loss_config.items():
+        finite(value, f"loss_fn_config[{check_text(key, 'loss_fn_config key')!r}]")
     if not call.data:
         raise InvalidRequest("data is empty: forward_backward needs at least one datum")
     for i, d in enumerate(call.data):
@@ -278,6 +285,13 @@ def model_input_tokens(model_input: Any, where: str = "prompt") -> list[int]:
 
 
 # ---------------------------------------------------------------- results (proto)
+
+
+def is_finite(out: FwdBwdOutcome) -> bool:
+    """True when every metric and real-valued output is finite (a diverged loss is not)."""
+    return all(math.isfinite(v) for v in out.metrics.values()) and all(
+        bool(np.isfinite(a).all()) for o in out.outputs for a in o.values() if a.dtype.kind == "f"
+    )
 
 
 def encode_forward_backward_output(out: FwdBwdOutcome) -> bytes:
