@@ -68,7 +68,7 @@ def test_close_fails_queued_jobs_and_refuses_new_ones():
     q = ServingQueue()
     queued = job("a")
     q.put(queued)
-    q.close(NoCapacity("the server is shutting down"))
+    q.close("the server is shutting down")
     assert isinstance(queued.future.exception(timeout=0), NoCapacity) and len(q) == 0
     with pytest.raises(NoCapacity, match="shutting down"):
         q.put(job("b"))

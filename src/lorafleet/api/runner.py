@@ -118,10 +118,9 @@ class Runner(TrainingWork, SamplingWork):
 
     def drain(self) -> None:
         """Shutdown begins: fail queued and running serving jobs, refuse new ones (idempotent)."""
-        exc = NoCapacity("the server is shutting down")
-        self.serving.close(exc)
+        self.serving.close("the server is shutting down")
         for future in list(self._in_batch):
-            reject(future, exc)
+            reject(future, NoCapacity("the server is shutting down"))
 
     def stop(self) -> None:
         self.drain()

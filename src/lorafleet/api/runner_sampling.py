@@ -27,7 +27,7 @@ from lorafleet.api.tinker.futures import PROTO_TYPE
 from lorafleet.engine.residency import Tier
 from lorafleet.engine.serving import reject, resolve
 from lorafleet.engine.types import SampleRequest, SamplingParams
-from lorafleet.errors import LorafleetError, NotFound
+from lorafleet.errors import LorafleetError, NoCapacity, NotFound
 from lorafleet.lora import io as lora_io
 from lorafleet.lora.weights import LoraWeights
 
@@ -183,7 +183,7 @@ class SamplingWork:
         self._in_batch = [j.future for j in jobs]  # what `drain` fails while they run
         if self.serving.closed is not None:  # drained between the take and the line above
             for j in jobs:
-                reject(j.future, self.serving.closed)
+                reject(j.future, NoCapacity(self.serving.closed))
         return [Op("", "serve", "", {"revision_id": j.key, "requests": j.requests,
                                      "on_token": j.on_token, "future": j.future}) for j in jobs]
 

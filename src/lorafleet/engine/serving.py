@@ -65,21 +65,21 @@ class ServingQueue:
         self.max_jobs = max_jobs
         self._queues: OrderedDict[Hashable | None, deque[ServeJob]] = OrderedDict()
         self._jobs = 0
-        self._closed: Exception | None = None
+        self._closed: str | None = None  # why new jobs are refused, once closed
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return self._jobs
 
     @property
-    def closed(self) -> Exception | None:
-        """The error new jobs are refused with once `close`d; None while open."""
+    def closed(self) -> str | None:
+        """Why new jobs are refused (NoCapacity) once `close`d; None while open."""
         return self._closed
 
     def put(self, job: ServeJob) -> None:
         with self._lock:
             if self._closed is not None:
-                raise self._closed
+                raise NoCapacity(self._closed)
             if self._jobs >= self.max_jobs:
                 raise NoCapacity(f"the serving queue is full ({self.max_jobs} requests waiting)", 1.0)
             self._queues.setdefault(job.key, deque()).append(job)
@@ -129,12 +129,12 @@ class ServingQueue:
             else:
                 del self._queues[key]
 
-    def close(self, exc: Exception) -> None:
-        """Fail every queued job with `exc`, and refuse new ones with it from now on."""
+    def close(self, reason: str) -> None:
+        """Fail every queued job, and refuse new ones from now on, with NoCapacity(reason)."""
         with self._lock:
-            self._closed = exc
+            self._closed = reason
             jobs = [j for q in self._queues.values() for j in q]
             self._queues.clear()
             self._jobs = 0
         for j in jobs:
-            reject(j.future, exc)
+            reject(j.future, NoCapacity(reason))

@@ -156,7 +156,7 @@ class OpenAIService:
         awaits it.
         """
         runner = self.runners[target.base]
-        admitted = Admitted(target, prompts, n, time.perf_counter())
+        admitted = Admitted(prompts, n, time.perf_counter())
 
         def count(i: int, k: int, token: int, logprob: float) -> None:
             if admitted.first_token_at is None:
@@ -201,7 +201,6 @@ class OpenAIService:
 class Admitted:
     """A serving job that passed admission: its revision is held and it is queued."""
 
-    target: Target
     prompts: list[list[int]]
     n: int
     t0: float
