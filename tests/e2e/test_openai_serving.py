@@ -151,6 +151,30 @@ def test_full_load_queue_is_a_retryable_429(fleet):
     assert metric(fleet, "lorafleet_cold_load_rejections_total") > 0
 
 
+def test_full_load_queue_is_a_429_for_streams_too(fleet):
+    """Admission (cold load, host hold, serving queue) comes before a stream's status line: a
+    full load queue is a 429 + Retry-After, never a 200 followed by an in-stream error."""
+    c = client(fleet, retries=0)
+
+    def one(i: int) -> str:
+        try:
+            stream = c.completions.create(model=f"alice/a{i}", prompt="x", max_tokens=1, temperature=0.0,
+                                          stream=True)
+        except openai.RateLimitError as e:
+            assert e.response.headers.get("retry-after")
+            return "429"
+        try:
+            assert list(stream)[-1].choices[0].finish_reason in ("length", "stop")
+        except openai.APIError as e:
+            return f"in-stream error: {e}"
+        return "200"
+
+    with ThreadPoolExecutor(40) as pool:
+        outcomes = list(pool.map(one, range(10, 50)))
+    assert set(outcomes) <= {"200", "429"}, outcomes
+    assert "200" in outcomes and "429" in outcomes
+
+
 def test_identical_concurrent_misses_share_one_load(fleet):
     c = client(fleet)
     ref = "alice/a49"

@@ -48,3 +48,27 @@ def test_bounded():
     q.put(job("a")), q.put(job("b"))
     with pytest.raises(NoCapacity, match="serving queue is full"):
         q.put(job("c"))
+
+
+def test_cancelled_jobs_are_dropped_and_never_answered():
+    from lorafleet.engine.serving import reject, resolve
+
+    q = ServingQueue()
+    gone, kept = job("a", t=0), job("a", t=1)
+    q.put(gone)
+    q.put(kept)
+    assert gone.future.cancel()  # the client closed its stream while the job was queued
+    assert q.take(max_adapters=4) == [kept] and len(q) == 0
+    resolve(gone.future, [])  # the engine thread answering a cancelled job is a no-op ...
+    reject(gone.future, RuntimeError("late"))
+    assert gone.future.cancelled()
+
+
+def test_close_fails_queued_jobs_and_refuses_new_ones():
+    q = ServingQueue()
+    queued = job("a")
+    q.put(queued)
+    q.close("the server is shutting down")
+    assert isinstance(queued.future.exception(timeout=0), NoCapacity) and len(q) == 0
+    with pytest.raises(NoCapacity, match="shutting down"):
+        q.put(job("b"))

@@ -1,8 +1,9 @@
 """The FastAPI application: wiring, lifespan, error mapping, request logging.
 
 `create_app(config)` loads the base models, starts one engine thread (`Runner`) per base and
-mounts the Tinker API under `/api/v1` plus `/healthz`. Handlers stay async and thin; the
-engines run in their own threads.
+mounts the Tinker API under `/api/v1` plus `/healthz` (503 when an engine thread is dead or
+stalled) and `/readyz` (503 until the engines run and the app serves, and again once shutdown
+begins). Handlers stay async and thin; the engines run in their own threads.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ log = logging.getLogger("lorafleet.api")
 
 # Request classes for the one-line-per-request log; polls and heartbeats log at DEBUG.
 _QUIET = ("/api/v1/retrieve_future", "/api/v1/session_heartbeat", "/api/v1/telemetry",
-          "/api/v1/client/dynamic_config", "/healthz")
+          "/api/v1/client/dynamic_config", "/healthz", "/readyz")
 
 
 @dataclass
@@ -50,6 +51,8 @@ class ServeConfig:
         gap_timeout_s: how long a missing seq_id blocks its model before it is skipped.
         state_dir: where the Tinker service keeps tinker.db and checkpoints (default home/tinker).
         threads: torch intra-op threads for the engines (0 = torch's default).
+        stall_s: /healthz fails when an engine has had pending work but made no progress (a
+            loop turn or a decode step) for this long.
     """
 
     bases: list[str]
@@ -60,6 +63,7 @@ class ServeConfig:
     gap_timeout_s: float = 30.0
     state_dir: Path | None = None
     threads: int = 0
+    stall_s: float = 300.0
     max_sample_queue: int = 512
     session_timeout_s: float = 900.0  # no heartbeat for this long ends a session
     use_catalog: bool = True  # publish runs and checkpoints into the catalog (paths.database_url)
@@ -138,9 +142,11 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
         for r in svc.runners.values():
             r.start()
         janitor = asyncio.create_task(_janitor(svc, cfg.session_timeout_s))
+        app.state.ready = True
         try:
             yield
         finally:
+            begin_shutdown(app)
             janitor.cancel()
             for r in svc.runners.values():
                 await asyncio.to_thread(r.stop)
@@ -150,6 +156,7 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
 
     app = FastAPI(title="lorafleet", lifespan=lifespan)
     app.state.tinker = svc
+    app.state.ready = False  # set by the lifespan once the engines run
     app.state.auth_mode = cfg.auth
     catalog = svc.catalog.catalog if svc.catalog is not None else None
     app.state.catalog = catalog
@@ -175,10 +182,33 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok", "bases": sorted(svc.runners)}
+    async def healthz() -> Response:
+        engines = {name: r.health(cfg.stall_s) for name, r in sorted(svc.runners.items())}
+        ok = all(h["ok"] for h in engines.values())
+        return _json(200 if ok else 503, {"status": "ok" if ok else "unhealthy", "bases": sorted(svc.runners),
+                                          "engines": engines})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        ready = app.state.ready and all(r.health(cfg.stall_s)["ok"] for r in svc.runners.values())
+        return _json(200 if ready else 503, {"status": "ready" if ready else "not ready"})
 
     return app
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """Shutdown has begun: not ready any more, and every engine drains its serving jobs, so open
+    streams end now with an error event (uvicorn waits for open responses before it runs the
+    lifespan shutdown). Idempotent; `lorafleet serve` calls it as soon as a signal arrives."""
+    app.state.ready = False
+    for r in app.state.tinker.runners.values():
+        r.drain()
+
+
+def _json(status: int, body: dict) -> Response:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(body, status_code=status)
 
 
 async def _janitor(svc: TinkerService, session_timeout_s: float, every_s: float = 30.0) -> None:

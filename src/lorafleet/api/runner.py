@@ -18,6 +18,18 @@ first chunk last), then the runner skips the hole and logs it.
 A failed forward_backward discards the model's partial gradients and poisons the window: the
 next optim_step fails instead of applying a partial update.
 
+Guarantees (keep them when this moves):
+- The thread never dies of a request. Each phase of a turn runs guarded: an unexpected
+  exception fails that phase's still-unanswered work with a server error, is logged, and the
+  loop goes on.
+- A client that gives up only frees its work: serving futures may be cancelled at any time;
+  a cancelled job still queued is dropped, the rows of one in the running batch stop at their
+  next token (engine `on_token` returns True), and nothing is ever set on a cancelled future.
+- Liveness is observable: `health()` says whether the thread is alive and how long ago it last
+  made progress (a loop turn, an idle wake-up, a decode step) while work was pending.
+- `drain()` (shutdown begins) fails every queued and running serving job and refuses new ones,
+  so open streams end at once with an error event; `stop()` drains, then ends the thread.
+
 This module holds the loop and the scheduling; the work itself is in `runner_training.py`
 (runs, forward_backward, optim_step, saves) and `runner_sampling.py` (sampler versions,
 samples, OpenAI-API serving jobs), mixed into `Runner`.
@@ -36,9 +48,10 @@ import torch
 from lorafleet.api.runner_sampling import SamplingWork
 from lorafleet.api.runner_training import TrainingWork
 from lorafleet.api.tinker.checkpoints import Checkpoints
-from lorafleet.api.tinker.futures import FutureTable
+from lorafleet.api.tinker.futures import PENDING, FutureTable
 from lorafleet.api.tinker.store import TinkerStore
 from lorafleet.api.work import BARRIERS, FWDBWD, LiveModel, Op
+from lorafleet.engine.serving import reject
 from lorafleet.errors import InvalidRequest, NoCapacity, NotFound
 
 __all__ = ["FWDBWD", "LiveModel", "Op", "Runner"]
@@ -89,6 +102,9 @@ class Runner(TrainingWork, SamplingWork):
         self._pending_models: set[str] = set()
         self._cv = threading.Condition()
         self._stop = False
+        self._progress_at = time.monotonic()  # last loop turn, idle wake-up or decode step
+        self._busy = False  # a turn's work is taken and not finished yet
+        self._in_batch: list[Any] = []  # futures of the serving jobs in the running engine.sample
         self._thread = threading.Thread(target=self._loop, name=f"engine-{base.name}", daemon=True)
         self.stats = {"fused_calls": 0, "fused_requests": 0, "max_fused_models": 0}
         # OpenMP thread counts are per thread: carry the creator's setting into the engine thread
@@ -99,12 +115,34 @@ class Runner(TrainingWork, SamplingWork):
     def start(self) -> None:
         self._thread.start()
 
+    def drain(self) -> None:
+        """Shutdown begins: fail queued and running serving jobs, refuse new ones (idempotent)."""
+        self.serving.close("the server is shutting down")
+        for future in list(self._in_batch):
+            reject(future, NoCapacity("the server is shutting down"))
+
     def stop(self) -> None:
+        self.drain()
         with self._cv:
             self._stop = True
             self._cv.notify_all()
         self._thread.join(timeout=30)
-        self.serving.fail_all(NoCapacity("the server is shutting down"))
+
+    def health(self, stall_s: float) -> dict[str, Any]:
+        """Whether the engine thread is alive and making progress (any thread).
+
+        Unhealthy when the thread is not running, or when it has pending work (queued, or a turn
+        in progress) but made no progress for more than `stall_s` seconds.
+        """
+        alive = self._thread.is_alive()
+        pending = self._busy or bool(self._unordered or self._samples or len(self.serving)
+                                     or any(m.ops for m in list(self.models.values())))
+        age = time.monotonic() - self._progress_at
+        return {"ok": alive and not (pending and age > stall_s), "alive": alive,
+                "pending": pending, "progress_age_s": round(age, 3)}
+
+    def _beat(self) -> None:
+        self._progress_at = time.monotonic()
 
     # ------------------------------------------------------------------ submit (event loop)
 
@@ -147,25 +185,49 @@ class Runner(TrainingWork, SamplingWork):
         while True:
             with self._cv:
                 while not self._stop and not self._has_ready_work():
+                    self._beat()
                     self._cv.wait(timeout=self._wait_s())
                 if self._stop:
                     return
+                self._beat()
+                self._busy = True
                 unordered = list(self._unordered)
                 self._unordered.clear()
                 fused = self._take_fused()
                 barriers = self._take_barriers() if not fused else []
                 samples = list(self._samples)
                 self._samples.clear()
-            tinker_keys = {op.payload["sampler_key"] for op in samples}
-            samples += self._take_serving(reserved=len(tinker_keys))
-            for op in unordered:
-                self._run_one(op)
-            if fused:
-                self._run_fused(fused)
-            for model, op in barriers:
-                self._run_one(op, model)
-            if samples:
-                self._run_samples(samples)
+            try:
+                self._turn(unordered, fused, barriers, samples)
+            finally:
+                self._in_batch = []
+                self._busy = False
+                self._beat()
+
+    def _turn(self, unordered: list[Op], fused: list[tuple[LiveModel, Op]],
+              barriers: list[tuple[LiveModel, Op]], samples: list[Op]) -> None:
+        for op in unordered:
+            self._guarded([op], self._run_one, op)
+        if fused:
+            self._guarded([op for _, op in fused], self._run_fused, fused)
+        for model, op in barriers:
+            self._guarded([op], self._run_one, op, model)
+        tinker_keys = {op.payload["sampler_key"] for op in samples}
+        self._guarded([], lambda: samples.extend(self._take_serving(reserved=len(tinker_keys))))
+        if samples:
+            self._guarded(samples, self._run_samples, samples)
+
+    def _guarded(self, ops: list[Op], work: Any, *args: Any) -> None:
+        """Run one phase of a turn; a bug fails its unanswered ops instead of the thread."""
+        try:
+            work(*args)
+        except Exception as e:
+            log.exception("engine turn failed; failing %d of its requests", len(ops))
+            for op in ops:
+                if op.kind == "serve":
+                    reject(op.payload["future"], e)
+                elif op.request_id and self.futures.state_of(op.request_id) == PENDING:
+                    self._fail(op, e)
 
     def _wait_s(self) -> float:
         waits = [m.gap_since for m in self.models.values() if m.gap_since is not None]

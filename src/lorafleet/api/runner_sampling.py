@@ -7,6 +7,11 @@ between engine slots, host memory and the store: catalog revisions are keyed by 
 and loaded by its cold loader; Tinker sampler versions are keyed by sampler id and put into
 the host tier by `_add_sampler` (fresh from training) or `_resolve_sampler` (read back from
 their checkpoint when they were evicted).
+
+Serving futures belong to their clients, who may cancel them at any moment (a closed stream):
+they are resolved only through `serving.resolve`/`serving.reject` (a no-op on a done future),
+a cancelled job still queued is dropped, and the rows of one already in the batch stop at
+their next token (the `on_token` route returns True for them).
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from typing import Any
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.futures import PROTO_TYPE
 from lorafleet.engine.residency import Tier
+from lorafleet.engine.serving import reject, resolve
 from lorafleet.engine.types import SampleRequest, SamplingParams
-from lorafleet.errors import LorafleetError, NotFound
+from lorafleet.errors import LorafleetError, NoCapacity, NotFound
 from lorafleet.lora import io as lora_io
 from lorafleet.lora.weights import LoraWeights
 
@@ -89,7 +95,7 @@ class SamplingWork:
         try:
             if self.metrics is not None:
                 self.metrics.batch_size.labels("sample").observe(sum(r.num_samples for r in batch))
-            flat = self.engine.sample(batch, on_token=_stream_to(ready))
+            flat = self.engine.sample(batch, on_token=self._stream_to(ready))
         except Exception as e:
             if len(ready) > 1 and isinstance(e, LorafleetError):
                 for op, reqs in ready:  # isolate the bad request
@@ -105,7 +111,7 @@ class SamplingWork:
 
     def _sample_alone(self, op: Op, reqs: list[Any]) -> None:
         try:
-            res = self.engine.sample(reqs, on_token=_stream_to([(op, reqs)]))
+            res = self.engine.sample(reqs, on_token=self._stream_to([(op, reqs)]))
         except Exception as e:
             self._sample_failed(op, e)
         else:
@@ -113,7 +119,7 @@ class SamplingWork:
 
     def _sample_failed(self, op: Op, e: Exception) -> None:
         if op.kind == "serve":
-            op.payload["future"].set_exception(e)
+            reject(op.payload["future"], e)
             return
         self._fail(op, e)
 
@@ -127,7 +133,9 @@ class SamplingWork:
         pinned there until the future resolves. Returns a future of the SampleResults;
         `on_token(request, sample, token, logprob)` is called on the engine thread after every
         decode step that chose a token for this job. With no requests the job only puts the
-        revision into a slot (warm-up). Raises NoCapacity when the queue is full.
+        revision into a slot (warm-up). Raises NoCapacity when the queue is full or the runner is
+        draining. Cancelling the future frees the job's work (dropped if queued, its rows stopped
+        if running).
         """
         from lorafleet.engine.serving import ServeJob
 
@@ -148,17 +156,17 @@ class SamplingWork:
         try:
             load = self.residency.ensure_host(job.key)
         except LorafleetError as e:  # the load queue is full: a retryable 429
-            job.future.set_exception(e)
+            reject(job.future, e)
             return
 
         def requeue(done: Future) -> None:
             if done.exception() is not None:
-                job.future.set_exception(done.exception())
+                reject(job.future, done.exception())
                 return
             try:
                 self.serving.put(job)
             except LorafleetError as e:
-                job.future.set_exception(e)
+                reject(job.future, e)
                 return
             with self._cv:
                 self._cv.notify_all()
@@ -168,6 +176,10 @@ class SamplingWork:
     def _take_serving(self, reserved: int = 0) -> list[Op]:
         """A fair batch of serving jobs (round robin over adapters), as ops for `_run_samples`."""
         jobs = self.serving.take(max_adapters=self.residency.free_slots_for_batch() - reserved)
+        self._in_batch = [j.future for j in jobs]  # what `drain` fails while they run
+        if self.serving.closed is not None:  # drained between the take and the line above
+            for j in jobs:
+                reject(j.future, NoCapacity(self.serving.closed))
         return [Op("", "serve", "", {"revision_id": j.key, "requests": j.requests,
                                      "on_token": j.on_token, "future": j.future}) for j in jobs]
 
@@ -180,7 +192,7 @@ class SamplingWork:
 
     def _finish_sample(self, op: Op, results: list[Any]) -> None:
         if op.kind == "serve":
-            op.payload["future"].set_result(results)
+            resolve(op.payload["future"], results)
             return
         res = results[0]
         out = wire.SampleOutcome(
@@ -194,26 +206,31 @@ class SamplingWork:
     def queued_samples(self) -> int:
         return len(self._samples)
 
+    def _stream_to(self, ready: list[tuple[Op, list[Any]]]) -> Callable[[int, int, int, float], bool]:
+        """The engine's `on_token` callback for one batch: a heartbeat every decode step; routes
+        rows of serving jobs to their jobs' callbacks; stops the rows of a job that is done
+        (cancelled by its client, or failed by `drain`)."""
+        route: list[tuple[Op, int] | None] = []
+        for op, reqs in ready:
+            route.extend((op, i) if op.kind == "serve" else None for i in range(len(reqs)))
+        broken: set[Op] = set()
 
-def _stream_to(ready: list[tuple[Op, list[Any]]]) -> Callable[[int, int, int, float], None] | None:
-    """An engine `on_token` callback that routes batch rows to their serving jobs' callbacks."""
-    route: list[tuple[Op, int] | None] = []
-    for op, reqs in ready:
-        cb = op.payload.get("on_token") if op.kind == "serve" else None
-        route.extend((op, i) if cb is not None else None for i in range(len(reqs)))
-    if not any(route):
-        return None
-    broken: set[Op] = set()
+        def on_token(request: int, sample: int, token: int, logprob: float) -> bool:
+            self._beat()
+            target = route[request]
+            if target is None:
+                return False
+            op, i = target
+            if op.payload["future"].done():
+                return True
+            cb = op.payload.get("on_token")
+            if cb is None or op in broken:
+                return False
+            try:
+                cb(i, sample, token, logprob)
+            except Exception:  # a streaming client's callback must not fail the whole batch
+                log.exception("on_token callback failed")
+                broken.add(op)
+            return False
 
-    def on_token(request: int, sample: int, token: int, logprob: float) -> None:
-        target = route[request]
-        if target is None or target[0] in broken:
-            return
-        op, i = target
-        try:
-            op.payload["on_token"](i, sample, token, logprob)
-        except Exception:  # a streaming client's callback must not fail the whole batch
-            log.exception("on_token callback failed")
-            broken.add(op)
-
-    return on_token
+        return on_token

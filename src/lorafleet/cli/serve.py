@@ -11,6 +11,9 @@ from pathlib import Path
 from lorafleet.errors import InvalidRequest
 
 DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# after SIGTERM, how long uvicorn waits for open responses (Tinker long polls, streams that are
+# not reading) before it cancels them; streams themselves end at once (begin_shutdown)
+GRACEFUL_SHUTDOWN_S = 10
 log = logging.getLogger("lorafleet.serve")
 
 
@@ -65,7 +68,7 @@ def check_auth(auth: str, host: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from lorafleet.api.app import ServeConfig, create_app
+    from lorafleet.api.app import ServeConfig, begin_shutdown, create_app
     from lorafleet.config import paths_from_env
 
     check_auth(args.auth, args.host)
@@ -76,5 +79,12 @@ def run(args: argparse.Namespace) -> int:
                       load_batch=args.load_batch)
     app = create_app(cfg)
     log.info("serving %s on http://%s:%d (auth %s)", cfg.bases, args.host, args.port, args.auth)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            begin_shutdown(app)  # before uvicorn waits for open streams to finish
+            await super().shutdown(sockets)
+
+    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                          timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)).run()
     return 0

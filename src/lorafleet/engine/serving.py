@@ -6,6 +6,10 @@ robin over the adapters whose head job waited longest, taking at most
 `max_adapters` distinct adapters (the engine's free slots). So one hot adapter fills its share
 of every batch but never starves the others. The queue is bounded: a full queue answers
 NoCapacity (HTTP 429 + Retry-After).
+
+A job's future belongs to its client, who may cancel it at any time (a stream closed early
+cancels it through `asyncio.wrap_future`): `take` drops cancelled jobs, and the engine thread
+resolves futures only through `resolve`/`reject`, which ignore a future that is already done.
 """
 
 from __future__ import annotations
@@ -14,13 +18,29 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from lorafleet.engine.types import SampleRequest
 from lorafleet.errors import NoCapacity
 
 TokenCallback = Callable[[int, int, int, float], None]
+
+
+def resolve(future: Future, value: object) -> None:
+    """Set a job's result unless its client cancelled it (or it was failed) meanwhile."""
+    try:
+        future.set_result(value)
+    except InvalidStateError:
+        pass
+
+
+def reject(future: Future, exc: BaseException) -> None:
+    """Fail a job unless it is already done (cancelled by its client, answered, or failed)."""
+    try:
+        future.set_exception(exc)
+    except InvalidStateError:
+        pass
 
 
 @dataclass(slots=True)
@@ -45,21 +65,32 @@ class ServingQueue:
         self.max_jobs = max_jobs
         self._queues: OrderedDict[Hashable | None, deque[ServeJob]] = OrderedDict()
         self._jobs = 0
+        self._closed: str | None = None  # why new jobs are refused, once closed
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return self._jobs
 
+    @property
+    def closed(self) -> str | None:
+        """Why new jobs are refused (NoCapacity) once `close`d; None while open."""
+        return self._closed
+
     def put(self, job: ServeJob) -> None:
         with self._lock:
+            if self._closed is not None:
+                raise NoCapacity(self._closed)
             if self._jobs >= self.max_jobs:
                 raise NoCapacity(f"the serving queue is full ({self.max_jobs} requests waiting)", 1.0)
             self._queues.setdefault(job.key, deque()).append(job)
             self._jobs += 1
 
     def take(self, max_adapters: int, ready: Callable[[Hashable | None], bool] = lambda _: True) -> list[ServeJob]:
-        """The next batch: fair across adapters, only adapters for which `ready(key)` holds."""
+        """The next batch: fair across adapters, only adapters for which `ready(key)` holds.
+
+        Jobs cancelled by their clients are dropped on the way."""
         with self._lock:
+            self._drop_cancelled()
             order = sorted(
                 (k for k, q in self._queues.items() if q and ready(k)),
                 key=lambda k: self._queues[k][0].submitted,
@@ -88,11 +119,22 @@ class ServingQueue:
             self._jobs -= len(batch)
             return batch
 
-    def fail_all(self, exc: Exception) -> None:
+    def _drop_cancelled(self) -> None:
+        for key in list(self._queues):
+            q = self._queues[key]
+            live = deque(j for j in q if not j.future.done())
+            self._jobs -= len(q) - len(live)
+            if live:
+                self._queues[key] = live
+            else:
+                del self._queues[key]
+
+    def close(self, reason: str) -> None:
+        """Fail every queued job, and refuse new ones from now on, with NoCapacity(reason)."""
         with self._lock:
+            self._closed = reason
             jobs = [j for q in self._queues.values() for j in q]
             self._queues.clear()
             self._jobs = 0
         for j in jobs:
-            if not j.future.done():
-                j.future.set_exception(exc)
+            reject(j.future, NoCapacity(reason))

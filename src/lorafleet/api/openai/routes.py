@@ -88,13 +88,9 @@ def _chat_prompt(tokenizer, messages: list[s.ChatMessage]) -> list[int]:
     return list(ids)
 
 
-async def _admit(svc: OpenAIService, target: Target, prompts: list[list[int]], max_tokens: int) -> None:
-    """Context limits, then the cold load (if any) before answering, so that a full load queue
-    is a real 429 even for a stream."""
+def _check_context(svc: OpenAIService, target: Target, prompts: list[list[int]], max_tokens: int) -> None:
     for p in prompts:
         svc.check_context(target, len(p), max_tokens)
-    if target.revision_id is not None:
-        await asyncio.wrap_future(svc.runners[target.base].residency.ensure_host(target.revision_id))
 
 
 def _finish(tokenizer, tokens: list[int], reason: str, stops: list[str]) -> tuple[str, str]:
@@ -121,11 +117,11 @@ async def completions(req: s.CompletionRequest, who: Principal = Depends(get_ten
     target = svc.resolve(req.model, who)  # once: the request runs on this revision
     tokenizer = svc.tokenizer(target)
     prompts = _completion_prompts(tokenizer, req.prompt)
-    await _admit(svc, target, prompts, max_tokens)
+    _check_context(svc, target, prompts, max_tokens)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     stops = list(params.stop_strings)
     if req.stream:
-        return _sse(svc, target, prompts, params, req.n, lambda i, delta, reason: s.Completion(
+        return await _sse(svc, target, prompts, params, req.n, lambda i, delta, reason: s.Completion(
             id=rid, created=created, model=req.model,
             choices=[s.CompletionChoice(index=i, text=delta or "", finish_reason=reason)]).model_dump(exclude_none=True))
     results = await svc.sample(target, prompts, params, req.n)
@@ -153,7 +149,7 @@ async def chat_completions(req: s.ChatCompletionRequest, who: Principal = Depend
     target = svc.resolve(req.model, who)  # once: the request runs on this revision
     tokenizer = svc.tokenizer(target)
     prompt = _chat_prompt(tokenizer, req.messages)
-    await _admit(svc, target, [prompt], max_tokens)
+    _check_context(svc, target, [prompt], max_tokens)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     stops = list(params.stop_strings)
     if req.stream:
@@ -163,7 +159,7 @@ async def chat_completions(req: s.ChatCompletionRequest, who: Principal = Depend
                 d.setdefault("role", "assistant")
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                     "choices": [{"index": i, "delta": d, "finish_reason": reason}]}
-        return _sse(svc, target, [prompt], params, req.n, chunk)
+        return await _sse(svc, target, [prompt], params, req.n, chunk)
     (res,) = await svc.sample(target, [prompt], params, req.n)
     choices = []
     for k, seq in enumerate(res.sequences):
@@ -180,8 +176,14 @@ async def chat_completions(req: s.ChatCompletionRequest, who: Principal = Depend
     return s.ChatCompletion(id=rid, created=created, model=req.model, choices=choices, usage=_usage([prompt], [res]))
 
 
-def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingParams, n: int, make_chunk) -> StreamingResponse:
-    """Stream token deltas as server-sent events; one choice index per (prompt, sample)."""
+async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingParams, n: int,
+               make_chunk) -> StreamingResponse:
+    """Stream token deltas as server-sent events; one choice index per (prompt, sample).
+
+    Admission (cold load, host hold, serving queue) happens before the response starts, so a
+    full queue is a real 429 + Retry-After for a stream too. Errors after that are reported
+    in-stream. A client that closes the stream cancels the job: its rows stop.
+    """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     tokenizer = svc.tokenizer(target)
@@ -190,12 +192,11 @@ def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingParams, n:
     def on_token(req_i: int, sample_k: int, token: int, logprob: float) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, (req_i * n + sample_k, token))
 
+    admitted = await svc.submit(target, prompts, params, n, on_token)
+
     async def run() -> None:
         try:
-            results = await svc.sample(target, prompts, params, n, on_token)
-            await queue.put(("done", results))
-        except LorafleetError as e:
-            await queue.put(("error", e))
+            await queue.put(("done", await svc.result(admitted)))
         except Exception as e:  # reported in-stream: the status line is already sent
             await queue.put(("error", e))
 
@@ -226,8 +227,9 @@ def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingParams, n:
                 if delta:
                     yield _event(make_chunk(i, delta, None))
             yield b"data: [DONE]\n\n"
-        finally:
-            task.cancel() if not task.done() else None
+        finally:  # also when the client went away: cancelling the wait cancels the job
+            task.cancel()
+            admitted.future.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

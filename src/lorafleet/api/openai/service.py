@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 from lorafleet.catalog.records import Principal
 from lorafleet.catalog.service import Catalog
@@ -139,6 +140,51 @@ class OpenAIService:
 
     # ---- sampling ---------------------------------------------------------------------------
 
+    async def submit(
+        self,
+        target: Target,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int,
+        on_token: TokenCallback | None = None,
+    ) -> Admitted:
+        """Admission: hold the target's revision in host memory (see `hold`) and queue the job.
+
+        Raises NoCapacity (429) when the cold-load or serving queue is full, so a caller can
+        answer before it sends anything (a stream's status line). The hold is released when the
+        job's future is done (answered, failed, or cancelled by the client), even if nobody
+        awaits it.
+        """
+        runner = self.runners[target.base]
+        admitted = Admitted(prompts, n, time.perf_counter())
+
+        def count(i: int, k: int, token: int, logprob: float) -> None:
+            if admitted.first_token_at is None:
+                admitted.first_token_at = time.perf_counter()
+            if on_token is not None:
+                on_token(i, k, token, logprob)
+
+        await self.hold(target)
+        try:
+            requests = [SampleRequest(None, p, n, params) for p in prompts]
+            admitted.future = runner.submit_serving(target.revision_id, requests, count)
+        except BaseException:
+            self.release(target)
+            raise
+        admitted.future.add_done_callback(lambda _: self.release(target))
+        return admitted
+
+    async def result(self, admitted: Admitted) -> list[SampleResult]:
+        """Wait for an admitted job; cancelling this wait cancels the job (its rows stop)."""
+        results = await asyncio.wrap_future(admitted.future)
+        m = self.metrics
+        m.request_latency.labels("openai").observe(time.perf_counter() - admitted.t0)
+        if admitted.first_token_at is not None:
+            m.first_token_latency.labels("openai").observe(admitted.first_token_at - admitted.t0)
+        m.tokens.labels("prompt").inc(sum(len(p) for p in admitted.prompts) * admitted.n)
+        m.tokens.labels("completion").inc(sum(len(q.tokens) for r in results for q in r.sequences))
+        return results
+
     async def sample(
         self,
         target: Target,
@@ -147,28 +193,16 @@ class OpenAIService:
         n: int,
         on_token: TokenCallback | None = None,
     ) -> list[SampleResult]:
-        """Sample `n` completions per prompt on the target's revision (held: see `hold`)."""
-        runner = self.runners[target.base]
-        t0 = time.perf_counter()
-        first: list[float] = []
+        """Sample `n` completions per prompt on the target's revision: `submit`, then `result`."""
+        return await self.result(await self.submit(target, prompts, params, n, on_token))
 
-        def count(i: int, k: int, token: int, logprob: float) -> None:
-            if not first:
-                first.append(time.perf_counter())
-            if on_token is not None:
-                on_token(i, k, token, logprob)
 
-        await self.hold(target)
-        try:
-            requests = [SampleRequest(None, p, n, params) for p in prompts]
-            future = runner.submit_serving(target.revision_id, requests, count)
-            results = await asyncio.wrap_future(future)
-        finally:
-            self.release(target)
-        m = self.metrics
-        m.request_latency.labels("openai").observe(time.perf_counter() - t0)
-        if first:
-            m.first_token_latency.labels("openai").observe(first[0] - t0)
-        m.tokens.labels("prompt").inc(sum(len(p) for p in prompts) * n)
-        m.tokens.labels("completion").inc(sum(len(q.tokens) for r in results for q in r.sequences))
-        return results
+@dataclass(slots=True)
+class Admitted:
+    """A serving job that passed admission: its revision is held and it is queued."""
+
+    prompts: list[list[int]]
+    n: int
+    t0: float
+    future: Future = field(default_factory=Future)
+    first_token_at: float | None = None
