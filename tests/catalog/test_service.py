@@ -16,7 +16,8 @@ from tests.catalog.conftest import BASE, SPEC, adapter_files
 ALICE, BOB = Principal("alice"), Principal("bob")
 
 
-def test_publish_resolve_every_form(catalog, policy):
+def test_publish_resolve_every_form(catalog):
+    catalog.create_policy(ALICE, "alice/chat", BASE, SPEC, tinker_run_id="s1:train:0")
     r1 = catalog.publish(ALICE, "alice/chat", adapter_files(b"one"), step=10, aliases=["prod"],
                          tinker_path="tinker://s1:train:0/sampler_weights/000010")
     r2 = catalog.publish(ALICE, "alice/chat", adapter_files(b"two"), step=20)
@@ -316,7 +317,7 @@ def test_bulk_insert_rows_resolve_like_published_ones(catalog):
         repo.bulk_insert(conn, "policies", [dict(
             id=pid, owner="bulk", name="p", base_model=BASE, base_digest=None, lora_rank=4,
             lora_alpha=8.0, target_modules="q_proj,v_proj", use_rslora=False, parent_revision_id=None,
-            public=False, created_at=now, deleted_at=None, tinker_run_id=None)])
+            public=False, created_at=now, deleted_at=None, tinker_run_id="bulk:train:0")])
         repo.bulk_insert(conn, "revisions", [dict(
             id=rid, policy_id=pid, seq=1, kind="sampler", sha256="ab" * 32, size_bytes=3,
             store_url="x", step=5, parent_revision_id=None, loss_fn="ppo", loss_config={"clip": 0.2},
