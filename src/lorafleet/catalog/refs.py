@@ -88,7 +88,8 @@ def check_alias(name: str) -> str:
 
 
 def parse_ref(text: str) -> Ref:
-    text = (text or "").strip()
+    """Strict like every parser here: surrounding whitespace makes a reference malformed."""
+    text = text or ""
     if text.startswith(TINKER_SCHEMES):
         return Ref(RefKind.TINKER, "", "", normalize_tinker_path(text), text)
     if _REV_ID_RE.match(text):

@@ -189,3 +189,14 @@ class CheckpointReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+def check_state(state_dir: Path) -> CheckpointReport | None:
+    """`check()` of the Tinker state in `state_dir` (tinker.db, checkpoints/); None if there is none."""
+    if not (Path(state_dir) / "tinker.db").is_file():
+        return None
+    store = TinkerStore(Path(state_dir) / "tinker.db")
+    try:
+        return Checkpoints(store, Path(state_dir) / "checkpoints").check()
+    finally:
+        store.close()
