@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from lorafleet.api import errors
 from lorafleet.api.routes.catalog import router
-from lorafleet.catalog import Catalog
+from lorafleet.catalog import Catalog, Principal
 from lorafleet.errors import NoCapacity
 from lorafleet.lora.spec import LoraSpec
 from tests.catalog.backends import BACKENDS, database_url
@@ -63,9 +63,11 @@ def _policy(client, name="alice/chat", public=False):
     return r.json()
 
 
-def test_full_flow_over_http(clients):
+def test_full_flow_over_http(clients, catalog):
     _, alice, _, _ = clients
-    _policy(alice)
+    # a Tinker run's policy (only the Tinker service names runs), so its paths resolve
+    catalog.create_policy(Principal("alice"), "alice/chat", BASE, SPEC, metadata={"task": "chat"},
+                          tinker_run_id="s:train:0")
     r1 = alice.post("/catalog/v1/policies/alice/chat/revisions",
                     json={"files": _files(b"one"), "step": 1, "aliases": ["prod"]}).json()
     r2 = alice.post("/catalog/v1/policies/alice/chat/revisions", json={

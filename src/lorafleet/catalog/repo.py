@@ -278,7 +278,9 @@ _REV_SELECT = select(
     t.policies.c.public, t.policies.c.deleted_at.label("policy_deleted_at"),
 ).select_from(t.revisions.join(t.policies, t.policies.c.id == t.revisions.c.policy_id))
 _REV_BY_ID = _REV_SELECT.where(t.revisions.c.id == bindparam("id"))
-_REV_BY_TINKER = _REV_SELECT.where(t.revisions.c.tinker_path == bindparam("path"))
+_REV_BY_TINKER = _REV_SELECT.where(
+    t.revisions.c.tinker_path == bindparam("path"), t.policies.c.tinker_run_id == bindparam("run")
+)
 _REV_LATEST = (
     _REV_SELECT.where(
         t.revisions.c.policy_id == bindparam("policy_id"),
@@ -357,8 +359,9 @@ def revision_by_id(conn: Connection, revision_id: str) -> Located | None:
     return None if row is None else to_located(row)
 
 
-def revision_by_tinker_path(conn: Connection, path: str) -> Located | None:
-    row = conn.execute(_REV_BY_TINKER, dict(path=path)).first()
+def revision_by_tinker_path(conn: Connection, path: str, run_id: str) -> Located | None:
+    """The revision holding `path`, if it belongs to the policy of training run `run_id`."""
+    row = conn.execute(_REV_BY_TINKER, dict(path=path, run=run_id)).first()
     return None if row is None else to_located(row)
 
 

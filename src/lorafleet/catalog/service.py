@@ -30,8 +30,8 @@ from lorafleet.catalog.records import (
     RevisionKind, Tenant,
 )
 from lorafleet.catalog.refs import (
-    OWNER_RE, Gate, Ref, RefKind, check_alias, new_id, normalize_tinker_path,
-    parse_gate, parse_policy_name, parse_ref,
+    OWNER_RE, Gate, Ref, RefKind, check_alias, check_run_id, new_id, normalize_tinker_path,
+    parse_gate, parse_policy_name, parse_ref, parse_tinker_path,
 )
 from lorafleet.db import Database, open_database, upgrade
 from lorafleet.errors import Conflict, Corrupt, Expired, IncompatibleAdapter, InvalidRequest, NotFound, Unauthorized
@@ -189,6 +189,8 @@ class Catalog:
             raise InvalidRequest(f"tenant {who.tenant!r} cannot create policies owned by {owner!r}")
         metadata = validate.check_metadata(metadata or {})
         lora = validate.lora_config(lora)
+        if tinker_run_id is not None:
+            check_run_id(tinker_run_id)
         parent_id = self.resolve(parent, who).id if parent else None
         policy = Policy(
             id=PolicyId(new_id("pol")), owner=owner, name=short, base_model=base_model,
@@ -260,7 +262,7 @@ class Catalog:
         validate.check_files(p, kind, files)
         for a in aliases:
             check_alias(a)
-        tinker_path = normalize_tinker_path(tinker_path) if tinker_path else None
+        tinker_path = validate.run_path(p, normalize_tinker_path(tinker_path)) if tinker_path else None
         prov = provenance or Provenance()
         parent = self.resolve(prov.parent_revision_id, who).id if prov.parent_revision_id else None
         manifest = Manifest.for_bytes(files)
@@ -366,8 +368,8 @@ class Catalog:
         return rev
 
     def _locate(self, conn: Connection, r: Ref) -> repo.Located | None:
-        if r.kind is RefKind.TINKER:
-            return repo.revision_by_tinker_path(conn, r.value)
+        if r.kind is RefKind.TINKER:  # only the run's own policy can hold its paths
+            return repo.revision_by_tinker_path(conn, r.value, parse_tinker_path(r.value).model_id)
         if not r.owner:
             return repo.revision_by_id(conn, r.value)
         found = repo.policy_with_alias(conn, r.owner, r.name, r.value)

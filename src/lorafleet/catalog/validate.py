@@ -8,8 +8,8 @@ import math
 from collections.abc import Mapping
 
 from lorafleet.catalog.records import Evaluation, LoraConfig, Policy, RevisionKind
-from lorafleet.catalog.refs import Gate
-from lorafleet.errors import Conflict, IncompatibleAdapter, InvalidRequest
+from lorafleet.catalog.refs import Gate, parse_tinker_path
+from lorafleet.errors import Conflict, IncompatibleAdapter, InvalidRequest, NotFound
 from lorafleet.lora.spec import LoraSpec
 
 CONFIG_FILE = "adapter_config.json"
@@ -52,6 +52,15 @@ def check_files(p: Policy, kind: RevisionKind, files: Mapping[str, bytes]) -> No
             f"{CONFIG_FILE} (rank, targets, alpha, rslora) = {got} does not match policy "
             f"{p.full_name}: {want}"
         )
+
+
+def run_path(p: Policy, tinker_path: str) -> str:
+    """A revision may carry a tinker path only of the run its policy records: a tenant cannot
+    claim another's paths. Answered like a missing run, so it never confirms one exists."""
+    run = parse_tinker_path(tinker_path).model_id
+    if p.tinker_run_id != run:
+        raise NotFound(f"no training run {run!r} publishes into policy {p.full_name}")
+    return tinker_path
 
 
 def check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:

@@ -1,6 +1,8 @@
 """Catalog commands: `adapters`, `alias`, `rollback`, `eval`, `lineage`, `gc`, `fsck`, `keys`,
 `tenants`.
 
+`fsck` also checks the Tinker service's checkpoint rows against their folders on disk.
+
 Settings come from the environment here, at the edge (`LORAFLEET_HOME`,
 `LORAFLEET_DATABASE_URL`, `LORAFLEET_STORE_URL`); the local CLI acts as the admin principal.
 Human-readable tables by default; `--json` prints one JSON document for scripts.
@@ -15,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from lorafleet.catalog.records import ADMIN
@@ -81,7 +84,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("ref")
     p = _cmd(sub, "gc", _gc, "delete expired revisions and unreferenced blobs")
     p.add_argument("--grace-s", type=float, default=3600.0, help="keep unreferenced blobs younger than this")
-    _cmd(sub, "fsck", _fsck, "verify every revision's blobs against their sha256")
+    p = _cmd(sub, "fsck", _fsck, "verify every revision's blobs against their sha256, and every "
+             "Tinker checkpoint row against its folder")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="the Tinker service's folder, as for serve (default: <lorafleet home>/tinker)")
 
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
     p = _cmd(keys, "create", _keys_create, "create an API key for a tenant (printed once)")
@@ -251,13 +257,21 @@ def _gc(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
 
 
 def _fsck(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str] | int:
+    from lorafleet.api.tinker.checkpoints import check_state
+
     r = cat.check()
+    t = check_state(a.state_dir or paths_from_env().home / "tinker")
+    ok = r.ok and (t is None or t.ok)
     text = f"{r.revisions_checked} revisions checked, {len(r.problems)} problems, {r.unreferenced_blobs} unreferenced blobs"
+    lines = [*r.problems, text]
+    if t is not None:
+        lines += [*t.problems, f"{t.checkpoints_checked} Tinker checkpoints checked, "
+                  f"{len(t.problems)} problems, {t.tmp_folders} temporary folders"]
     if a.json:
-        print(json.dumps(_plain(r) | {"ok": r.ok}, indent=2))
+        print(json.dumps(_plain(r) | {"ok": ok, "tinker": _plain(t)}, indent=2))
     else:
-        print("\n".join([*r.problems, text]))
-    return 0 if r.ok else 1
+        print("\n".join(lines))
+    return 0 if ok else 1
 
 
 def _keys_create(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:

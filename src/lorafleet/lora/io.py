@@ -35,9 +35,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 _PREFIX = "base_model.model."
-_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+_KEY = re.compile(r"\Abase_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight\Z")
 # PEFT target_parameters wrappers on the fused expert tensors: `...mlp.experts[.base_layer]`
-_PARAM_WRAPPER = re.compile(r"^.+\.experts(?:\.base_layer)*$")
+_PARAM_WRAPPER = re.compile(r"\A.+\.experts(?:\.base_layer)*\Z")
 
 
 @dataclass(frozen=True, slots=True)

@@ -177,8 +177,8 @@ def _all_layers_sparse(cfg: Any) -> bool:
     return step == 1 and not getattr(cfg, "mlp_only_layers", None)
 
 
-_KEY = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
-_MOE_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(experts|shared_expert)\.(\w+)$")
+_KEY = re.compile(r"\Amodel\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\Z")
+_MOE_KEY = re.compile(r"\Amodel\.layers\.(\d+)\.mlp\.(experts|shared_expert)\.(\w+)\Z")
 
 
 def lora_shape(info: BaseInfo, path: str) -> tuple[int, int, int, str]:

@@ -54,7 +54,8 @@ class PolicyIn(_Wire):
     public: bool = False
     metadata: dict[str, str] = Field(default_factory=dict)
     parent: str | None = Field(default=None, description="reference of the revision to branch from")
-    tinker_run_id: str | None = None
+    # No `tinker_run_id`: only the Tinker service names runs (api/tinker/catalog_bridge.py).
+    # Taken from a tenant it would let one squat another's run id, or probe which ids exist.
 
 
 class PolicyOut(_Wire):
@@ -322,7 +323,7 @@ def create_policy(body: PolicyIn, catalog: Cat, who: Who) -> PolicyOut:
     lora = LoraConfig(body.lora.rank, body.lora.alpha, tuple(body.lora.target_modules), body.lora.use_rslora)
     return policy_to_wire(catalog.create_policy(
         who, body.name, body.base_model, lora, base_digest=body.base_digest, public=body.public,
-        metadata=body.metadata, parent=body.parent, tinker_run_id=body.tinker_run_id))
+        metadata=body.metadata, parent=body.parent))
 
 
 @router.get("/policies/{owner}/{name}", response_model=PolicyOut)

@@ -317,8 +317,9 @@ def _downloadable(request: Request, model_id: str, kind: str, name: str) -> dict
 async def external_weights_urls(model_id: str, kind: str, name: str, request: Request) -> dict:
     row = _downloadable(request, model_id, kind, name)
     expires = int(time.time()) + URL_TTL_S
+    folder = _svc(request).checkpoints.folder_of(row)
     urls = {f.name: _signed_url(request, row["tinker_path"], f.name, expires)
-            for f in sorted(Path(row["dir"]).iterdir()) if f.is_file()}
+            for f in sorted(folder.iterdir()) if f.is_file()}
     return {"urls": urls, "expires": datetime.fromtimestamp(expires, UTC).isoformat()}
 
 
@@ -341,10 +342,11 @@ async def download_file(token: str, expires: int, signature: str, filename: str,
             or expires < time.time():
         raise NotFound("this download link is invalid or expired")
     path = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    row = _svc(request).store.get("checkpoints", "tinker_path", str(parse_path(path)))
+    svc = _svc(request)
+    row = svc.store.get("checkpoints", "tinker_path", str(parse_path(path)))
     if row is None:
         raise NotFound("checkpoint not found")
-    folder = Path(row["dir"])
+    folder = svc.checkpoints.folder_of(row)
     if filename == ARCHIVE_NAME:
         return Response(_tar(folder), media_type="application/x-tar")
     target = folder / filename

@@ -295,6 +295,9 @@ class TinkerService(SamplingCalls, RestQueries):
                              req.model_dump_json(), idem)
 
     def _refuse_existing(self, tenant, path, fingerprint, model_id, seq_id) -> None:
+        """An existing checkpoint name is refused, after the run is known to be the caller's
+        (another tenant's run answers 404 like a missing one, never 422 for a taken name)."""
+        self.run_row(tenant, model_id)
         if self.checkpoints.exists(path):
             dup = self.store.select(
                 "SELECT fingerprint FROM futures WHERE scope = ? AND seq_id = ?", model_id, seq_id
