@@ -12,7 +12,7 @@ import httpx
 import pytest
 from tinker.proto import tinker_public_pb2 as pb
 
-from lorafleet.api.edge import DEFAULT_MAX_BODY_BYTES
+from lorafleet.api.edge import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_BYTES
 from lorafleet.api.tinker.wire import MAX_REQUEST_VALUES
 from tests.e2e.conftest import TINY, start_server
 
@@ -121,12 +121,16 @@ def test_no_key_is_401_before_the_body_arrives(keyed, path):
     assert status == 401 and took < FAST_S
 
 
-def test_declared_body_over_the_limit_is_413_before_the_body_arrives(keyed):
+@pytest.mark.parametrize(("path", "limit"), [
+    ("/api/v1/forward_backward", DEFAULT_MAX_BODY_BYTES), ("/api/v1/create_session", DEFAULT_MAX_JSON_BYTES),
+    ("/v1/completions", DEFAULT_MAX_JSON_BYTES), ("/catalog/v1/policies/a/b/revisions", DEFAULT_MAX_BODY_BYTES)])
+def test_declared_body_over_the_limit_is_413_before_the_body_arrives(keyed, path, limit):
+    """A 200 MB create_session was parsed and stored; now the headers alone are answered."""
     status, data, took = _raw(
-        keyed.url, f"POST /api/v1/create_session HTTP/1.1\nHost: 127.0.0.1\nX-API-Key: {keyed.key}\n"
-                   f"Content-Type: application/json\nContent-Length: {DEFAULT_MAX_BODY_BYTES + 1}\n\n")
+        keyed.url, f"POST {path} HTTP/1.1\nHost: 127.0.0.1\nX-API-Key: {keyed.key}\n"
+                   f"Content-Type: application/json\nContent-Length: {limit + 1}\n\n")
     assert status == 413 and took < FAST_S
-    assert str(DEFAULT_MAX_BODY_BYTES) in data.decode()
+    assert f"limit of {limit} bytes" in data.decode()
 
 
 def test_chunked_body_over_the_limit_is_413(local):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request, Response
 
-from lorafleet.api.edge import DEFAULT_MAX_BODY_BYTES, Edge
+from lorafleet.api.edge import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_BYTES, Edge
 from lorafleet.api.errors import install as install_errors
 from lorafleet.api.runner import Runner
 from lorafleet.api.tinker.catalog_bridge import CatalogBridge
@@ -46,7 +46,8 @@ class ServeConfig:
         paths: lorafleet home, catalog URL, store URL.
         auth: 'none' (one local tenant, loopback Host/Origin only) or 'keys' (API keys from
             the catalog); see api/auth.py.
-        max_body_bytes: the largest request body accepted (413 beyond it; see api/edge.py).
+        max_body_bytes: the largest body of forward_backward and adapter uploads (413 beyond it).
+        max_json_bytes: the largest body of every other route (see api/edge.py).
         dtype: base model dtype ('float32' or 'bfloat16').
         hold_s: how long retrieve_future holds a poll before answering try_again (SDK: 45 s timeout).
         gap_timeout_s: how long a missing seq_id blocks its model before it is skipped.
@@ -58,6 +59,7 @@ class ServeConfig:
     paths: Paths
     auth: str = "none"
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
     dtype: str = "float32"
     hold_s: float = 30.0
     gap_timeout_s: float = 30.0
@@ -161,7 +163,7 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
     install_errors(app)  # the one map from lorafleet errors to HTTP
     # who is calling and how big its body is, before any route reads the body (api/edge.py)
     app.add_middleware(Edge, mode=cfg.auth, lookup=catalog.principal_for_key if catalog else None,
-                       max_body_bytes=cfg.max_body_bytes)
+                       max_body_bytes=cfg.max_body_bytes, max_json_bytes=cfg.max_json_bytes)
     app.middleware("http")(_log_requests)
     app.include_router(tinker_router)
     if catalog is not None:

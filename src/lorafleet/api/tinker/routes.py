@@ -67,7 +67,9 @@ def _checkpoint_kinds(request: Request) -> set[str]:
 
 
 async def _body(request: Request, model: type[s.M]) -> s.M:
-    return s.parse(await request.body(), model)
+    """The body as `model`, parsed in a worker thread: up to --max-body-bytes of JSON must not
+    hold up the event loop."""
+    return await asyncio.to_thread(s.parse, await request.body(), model)
 
 
 # ---------------------------------------------------------------------- bootstrap
@@ -110,7 +112,7 @@ async def telemetry(request: Request) -> dict:
     """SDK telemetry batches: accepted; client-side errors are worth a log line."""
     tenant = _tenant(request)
     try:
-        events = s.parse_json(await request.body()).get("events") or []
+        events = (await asyncio.to_thread(s.parse_json, await request.body())).get("events") or []
     except InvalidRequest:
         events = []
     for e in events:
