@@ -163,13 +163,13 @@ def test_non_finite_json_result_fails_its_future(server):
 
 
 def test_server_fault_text_stays_in_the_server_log(server, tc, caplog):
-    from lorafleet.api.tinker.checkpoints import KIND_SEGMENT, _safe
+    from lorafleet.api.tinker.checkpoints import KIND_SEGMENT
 
     root = server.service.checkpoints.root
     tc.forward_backward(BATCH, "cross_entropy").result()
     saved = tc.save_state("fine").result().path
     # a file where the checkpoint folder should go: an OSError deep in the engine thread
-    blocker = root / _safe(tc.model_id) / KIND_SEGMENT["sampler"]
+    blocker = root / tc.model_id / KIND_SEGMENT["sampler"]
     blocker.write_bytes(b"")
     caplog.set_level(logging.ERROR)
     with pytest.raises(tinker.TinkerError) as info:
@@ -180,7 +180,7 @@ def test_server_fault_text_stays_in_the_server_log(server, tc, caplog):
     error_id = message.split("internal error ")[1].split(";")[0]
     assert any(error_id in r.getMessage() and r.exc_info for r in caplog.records)
     # an unexpected exception in a route: a 500 whose body names only the error id
-    shutil.rmtree(server.service.checkpoints.find("local", saved)["dir"])
+    shutil.rmtree(server.service.checkpoints.folder_of(server.service.checkpoints.find("local", saved)))
     name = saved.rsplit("/", 1)[1]
     r = httpx.get(f"{server.url}/api/v1/training_runs/{tc.model_id}/checkpoints/weights/{name}"
                   "/external_weights_urls", headers=H)

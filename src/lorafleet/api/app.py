@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request, Response
 
+from lorafleet.api.edge import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_BYTES, Edge
 from lorafleet.api.errors import install as install_errors
 from lorafleet.api.runner import Runner
 from lorafleet.api.tinker.catalog_bridge import CatalogBridge
@@ -28,7 +29,6 @@ from lorafleet.api.tinker.futures import FutureTable
 from lorafleet.api.tinker.routes import router as tinker_router
 from lorafleet.api.tinker.service import TinkerService
 from lorafleet.api.tinker.store import TinkerStore
-from lorafleet.api.tinker.tenancy import Tenancy
 from lorafleet.config import Paths
 
 log = logging.getLogger("lorafleet.api")
@@ -45,7 +45,10 @@ class ServeConfig:
     Args:
         bases: registered base model names to load (one engine thread each).
         paths: lorafleet home, catalog URL, store URL.
-        auth: 'none' (one local tenant) or 'keys' (API keys from the catalog).
+        auth: 'none' (one local tenant, loopback Host/Origin only) or 'keys' (API keys from
+            the catalog); see api/auth.py.
+        max_body_bytes: the largest body of forward_backward and adapter uploads (413 beyond it).
+        max_json_bytes: the largest body of every other route (see api/edge.py).
         dtype: base model dtype ('float32' or 'bfloat16').
         hold_s: how long retrieve_future holds a poll before answering try_again (SDK: 45 s timeout).
         gap_timeout_s: how long a missing seq_id blocks its model before it is skipped.
@@ -58,6 +61,8 @@ class ServeConfig:
     bases: list[str]
     paths: Paths
     auth: str = "none"
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
     dtype: str = "float32"
     hold_s: float = 30.0
     gap_timeout_s: float = 30.0
@@ -157,13 +162,15 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
     app = FastAPI(title="lorafleet", lifespan=lifespan)
     app.state.tinker = svc
     app.state.ready = False  # set by the lifespan once the engines run
-    app.state.auth_mode = cfg.auth
     catalog = svc.catalog.catalog if svc.catalog is not None else None
     app.state.catalog = catalog
-    lookup = (lambda key: catalog.principal_for_key(key).tenant) if catalog is not None else None
-    app.state.tenancy = Tenancy(cfg.auth, lookup)
+    if cfg.auth == "keys" and catalog is None:
+        raise ValueError("--auth keys needs the catalog's API keys (use_catalog)")
     app.state.url_secret = secrets.token_bytes(32)
     install_errors(app)  # the one map from lorafleet errors to HTTP
+    # who is calling and how big its body is, before any route reads the body (api/edge.py)
+    app.add_middleware(Edge, mode=cfg.auth, lookup=catalog.principal_for_key if catalog else None,
+                       max_body_bytes=cfg.max_body_bytes, max_json_bytes=cfg.max_json_bytes)
     app.middleware("http")(_log_requests)
     app.include_router(tinker_router)
     if catalog is not None:

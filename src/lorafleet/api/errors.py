@@ -1,7 +1,7 @@
 """The one map from lorafleet.errors to HTTP status codes and bodies.
 
-Permanent failures are 4xx that the Tinker SDK does not retry (400/401/404/410/422); only
-transient ones (NoCapacity) are 429 with Retry-After. Unexpected exceptions stay 500; their
+Permanent failures are 4xx that the Tinker SDK does not retry (400/401/403/404/410/413/422);
+only transient ones (NoCapacity) are 429 with Retry-After. Unexpected exceptions stay 500; their
 text (which may hold SQL, parameters, paths) never reaches a client: `internal_error` logs the
 traceback under an error id and clients see only "internal error <id>; see server log" (in
 500 bodies and in failed futures). Request-validation failures from FastAPI/pydantic become
@@ -20,7 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from lorafleet.errors import (
-    Conflict, Corrupt, Expired, InvalidRequest, LorafleetError, NoCapacity, NotFound, Unauthorized,
+    Conflict, Corrupt, Expired, Forbidden, InvalidRequest, LorafleetError, NoCapacity, NotFound,
+    TooLarge, Unauthorized,
 )
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 STATUS: dict[type[LorafleetError], int] = {
     InvalidRequest: 400,
     Unauthorized: 401,
+    Forbidden: 403,
+    TooLarge: 413,
     NotFound: 404,
     Expired: 410,
     Conflict: 422,
@@ -54,7 +57,8 @@ def status_for(exc: LorafleetError) -> int:
 
 
 # OpenAI's error `type` per status, for the /v1 (OpenAI-compatible) paths
-OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 413: "invalid_request_error",
                 410: "not_found_error", 422: "invalid_request_error", 429: "rate_limit_error"}
 
 

@@ -26,6 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--auth", choices=("none", "keys"), default="none",
                    help="none: every tml- key is the one local tenant (loopback only); "
                         "keys: API keys from `lorafleet keys create`")
+    p.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
+                   help="largest forward_backward or adapter upload body; bigger ones get 413 "
+                        "(default 64 MiB)")
+    p.add_argument("--max-json-bytes", type=int, default=None, metavar="N",
+                   help="largest body of every other route (default 16 MiB)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--state-dir", type=Path, default=None,
@@ -77,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
                       max_slots=args.max_slots, max_host_adapters=args.max_host_adapters or None,
                       max_host_bytes=args.max_host_bytes, load_queue=args.load_queue,
                       load_batch=args.load_batch)
+    if args.max_body_bytes is not None:
+        cfg.max_body_bytes = args.max_body_bytes
+    if args.max_json_bytes is not None:
+        cfg.max_json_bytes = args.max_json_bytes
     app = create_app(cfg)
     log.info("serving %s on http://%s:%d (auth %s)", cfg.bases, args.host, args.port, args.auth)
 

@@ -73,14 +73,20 @@ def _completion_prompts(tokenizer, prompt) -> list[list[int]]:
     return prompts
 
 
+def _chars(content: str | list[s.ContentPart] | None) -> int:
+    if isinstance(content, list):
+        return sum(len(part.text or "") for part in content)
+    return len(content or "")
+
+
 def _chat_prompt(tokenizer, messages: list[s.ChatMessage]) -> list[int]:
     convo = []
     for m in messages:
         content = m.content
         if isinstance(content, list):
-            if any(part.get("type") != "text" for part in content):
+            if any(part.type != "text" for part in content):
                 raise InvalidRequest("only text content parts are supported")
-            content = "".join(part.get("text", "") for part in content)
+            content = "".join(part.text or "" for part in content)
         convo.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest("this base model has no chat template: use /v1/completions")
@@ -116,7 +122,9 @@ async def completions(req: s.CompletionRequest, who: Principal = Depends(get_ten
     params = _params(req, max_tokens)
     target = svc.resolve(req.model, who)  # once: the request runs on this revision
     tokenizer = svc.tokenizer(target)
-    prompts = _completion_prompts(tokenizer, req.prompt)
+    texts = [req.prompt] if isinstance(req.prompt, str) else [x for x in req.prompt if isinstance(x, str)]
+    svc.check_prompt_chars(target, max(map(len, texts), default=0))
+    prompts = await svc.tokenize(_completion_prompts, tokenizer, req.prompt)
     _check_context(svc, target, prompts, max_tokens)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     stops = list(params.stop_strings)
@@ -148,7 +156,8 @@ async def chat_completions(req: s.ChatCompletionRequest, who: Principal = Depend
     params = _params(req, max_tokens)
     target = svc.resolve(req.model, who)  # once: the request runs on this revision
     tokenizer = svc.tokenizer(target)
-    prompt = _chat_prompt(tokenizer, req.messages)
+    svc.check_prompt_chars(target, sum(_chars(m.content) for m in req.messages))
+    prompt = await svc.tokenize(_chat_prompt, tokenizer, req.messages)
     _check_context(svc, target, [prompt], max_tokens)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     stops = list(params.stop_strings)

@@ -10,10 +10,12 @@ queue answers 429 + Retry-After.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from lorafleet.catalog.records import Principal
 from lorafleet.catalog.service import Catalog
@@ -23,6 +25,8 @@ from lorafleet.errors import InvalidRequest, NoCapacity, NotFound
 from lorafleet.metrics import Metrics
 
 TokenCallback = Callable[[int, int, int, float], None]  # (request, sample, token, logprob)
+T = TypeVar("T")
+MAX_CHARS_PER_TOKEN = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +50,7 @@ class OpenAIService:
         self.runners = runners
         self.catalog = catalog
         self.metrics = metrics
+        self._tokenize_lock = threading.Lock()
 
     def resolve(self, model: str, who: Principal) -> Target:
         if model in self.runners:
@@ -63,6 +68,25 @@ class OpenAIService:
 
     def tokenizer(self, target: Target):
         return self.runners[target.base].base.tokenizer
+
+    def check_prompt_chars(self, target: Target, chars: int) -> None:
+        """Before tokenizing: a prompt this long cannot fit the context window whatever its
+        tokens (no token of our tokenizers spans MAX_CHARS_PER_TOKEN characters)."""
+        context = self.runners[target.base].base.info.max_context
+        if chars > context * MAX_CHARS_PER_TOKEN:
+            raise InvalidRequest(
+                f"prompt of {chars} characters is too long for the context length of {target.base} "
+                f"({context} tokens, at most {context * MAX_CHARS_PER_TOKEN} characters)"
+            )
+
+    async def tokenize(self, fn: Callable[..., T], *args) -> T:
+        """Run `fn` (tokenizer work) in a worker thread, one at a time: a long prompt must not
+        stall the event loop, and a fast tokenizer must not be entered by two threads."""
+        def locked() -> T:
+            with self._tokenize_lock:
+                return fn(*args)
+
+        return await asyncio.to_thread(locked)
 
     def check_context(self, target: Target, prompt_len: int, max_tokens: int) -> None:
         limit = self.runners[target.base].base.info.max_context

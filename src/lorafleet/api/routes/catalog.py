@@ -5,7 +5,8 @@ style functions convert. References (`owner/name:alias`, `owner/name@rev`, `tink
 contain slashes and colons, so they travel as the `ref` query parameter or body field.
 Handlers are plain `def`: FastAPI runs them in its thread pool, off the event loop, because the
 catalog does blocking database and store I/O. Mount with `app.include_router(router)` and set
-`app.state.catalog` and `app.state.auth_mode`; map errors with `lorafleet.api.errors.install`.
+`app.state.catalog`, wrap the app in `lorafleet.api.edge.Edge` (who is calling) and map errors
+with `lorafleet.api.errors.install`.
 """
 
 from __future__ import annotations
