@@ -156,7 +156,7 @@ def test_readyz_fails_until_the_engines_run(paths, tiny_pair, tmp_path):
     app = create_app(ServeConfig(bases=[TINY], paths=own, state_dir=tmp_path, engines={TINY: tiny_pair}))
 
     async def probe() -> tuple[int, int]:  # the app, before its lifespan started the engines
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://127.0.0.1") as c:
             return (await c.get("/readyz")).status_code, (await c.get("/healthz")).status_code
 
     assert asyncio.run(probe()) == (503, 503)

@@ -216,7 +216,8 @@ def test_out_of_range_input_is_400(keyed):
         for url in ("/api/v1/sessions?limit=-2.7e25", "/api/v1/training_runs?offset=7e35",
                     "/api/v1/checkpoints?offset=9223372036854775808"):
             assert c.get(url).status_code == 400, url
-        assert c.get("/api/v1/files/%C3%A4/1/%C3%BC%E2%80%8F/x%00").status_code == 404
+        assert c.get("/api/v1/files/%C3%A4/1/%C3%BC%E2%80%8F/x").status_code == 404
+        assert c.get("/api/v1/files/%C3%A4/1/%C3%BC%E2%80%8F/x%00").status_code == 400  # NUL: malformed
         fb = {"model_id": "m", "seq_id": 1, "forward_backward_input": {"loss_fn": "cross_entropy", "data": [
             {"model_input": {"chunks": [{"type": "encoded_text", "tokens": [1 << 70]}]},
              "loss_fn_inputs": {}}]}}
