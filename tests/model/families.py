@@ -25,6 +25,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window": 64},
     "phi3": {},
     "olmo2": {},
+    "qwen2_moe": MOE | {"num_experts": 4, "shared_expert_intermediate_size": 48},
     "qwen3_moe": MOE | {"num_experts": 4, "norm_topk_prob": True},
     "olmoe": MOE | {"num_experts": 4, "intermediate_size": 32},
     "mixtral": MOE | {"num_local_experts": 4, "intermediate_size": 32},

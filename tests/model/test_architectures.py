@@ -26,7 +26,7 @@ EXPECTED = {
     "deepseek_v3": ("o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
                     "gate_proj", "up_proj", "down_proj"),
 }
-ROUTER = {"qwen3_moe", "olmoe", "mixtral"}  # plain softmax routers: router LoRA and replay
+ROUTER = {"qwen2_moe", "qwen3_moe", "olmoe", "mixtral"}  # plain softmax routers: router LoRA and replay
 # PEFT 0.21 rewrites `gate_proj`/`up_proj` targets on these types into its fused-expert form
 # (v4 -> v5 conversion) even where they name dense or shared-expert Linears, so it cannot load an
 # MLP adapter of a mixed dense/MoE stack; their PEFT check covers attention (MLA) only. Their

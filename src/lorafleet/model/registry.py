@@ -350,6 +350,9 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> nn.Module:
         )
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise UnknownBaseModel(f"{folder}: cannot load the weights: {str(e).splitlines()[0][:500]}") from None
+    unexpected = sorted(str(k) for k in loading.get("unexpected_keys") or ())
+    if unexpected:  # e.g. DeepSeek-V3's multi-token-prediction layer, which transformers does not build
+        log.warning("%s: %d tensors the model does not use, e.g. %s", folder, len(unexpected), unexpected[:3])
     for what in ("missing_keys", "mismatched_keys"):
         bad = sorted(str(k) for k in loading.get(what) or ())
         if bad:
