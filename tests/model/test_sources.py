@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from lorafleet.errors import UnknownBaseModel
 from lorafleet.model import smollm2
-from lorafleet.model.registry import base_digest, base_info, canonical_name, load_base
+from lorafleet.model.registry import base_digest, base_info, canonical_name, folder_digest, load_base
 from tests.model.families import config, save_family
 from tests.model.tiny_gguf import CHAT_TEMPLATE, VOCAB_SIZE, write_llama_gguf
 
@@ -47,6 +47,27 @@ def test_the_digest_is_the_weights_not_the_name(folder, tmp_path):
     tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1e-3
     save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
     assert base_digest(str(other)) != base_digest(str(folder))
+
+
+def test_the_digest_is_remembered_across_processes(folder, tmp_path):
+    import os
+
+    from lorafleet.model import files
+
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    memo = tmp_path / "memo"
+    want = base_digest(str(folder))
+    assert files.sha256_file(copy / "model.safetensors", memo)
+    assert len(list(memo.iterdir())) == 1
+    files._memo.clear()  # a new process: the memo file answers without reading the weights
+    st = (copy / "model.safetensors").stat()
+    data = (copy / "model.safetensors").read_bytes()
+    (copy / "model.safetensors").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size
+    os.utime(copy / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (copy / "model.safetensors").stat().st_ino == st.st_ino  # rewritten in place: the same key
+    assert folder_digest(copy, memo) == want  # remembered, not re-read
+    os.utime(copy / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert folder_digest(copy, memo) != want  # a new mtime is a new key
 
 
 def _break(folder, tmp_path, how: str):

@@ -22,15 +22,16 @@ from lorafleet.model.files import publish_dir, sha256_file
 log = logging.getLogger(__name__)
 
 
-def cached_folder(gguf: Path, models_dir: Path) -> Path:
+def cached_folder(gguf: Path, models_dir: Path, memo_dir: Path | None = None) -> Path:
     """The model folder converted from `gguf` (converting it the first time)."""
-    final = models_dir / f"gguf-{sha256_file(gguf)[:16]}"
+    digest = sha256_file(gguf, memo_dir)
+    final = models_dir / f"gguf-{digest[:16]}"
     if not (final / "done").exists():
-        _convert(gguf, final)
+        _convert(gguf, digest, final)
     return final
 
 
-def _convert(gguf: Path, final: Path) -> None:
+def _convert(gguf: Path, digest: str, final: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors (once)", gguf)
@@ -52,6 +53,6 @@ def _convert(gguf: Path, final: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".gguf-"))
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
-    (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha256_file(gguf)}) + "\n")
+    (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}) + "\n")
     (tmp / "done").write_text("ok\n")
     publish_dir(tmp, final)

@@ -159,7 +159,9 @@ def _paths(paths: Paths | None) -> Paths:
 def model_folder(src: sources.BaseSource, paths: Paths | None) -> Path:
     """The model folder of a non-registry source (a GGUF is converted into one, once)."""
     assert src.path is not None
-    return gguf.cached_folder(src.path, _paths(paths).models_dir) if src.kind == sources.GGUF else src.path
+    if src.kind != sources.GGUF:
+        return src.path
+    return gguf.cached_folder(src.path, _paths(paths).models_dir, digest_memo_dir(paths))
 
 
 def _config_for(src: sources.BaseSource, paths: Paths | None) -> Any:
@@ -294,20 +296,24 @@ def base_digest(name: str, paths: Paths | None = None) -> str:
     """sha256 identifying a base's exact weights, without loading them.
 
     A GGUF's own sha256; for a model folder the sha256 of its safetensors files' names and
-    sha256s (memoised per process on size and mtime); for a tiny test model its config + seed.
+    sha256s (memoised on size and mtime under `<models_dir>/sha256/`); for a tiny test model
+    its config + seed.
     """
     src = resolve(name)
+    if src.kind == sources.REGISTRY:
+        return smollm2.gguf_digest() if name == DEFAULT_BASE else _tiny_digest(name)
+    memo = digest_memo_dir(paths)
     if src.kind == sources.GGUF:
-        return sha256_file(src.path)  # type: ignore[arg-type]
-    if src.kind != sources.REGISTRY:
-        return folder_digest(src.path)  # type: ignore[arg-type]
-    if name == DEFAULT_BASE:
-        return smollm2.gguf_digest()
-    return _tiny_digest(name)
+        return sha256_file(src.path, memo)  # type: ignore[arg-type]
+    return folder_digest(src.path, memo)  # type: ignore[arg-type]
 
 
-def folder_digest(folder: Path) -> str:
-    lines = "".join(f"{f.name}\t{sha256_file(f)}\n" for f in sources.weight_files(folder))
+def digest_memo_dir(paths: Paths | None) -> Path:
+    return _paths(paths).models_dir / "sha256"
+
+
+def folder_digest(folder: Path, memo_dir: Path | None = None) -> str:
+    lines = "".join(f"{f.name}\t{sha256_file(f, memo_dir)}\n" for f in sources.weight_files(folder))
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
