@@ -38,7 +38,7 @@ SUPPORTED: dict[str, str] = {
     "deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3", "gpt_oss": "gpt-oss",
 }
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def check_supported(model_type: str | None, where: str) -> None:
@@ -63,7 +63,7 @@ class Site:
 
     @property
     def layer(self) -> int:
-        return int(_LAYER.search(self.path).group(1))  # type: ignore[union-attr]
+        return int(LAYER.search(self.path).group(1))  # type: ignore[union-attr]
 
 
 def expert_layout(experts: nn.Module) -> str | None:
@@ -107,7 +107,7 @@ def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (name, module) for name, module in model.named_modules()
         if isinstance(getattr(module, "experts", None), nn.Module) and expert_layout(module.experts)
-        and _LAYER.search(name + ".")
+        and LAYER.search(name + ".")
     ]
 
 
@@ -116,7 +116,7 @@ def lora_sites(model: nn.Module) -> list[Site]:
     canonical projection order (attention, MLP, router; routed experts before a shared expert)."""
     sites: list[Site] = []
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in LINEAR_MODULES and isinstance(module, nn.Linear) and _LAYER.search(name):
+        if name.rsplit(".", 1)[-1] in LINEAR_MODULES and isinstance(module, nn.Linear) and LAYER.search(name):
             sites.append(Site(name, module.out_features, module.in_features))
     for block_path, block in moe_blocks(model):
         n_exp, inter, hidden = expert_dims(block.experts)

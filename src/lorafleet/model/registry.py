@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from lorafleet.config import Paths
 from lorafleet.errors import IncompatibleAdapter, UnknownBaseModel
 from lorafleet.lora.spec import SUPPORTED_MODULES, LoraSpec
 from lorafleet.model import gguf, smollm2, sources
-from lorafleet.model.architectures import Site, check_supported, lora_sites, meta_model
+from lorafleet.model.architectures import LAYER, Site, check_supported, lora_sites, meta_model
 from lorafleet.model.files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -169,11 +168,11 @@ def _config_for(src: sources.BaseSource, paths: Paths | None) -> Any:
 
     if src.kind != sources.REGISTRY:
         folder = model_folder(src, paths)
-        fields = sources.read_config(folder)
-        try:
-            return AutoConfig.for_model(fields.pop("model_type"), **fields)
-        except (TypeError, ValueError, KeyError) as e:
-            raise UnknownBaseModel(f"{folder}/config.json: {e}") from None
+        sources.read_config(folder)  # exists, parses, names a supported architecture
+        try:  # the same reader as the model's from_pretrained, so BaseInfo matches what loads
+            return AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+        except (OSError, TypeError, ValueError, KeyError) as e:
+            raise UnknownBaseModel(f"{folder}/config.json: {str(e).splitlines()[0][:500]}") from None
     if src.name in _TINY:
         cfg = dict(_TINY[src.name]())
         return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
@@ -218,9 +217,6 @@ def info_from_config(name: str, cfg: Any, source: str = "registry") -> BaseInfo:
     return _info_memo[key]
 
 
-_LAYER_OF = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
 def lora_shape(info: BaseInfo, path: str) -> tuple[int, int, int, str]:
     """(out, in, experts, projection) a LoRA on `path` must have; experts = 0 for a 2-D pair.
 
@@ -229,7 +225,7 @@ def lora_shape(info: BaseInfo, path: str) -> tuple[int, int, int, str]:
     site = info.sites.get(path)
     if site is not None:
         return site.out_features, site.in_features, site.experts, site.proj
-    m = _LAYER_OF.search(path)
+    m = LAYER.search(path)
     if m and int(m.group(1)) >= info.num_layers:
         raise IncompatibleAdapter(f"{path}: layer {m.group(1)} but {info.name} has {info.num_layers} layers")
     head, _, proj = path.rpartition(".")
