@@ -19,8 +19,10 @@ log = logging.getLogger("lorafleet.serve")
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the Tinker-compatible API server")
-    p.add_argument("--base", action="append", dest="bases", metavar="NAME",
-                   help=f"base model to load (repeatable; default {DEFAULT_BASE})")
+    p.add_argument("--base", action="append", dest="bases", metavar="NAME|FOLDER|GGUF",
+                   help="base model to load, repeatable: a registered name, a model folder "
+                        "(config.json + safetensors + tokenizer), a repo id in the local Hugging Face "
+                        f"cache, or a .gguf file (default {DEFAULT_BASE}; see docs/models.md)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--auth", choices=("none", "keys"), default="none",
@@ -75,9 +77,11 @@ def run(args: argparse.Namespace) -> int:
 
     from lorafleet.api.app import ServeConfig, begin_shutdown, create_app
     from lorafleet.config import paths_from_env
+    from lorafleet.model.registry import canonical_name
 
     check_auth(args.auth, args.host)
-    cfg = ServeConfig(bases=args.bases or [DEFAULT_BASE], paths=paths_from_env(), auth=args.auth,
+    bases = list(dict.fromkeys(canonical_name(b) for b in args.bases or [DEFAULT_BASE]))  # paths made absolute
+    cfg = ServeConfig(bases=bases, paths=paths_from_env(), auth=args.auth,
                       dtype=args.dtype, threads=args.threads, state_dir=args.state_dir,
                       max_slots=args.max_slots, max_host_adapters=args.max_host_adapters or None,
                       max_host_bytes=args.max_host_bytes, load_queue=args.load_queue,

@@ -16,9 +16,13 @@ class RestQueries:
     """Listings and checkpoint management for one tenant at a time."""
 
     def capabilities(self) -> dict[str, Any]:
+        """The SDK's fields per base, plus what the base is (architecture, size, LoRA targets, digest)."""
+        from lorafleet.model.registry import describe_loaded
+
         return {"supported_models": [
             {"model_name": name, "max_context_length": r.base.info.max_context,
              "trainable": True, "sampleable": True}
+            | {k: v for k, v in describe_loaded(r.base).items() if k != "name"}
             for name, r in self.runners.items()
         ]}
 
