@@ -284,3 +284,15 @@ def test_metrics_move(fleet):
                          ("lorafleet_time_to_first_token_seconds_count", 'api="openai"')):
         assert metric(fleet, name, labels) > 0, name
     assert "lorafleet_cold_load_queue_depth" in httpx.get(f"{fleet.url}/metrics").text
+
+
+def test_an_adapter_of_other_base_weights_under_the_same_name_is_refused(fleet, tiny_pair):
+    """The base's identity is its weight digest: an adapter recorded against another copy of
+    `lorafleet/tiny-llama` (other weights, same name) is a 400, never silently served."""
+    catalog = fleet.app.state.catalog
+    catalog.create_policy(ADMIN, "alice/other-copy", TINY, SPEC, base_digest="0" * 64)
+    catalog.publish_weights(ADMIN, "alice/other-copy", adapter_weights(tiny_pair[0].info, 7), aliases=["prod"])
+    with pytest.raises(openai.BadRequestError, match="sha256"):
+        client(fleet).completions.create(model="alice/other-copy:prod", prompt="Hi", max_tokens=2)
+    matching = client(fleet).completions.create(model="alice/a0:prod", prompt="Hi", max_tokens=2)
+    assert matching.choices[0].text is not None

@@ -411,3 +411,14 @@ def describe(info: BaseInfo, digest: str | None, dtype: str | None) -> dict[str,
 
 def describe_loaded(base: LoadedBase) -> dict[str, Any]:
     return describe(base.info, base.digest, str(base.dtype).removeprefix("torch."))
+
+
+def check_base_digest(base: Any, recorded: str | None, what: str) -> None:
+    """An adapter records the digest of the base weights it was trained on; the same base name
+    over other weights (another copy, another fine-tune) must not silently serve it."""
+    loaded = getattr(base, "digest", None)
+    if recorded and loaded and recorded != loaded:
+        raise IncompatibleAdapter(
+            f"{what} was trained on {base.name} with weights sha256 {recorded[:12]}…, but the base "
+            f"loaded under that name has sha256 {loaded[:12]}…"
+        )

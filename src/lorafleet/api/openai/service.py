@@ -23,6 +23,7 @@ from lorafleet.engine.types import SampleRequest, SampleResult, SamplingParams
 from lorafleet.engine.residency import Tier
 from lorafleet.errors import InvalidRequest, NoCapacity, NotFound
 from lorafleet.metrics import Metrics
+from lorafleet.model.registry import check_base_digest
 
 TokenCallback = Callable[[int, int, int, float], None]  # (request, sample, token, logprob)
 T = TypeVar("T")
@@ -64,6 +65,7 @@ class OpenAIService:
                 f"{model} is an adapter for {policy.base_model}, which this server does not serve "
                 f"(serving: {sorted(self.runners)})"
             )
+        check_base_digest(self.runners[policy.base_model].base, policy.base_digest, model)
         return Target(model, policy.base_model, revision.id)
 
     def tokenizer(self, target: Target):

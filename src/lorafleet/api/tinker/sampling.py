@@ -28,8 +28,7 @@ class SamplingCalls:
         sampler_id = f"{req.session_id}:sample:{req.sampling_session_seq_id}"
         if req.model_path:
             ckpt = self.find_checkpoint(tenant, parse_path(req.model_path))
-            base = (ckpt.get("meta") or {}).get("base_model", "")
-            self.runner(base)
+            base = self.checkpoint_runner(ckpt).base.name
         elif req.base_model:
             base = req.base_model
             self.runner(base)

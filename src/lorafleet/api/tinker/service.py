@@ -38,6 +38,7 @@ from lorafleet.errors import (
     UnknownBaseModel,
 )
 from lorafleet.lora.spec import ATTN_MODULES, MLP_MODULES, LoraSpec
+from lorafleet.model.registry import check_base_digest
 
 log = logging.getLogger("lorafleet.tinker")
 
@@ -81,6 +82,14 @@ class TinkerService(SamplingCalls, RestQueries):
                 f"base model {base_model!r} is not served here; loaded: {sorted(self.runners)}"
             )
         return r
+
+    def checkpoint_runner(self, ckpt: dict[str, Any], default_base: str | None = None) -> Runner:
+        """The runner of a checkpoint's base; refused when the checkpoint was trained on other
+        weights published under the same base name (its recorded digest differs)."""
+        meta = ckpt.get("meta") or {}
+        runner = self.runner(meta.get("base_model") or default_base or "")
+        check_base_digest(runner.base, meta.get("base_digest"), ckpt.get("tinker_path", "the checkpoint"))
+        return runner
 
     def run_row(self, tenant: str, model_id: str) -> dict[str, Any]:
         row = self.store.get("runs", "model_id", model_id)
@@ -357,8 +366,8 @@ class TinkerService(SamplingCalls, RestQueries):
             raise InvalidRequest("load_weights needs model_id, or session_id and model_seq_id")
         self.session_row(tenant, req.session_id)
         meta = ckpt.get("meta") or {}
-        base = meta.get("base_model") or req.base_model or ""
-        runner = self.runner(base)
+        runner = self.checkpoint_runner(ckpt, req.base_model)
+        base = runner.base.name
         model_id = f"{req.session_id}:train:{req.model_seq_id}"
         request_id, created = self.futures.submit(
             tenant, "load_create", fingerprint, f"{req.session_id}:models", req.model_seq_id, idem
@@ -382,3 +391,4 @@ def _flags_from_files(files: dict[str, bytes]) -> dict[str, Any]:
     return {"rank": config.get("r"), "train_attn": bool(targets & set(ATTN_MODULES)),
             "train_mlp": bool(targets & set(MLP_MODULES)), "train_unembed": False,
             "target_modules": sorted(targets), "lora_alpha": config.get("lora_alpha")}
+
