@@ -32,6 +32,15 @@ class Unauthorized(LorafleetError, PermissionError):
     """No valid API key was presented (HTTP 401)."""
 
 
+class Forbidden(Unauthorized):
+    """`--auth none` refuses where a request comes from: a non-loopback `Host` (DNS
+    rebinding) or a non-loopback `Origin` (a cross-site page) (HTTP 403)."""
+
+
+class TooLarge(InvalidRequest):
+    """The request body is larger than the server's `--max-body-bytes` (HTTP 413)."""
+
+
 class Expired(LorafleetError, LookupError):
     """The thing existed but its retention ran out (HTTP 410)."""
 

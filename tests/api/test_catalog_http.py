@@ -10,8 +10,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from lorafleet.api import errors
+from lorafleet.api.edge import Edge
 from lorafleet.api.routes.catalog import router
-from lorafleet.catalog import Catalog
+from lorafleet.catalog import Catalog, Principal
 from lorafleet.errors import NoCapacity
 from lorafleet.lora.spec import LoraSpec
 from tests.catalog.backends import BACKENDS, database_url
@@ -29,9 +30,9 @@ def _files(weights: bytes) -> dict[str, str]:
 def _app(catalog: Catalog, auth_mode: str) -> FastAPI:
     app = FastAPI()
     app.state.catalog = catalog
-    app.state.auth_mode = auth_mode
     app.include_router(router)
     errors.install(app)
+    app.add_middleware(Edge, mode=auth_mode, lookup=catalog.principal_for_key)
     return app
 
 
@@ -46,7 +47,7 @@ def catalog(request, tmp_path):
 @pytest.fixture
 def clients(catalog):
     """An admin client (auth none) and clients for tenants alice and bob (auth keys)."""
-    admin = TestClient(_app(catalog, "none"))
+    admin = TestClient(_app(catalog, "none"), base_url="http://127.0.0.1")  # auth none: loopback Host
     keyed = _app(catalog, "keys")
     alice_key = admin.post("/catalog/v1/keys", json={"tenant": "alice"}).json()["key"]
     bob_key = admin.post("/catalog/v1/keys", json={"tenant": "bob"}).json()["key"]
@@ -63,9 +64,11 @@ def _policy(client, name="alice/chat", public=False):
     return r.json()
 
 
-def test_full_flow_over_http(clients):
+def test_full_flow_over_http(clients, catalog):
     _, alice, _, _ = clients
-    _policy(alice)
+    # a Tinker run's policy (only the Tinker service names runs), so its paths resolve
+    catalog.create_policy(Principal("alice"), "alice/chat", BASE, SPEC, metadata={"task": "chat"},
+                          tinker_run_id="s:train:0")
     r1 = alice.post("/catalog/v1/policies/alice/chat/revisions",
                     json={"files": _files(b"one"), "step": 1, "aliases": ["prod"]}).json()
     r2 = alice.post("/catalog/v1/policies/alice/chat/revisions", json={
@@ -159,7 +162,7 @@ def test_error_map_and_openapi(catalog):
     def busy() -> None:
         raise NoCapacity("all slots busy", retry_after_s=2.5)
 
-    client = TestClient(app)
+    client = TestClient(app, base_url="http://127.0.0.1")
     r = client.get("/busy")
     assert r.status_code == 429 and r.headers["retry-after"] == "3"
     paths = client.get("/openapi.json").json()["paths"]

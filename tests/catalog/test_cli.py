@@ -90,6 +90,29 @@ def test_manage_adapters_end_to_end(cli, peft_dir, tmp_path):
     assert "0 problems" in cli("fsck")[1]
 
 
+def test_keys_and_tenants_commands(cli):
+    alice = _json(cli, "keys", "create", "--tenant", "alice", "--label", "laptop")["key"]
+    _json(cli, "keys", "create", "--tenant", "bob")
+    listed = cli("keys", "ls")[1]
+    assert "laptop" in listed and alice[:12] in listed and alice not in listed  # never the secret
+    [row] = _json(cli, "keys", "ls", "--tenant", "alice")
+    assert row["prefix"] == alice[:12] and row["revoked_at"] is None and "key" not in row
+
+    assert "revoked" in cli("keys", "revoke", row["id"])[1]
+    assert "already revoked" in cli("keys", "revoke", alice[:10])[1]  # idempotent, by prefix
+    assert _json(cli, "keys", "ls", "--tenant", "alice")[0]["revoked_at"] is not None
+    code, _, err = cli("keys", "revoke", "key_0123456789abcdef", ok=False)
+    assert code == 2 and "no API key" in err
+
+    code, _, err = cli("tenants", "delete", "local", ok=False)
+    assert code == 2 and "cannot be deleted" in err
+    assert "1 keys revoked" in cli("tenants", "delete", "bob")[1]
+    tenants = {x["name"]: x for x in _json(cli, "tenants", "ls")}
+    assert tenants["bob"]["deleted_at"] and tenants["bob"]["active_keys"] == 0
+    assert not tenants["alice"]["deleted_at"] and "deleted" in cli("tenants", "ls")[1]
+    code, _, err = cli("keys", "create", "--tenant", "bob", ok=False)
+    assert code == 2 and "never reused" in err
+
 def test_cli_reports_bad_input_clearly(cli, peft_dir, tmp_path):
     code, _, err = cli("adapters", "show", "alice/math:Prod", ok=False)
     assert code == 2 and "invalid alias" in err

@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import text
 
 from lorafleet.catalog import ADMIN, Principal, Provenance
+from lorafleet.catalog.records import RevisionKind
 from lorafleet.catalog.service import OPTIMIZER_FILE
 from lorafleet.errors import Conflict, Corrupt, Expired, IncompatibleAdapter, InvalidRequest, NotFound
 from lorafleet.lora.spec import LoraSpec
@@ -16,7 +17,8 @@ from tests.catalog.conftest import BASE, SPEC, adapter_files
 ALICE, BOB = Principal("alice"), Principal("bob")
 
 
-def test_publish_resolve_every_form(catalog, policy):
+def test_publish_resolve_every_form(catalog):
+    catalog.create_policy(ALICE, "alice/chat", BASE, SPEC, tinker_run_id="s1:train:0")
     r1 = catalog.publish(ALICE, "alice/chat", adapter_files(b"one"), step=10, aliases=["prod"],
                          tinker_path="tinker://s1:train:0/sampler_weights/000010")
     r2 = catalog.publish(ALICE, "alice/chat", adapter_files(b"two"), step=20)
@@ -153,6 +155,56 @@ def test_api_keys(catalog):
         stored = conn.execute(text("SELECT key_hash FROM api_keys")).scalars().all()
     assert key not in stored
 
+
+
+def test_revoked_keys_and_deleted_tenants_stop_authenticating(catalog):
+    from lorafleet.errors import Unauthorized
+
+    k1, k2 = catalog.create_key("dora", "ci"), catalog.create_key("dora")
+    erin = catalog.create_key("erin")
+    keys = catalog.list_keys("dora")
+    assert [(k.tenant, k.label, k.prefix, k.revoked_at) for k in keys] == [
+        ("dora", "ci", k1[:12], None), ("dora", None, k2[:12], None)]
+    assert all(k.id.startswith("key_") and k.id[4:] not in (k1, k2) for k in keys)
+
+    revoked, now = catalog.revoke_key(keys[0].id)
+    assert now and revoked.revoked_at is not None
+    with pytest.raises(Unauthorized):
+        catalog.principal_for_key(k1)
+    assert catalog.principal_for_key(k2) == Principal("dora")
+    again, now = catalog.revoke_key(k1[:12])  # by its shown prefix: idempotent
+    assert not now and again.revoked_at == revoked.revoked_at
+    with pytest.raises(NotFound, match="no API key"):
+        catalog.revoke_key("key_" + "0" * 16)
+    with pytest.raises(InvalidRequest, match="too short"):
+        catalog.revoke_key("tml-")
+
+    with pytest.raises(InvalidRequest, match="built-in"):
+        catalog.delete_tenant("local")
+    with pytest.raises(NotFound):
+        catalog.delete_tenant("nobody")
+    gone = catalog.delete_tenant("dora")
+    assert gone.deleted_at is not None and gone.active_keys == 0
+    assert catalog.delete_tenant("dora").deleted_at == gone.deleted_at  # idempotent
+    with pytest.raises(Unauthorized):
+        catalog.principal_for_key(k2)
+    assert all(k.revoked_at is not None for k in catalog.list_keys("dora"))
+    assert catalog.principal_for_key(erin) == Principal("erin")
+    with pytest.raises(Conflict, match="never reused"):
+        catalog.create_key("dora")
+    assert {t.name: t.deleted_at is not None for t in catalog.list_tenants()} == {
+        "dora": True, "erin": False, "local": False}
+
+
+def test_deleted_tenant_is_refused_even_with_a_live_key_row(catalog):
+    """Authentication checks the tenant itself, not only that its keys were revoked."""
+    from lorafleet.errors import Unauthorized
+
+    key = catalog.create_key("fred")
+    with catalog.db.write() as conn:
+        conn.execute(text("UPDATE tenants SET deleted_at = created_at WHERE name = 'fred'"))
+    with pytest.raises(Unauthorized):
+        catalog.principal_for_key(key)
 
 def test_list_search_paginate(catalog):
     for i in range(7):
@@ -316,7 +368,7 @@ def test_bulk_insert_rows_resolve_like_published_ones(catalog):
         repo.bulk_insert(conn, "policies", [dict(
             id=pid, owner="bulk", name="p", base_model=BASE, base_digest=None, lora_rank=4,
             lora_alpha=8.0, target_modules="q_proj,v_proj", use_rslora=False, parent_revision_id=None,
-            public=False, created_at=now, deleted_at=None, tinker_run_id=None)])
+            public=False, created_at=now, deleted_at=None, tinker_run_id="bulk:train:0")])
         repo.bulk_insert(conn, "revisions", [dict(
             id=rid, policy_id=pid, seq=1, kind="sampler", sha256="ab" * 32, size_bytes=3,
             store_url="x", step=5, parent_revision_id=None, loss_fn="ppo", loss_config={"clip": 0.2},
@@ -325,3 +377,67 @@ def test_bulk_insert_rows_resolve_like_published_ones(catalog):
     rev = catalog.resolve("tinker://bulk:train:0/weights/1", ADMIN)
     assert rev.id == rid and rev.provenance.loss_config == {"clip": 0.2} and rev.step == 5
     assert catalog.resolve("bulk/p", ADMIN).id == rid
+
+
+def _run_policy(catalog, name: str, run: str):
+    return catalog.create_policy(ADMIN, name, BASE, SPEC, tinker_run_id=run)
+
+
+def test_a_tinker_path_belongs_to_the_policy_of_its_run(catalog, policy):
+    """Issue 10 H1: bob cannot publish under alice's run, nor shadow her paths."""
+    _run_policy(catalog, "alice/run", "a:train:0")
+    bob_run = _run_policy(catalog, "bob/run", "b:train:0")
+    errors = {}
+    for path in ("tinker://a:train:0/weights/x", "tinker://nobody:train:0/weights/x"):
+        with pytest.raises(NotFound) as e:
+            catalog.publish(BOB, "bob/run", adapter_files(b"bob"), tinker_path=path)
+        errors[path] = str(e.value).replace(path.split("/")[2], "RUN")
+    assert len(set(errors.values())) == 1  # another tenant's run reads like a missing one
+    with pytest.raises(NotFound):  # own run, but not the run of this policy
+        catalog.publish(ALICE, "alice/chat", adapter_files(b"a"), tinker_path="tinker://a:train:0/weights/x")
+    mine = catalog.publish(ALICE, "alice/run", adapter_files(b"a"), tinker_path="tinker://a:train:0/weights/x")
+    assert catalog.resolve("tinker://a:train:0/weights/x", ALICE).id == mine.id
+
+    # a revision stored before this check, in bob's policy under alice's run, never resolves
+    from lorafleet.store.manifest import Manifest
+
+    files = adapter_files(b"shadow")
+    for data in files.values():
+        catalog.store.put(data)
+    catalog._commit_revision(BOB, bob_run, Manifest.for_bytes(files), RevisionKind.SAMPLER, None,
+                             Provenance(), None, "tinker://a:train:0/weights/y", None, (), None)
+    for who in (ALICE, BOB, ADMIN):
+        with pytest.raises(NotFound):
+            catalog.resolve("tinker://a:train:0/weights/y", who)
+
+
+@pytest.mark.parametrize("bad", ["tinker://../weights/..", "tinker://../weights/escaped",
+                                 "tinker://a:train:0/weights/..", "tinker://a:train:0/weights/.",
+                                 "tinker://a:train:0/weights/x\n", "tinker://./weights/x",
+                                 "tinker://a:train:0/weights/a\x00", " tinker://a:train:0/weights/x"])
+def test_unsafe_tinker_paths_are_refused(catalog, bad):
+    """Issue 10 C1: dot segments, NUL, whitespace are malformed where a path is accepted."""
+    _run_policy(catalog, "alice/run", "a:train:0")
+    with pytest.raises(InvalidRequest):
+        catalog.publish(ALICE, "alice/run", adapter_files(b"a"), tinker_path=bad)
+    with pytest.raises(InvalidRequest):
+        catalog.resolve(bad, ALICE)
+    with pytest.raises(InvalidRequest):
+        catalog.create_policy(ADMIN, "alice/run2", BASE, SPEC, tinker_run_id="..")
+
+
+def test_names_ending_in_a_newline_are_refused(catalog, policy):
+    """`$` matched before a final newline: `prod\\n` was listed but never resolved."""
+    rev = catalog.publish(ALICE, "alice/chat", adapter_files(b"a"))
+    with pytest.raises(InvalidRequest, match="invalid alias"):
+        catalog.set_alias(ALICE, rev.id, "prod\n")
+    assert catalog.list_aliases(ALICE, "alice/chat") == []
+    for ref in ("alice/chat\n", "alice/chat:latest\n", f"{rev.id}\n", f"alice/chat@{rev.sha256[:8]}\n"):
+        with pytest.raises(InvalidRequest):
+            catalog.resolve(ref, ALICE)
+    with pytest.raises(InvalidRequest):
+        catalog.create_policy(ALICE, "alice/other\n", BASE, SPEC)
+    with pytest.raises(InvalidRequest):
+        catalog.create_tenant("carol\n")
+    with pytest.raises(InvalidRequest):
+        catalog.publish(ALICE, "alice/chat", {**adapter_files(b"b"), "notes.txt\n": b"x"})

@@ -43,7 +43,8 @@ class LiveServer:
 
 
 def start_server(paths, bases: list[str], state_dir: Path, engines=None,
-                 catalog_dir: Path | None = None, **cfg) -> LiveServer:
+                 catalog_dir: Path | None = None, database_url: str | None = None,
+                 **cfg) -> LiveServer:
     import uvicorn
 
     from lorafleet.api.app import ServeConfig, create_app
@@ -51,9 +52,10 @@ def start_server(paths, bases: list[str], state_dir: Path, engines=None,
     from lorafleet.config import Paths
 
     torch.set_num_threads(1)
-    # models are cached in the shared test home; catalog and store are per server
+    # models are cached in the shared test home; catalog and store are per server (the
+    # catalog database may be given instead, e.g. a PostgreSQL schema)
     shared = catalog_dir or state_dir
-    own = Paths(home=paths.home, database_url=f"sqlite:///{shared / 'catalog.db'}",
+    own = Paths(home=paths.home, database_url=database_url or f"sqlite:///{shared / 'catalog.db'}",
                 store_url=str(shared / "store"))
     config = ServeConfig(bases=bases, paths=own, state_dir=state_dir, engines=engines or {},
                          **cfg)

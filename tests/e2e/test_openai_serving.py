@@ -151,6 +151,30 @@ def test_full_load_queue_is_a_retryable_429(fleet):
     assert metric(fleet, "lorafleet_cold_load_rejections_total") > 0
 
 
+def test_full_load_queue_is_a_429_for_streams_too(fleet):
+    """Admission (cold load, host hold, serving queue) comes before a stream's status line: a
+    full load queue is a 429 + Retry-After, never a 200 followed by an in-stream error."""
+    c = client(fleet, retries=0)
+
+    def one(i: int) -> str:
+        try:
+            stream = c.completions.create(model=f"alice/a{i}", prompt="x", max_tokens=1, temperature=0.0,
+                                          stream=True)
+        except openai.RateLimitError as e:
+            assert e.response.headers.get("retry-after")
+            return "429"
+        try:
+            assert list(stream)[-1].choices[0].finish_reason in ("length", "stop")
+        except openai.APIError as e:
+            return f"in-stream error: {e}"
+        return "200"
+
+    with ThreadPoolExecutor(40) as pool:
+        outcomes = list(pool.map(one, range(10, 50)))
+    assert set(outcomes) <= {"200", "429"}, outcomes
+    assert "200" in outcomes and "429" in outcomes
+
+
 def test_identical_concurrent_misses_share_one_load(fleet):
     c = client(fleet)
     ref = "alice/a49"
@@ -260,3 +284,15 @@ def test_metrics_move(fleet):
                          ("lorafleet_time_to_first_token_seconds_count", 'api="openai"')):
         assert metric(fleet, name, labels) > 0, name
     assert "lorafleet_cold_load_queue_depth" in httpx.get(f"{fleet.url}/metrics").text
+
+
+def test_an_adapter_of_other_base_weights_under_the_same_name_is_refused(fleet, tiny_pair):
+    """The base's identity is its weight digest: an adapter recorded against another copy of
+    `lorafleet/tiny-llama` (other weights, same name) is a 400, never silently served."""
+    catalog = fleet.app.state.catalog
+    catalog.create_policy(ADMIN, "alice/other-copy", TINY, SPEC, base_digest="0" * 64)
+    catalog.publish_weights(ADMIN, "alice/other-copy", adapter_weights(tiny_pair[0].info, 7), aliases=["prod"])
+    with pytest.raises(openai.BadRequestError, match="sha256"):
+        client(fleet).completions.create(model="alice/other-copy:prod", prompt="Hi", max_tokens=2)
+    matching = client(fleet).completions.create(model="alice/a0:prod", prompt="Hi", max_tokens=2)
+    assert matching.choices[0].text is not None

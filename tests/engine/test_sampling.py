@@ -73,6 +73,18 @@ def test_stop_token_ids_and_length(tiny_engine):
     assert seq.stop_reason == "stop" and seq.tokens == toks[: toks.index(stop_at) + 1]
 
 
+def test_on_token_returning_true_stops_that_row_alone(tiny_engine):
+    """A streaming client that went away stops its rows at once; the other rows run on."""
+    greedy = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=())
+    reqs = [SampleRequest(None, PROMPT, 2, greedy), SampleRequest(None, PROMPT[:3], 1, greedy)]
+    alone = tiny_engine.sample(reqs)
+    res = tiny_engine.sample(reqs, on_token=lambda req, k, tok, lp: req == 0 and k == 1)
+    stopped = res[0].sequences[1]
+    assert stopped.stop_reason == "abort" and stopped.tokens == alone[0].sequences[1].tokens[:1]
+    assert res[0].sequences[0].tokens == alone[0].sequences[0].tokens
+    assert res[1].sequences[0].tokens == alone[1].sequences[0].tokens
+
+
 def test_stop_strings(smol_engine):
     tok = smol_engine.base.tokenizer
     prompt = tok.encode("Count: one, two, three,")

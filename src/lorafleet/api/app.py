@@ -1,9 +1,10 @@
 """The FastAPI application: wiring, lifespan, error mapping, request logging.
 
-`create_app(config)` loads the base models, starts one engine scheduler (engine/scheduler.py:
-a compute thread and an I/O worker) per base and
-mounts the Tinker API under `/api/v1` plus `/healthz`. Handlers stay async and thin; the
-engines run in their own threads.
+`create_app(config)` loads the base models, starts one engine scheduler per base
+(engine/scheduler.py: a compute thread and an I/O worker) and mounts the Tinker API under
+`/api/v1` plus `/healthz` (503 when an engine thread is dead or stalled) and `/readyz` (503
+until the engines run and the app serves, and again once shutdown begins). Handlers stay
+async and thin; the engines run in their own threads.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request, Response
 
+from lorafleet.api.edge import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_BYTES, Edge
 from lorafleet.api.errors import install as install_errors
 from lorafleet.api.tinker.catalog_bridge import CatalogBridge
 from lorafleet.api.tinker.checkpoints import Checkpoints
@@ -27,7 +29,6 @@ from lorafleet.api.tinker.futures import FutureTable
 from lorafleet.api.tinker.routes import router as tinker_router
 from lorafleet.api.tinker.service import TinkerService
 from lorafleet.api.tinker.store import TinkerStore
-from lorafleet.api.tinker.tenancy import Tenancy
 from lorafleet.config import Paths
 from lorafleet.engine.decode import Budgets
 from lorafleet.engine.scheduler import Scheduler
@@ -36,7 +37,7 @@ log = logging.getLogger("lorafleet.api")
 
 # Request classes for the one-line-per-request log; polls and heartbeats log at DEBUG.
 _QUIET = ("/api/v1/retrieve_future", "/api/v1/session_heartbeat", "/api/v1/telemetry",
-          "/api/v1/client/dynamic_config", "/healthz")
+          "/api/v1/client/dynamic_config", "/healthz", "/readyz")
 
 
 @dataclass
@@ -46,7 +47,10 @@ class ServeConfig:
     Args:
         bases: registered base model names to load (one engine thread each).
         paths: lorafleet home, catalog URL, store URL.
-        auth: 'none' (one local tenant) or 'keys' (API keys from the catalog).
+        auth: 'none' (one local tenant, loopback Host/Origin only) or 'keys' (API keys from
+            the catalog); see api/auth.py.
+        max_body_bytes: the largest body of forward_backward and adapter uploads (413 beyond it).
+        max_json_bytes: the largest body of every other route (see api/edge.py).
         dtype: base model dtype ('float32' or 'bfloat16').
         device: where the engines compute ('cpu', 'cuda', 'cuda:1').
         max_num_seqs / max_num_batched_tokens / kv_cache_bytes: sampling budgets per engine
@@ -55,17 +59,22 @@ class ServeConfig:
         gap_timeout_s: how long a missing seq_id blocks its model before it is skipped.
         state_dir: where the Tinker service keeps tinker.db and checkpoints (default home/tinker).
         threads: torch intra-op threads for the engines (0 = torch's default).
+        stall_s: /healthz fails when an engine has had pending work but made no progress (a
+            loop turn or a decode step) for this long.
     """
 
     bases: list[str]
     paths: Paths
     auth: str = "none"
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
     dtype: str = "float32"
     device: str = "cpu"
     hold_s: float = 30.0
     gap_timeout_s: float = 30.0
     state_dir: Path | None = None
     threads: int = 0
+    stall_s: float = 300.0
     max_sample_queue: int = 512
     session_timeout_s: float = 900.0  # no heartbeat for this long ends a session
     use_catalog: bool = True  # publish runs and checkpoints into the catalog (paths.database_url)
@@ -151,9 +160,11 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
         for r in svc.runners.values():
             r.start()
         janitor = asyncio.create_task(_janitor(svc, cfg.session_timeout_s))
+        app.state.ready = True
         try:
             yield
         finally:
+            begin_shutdown(app)
             janitor.cancel()
             for r in svc.runners.values():
                 await asyncio.to_thread(r.stop)
@@ -163,13 +174,16 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
 
     app = FastAPI(title="lorafleet", lifespan=lifespan)
     app.state.tinker = svc
-    app.state.auth_mode = cfg.auth
+    app.state.ready = False  # set by the lifespan once the engines run
     catalog = svc.catalog.catalog if svc.catalog is not None else None
     app.state.catalog = catalog
-    lookup = (lambda key: catalog.principal_for_key(key).tenant) if catalog is not None else None
-    app.state.tenancy = Tenancy(cfg.auth, lookup)
+    if cfg.auth == "keys" and catalog is None:
+        raise ValueError("--auth keys needs the catalog's API keys (use_catalog)")
     app.state.url_secret = secrets.token_bytes(32)
     install_errors(app)  # the one map from lorafleet errors to HTTP
+    # who is calling and how big its body is, before any route reads the body (api/edge.py)
+    app.add_middleware(Edge, mode=cfg.auth, lookup=catalog.principal_for_key if catalog else None,
+                       max_body_bytes=cfg.max_body_bytes, max_json_bytes=cfg.max_json_bytes)
     app.middleware("http")(_log_requests)
     app.include_router(tinker_router)
     if catalog is not None:
@@ -188,10 +202,33 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok", "bases": sorted(svc.runners)}
+    async def healthz() -> Response:
+        engines = {name: r.health(cfg.stall_s) for name, r in sorted(svc.runners.items())}
+        ok = all(h["ok"] for h in engines.values())
+        return _json(200 if ok else 503, {"status": "ok" if ok else "unhealthy", "bases": sorted(svc.runners),
+                                          "engines": engines})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        ready = app.state.ready and all(r.health(cfg.stall_s)["ok"] for r in svc.runners.values())
+        return _json(200 if ready else 503, {"status": "ready" if ready else "not ready"})
 
     return app
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """Shutdown has begun: not ready any more, and every engine drains its serving jobs, so open
+    streams end now with an error event (uvicorn waits for open responses before it runs the
+    lifespan shutdown). Idempotent; `lorafleet serve` calls it as soon as a signal arrives."""
+    app.state.ready = False
+    for r in app.state.tinker.runners.values():
+        r.drain()
+
+
+def _json(status: int, body: dict) -> Response:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(body, status_code=status)
 
 
 async def _janitor(svc: TinkerService, session_timeout_s: float, every_s: float = 30.0) -> None:

@@ -1,22 +1,27 @@
 """The one map from lorafleet.errors to HTTP status codes and bodies.
 
-Permanent failures are 4xx that the Tinker SDK does not retry (400/401/404/410/422); only
-transient ones (NoCapacity) are 429 with Retry-After. Unexpected exceptions stay 500 and are
-logged. Request-validation failures from FastAPI/pydantic become 400 with a readable message.
-Routes never build an HTTPException: they raise lorafleet errors and `install` maps them.
+Permanent failures are 4xx that the Tinker SDK does not retry (400/401/403/404/410/413/422);
+only transient ones (NoCapacity) are 429 with Retry-After. Unexpected exceptions stay 500; their
+text (which may hold SQL, parameters, paths) never reaches a client: `internal_error` logs the
+traceback under an error id and clients see only "internal error <id>; see server log" (in
+500 bodies and in failed futures). Request-validation failures from FastAPI/pydantic become
+400 with a readable message. Routes never build an HTTPException: they raise lorafleet errors
+and `install` maps them.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from lorafleet.errors import (
-    Conflict, Corrupt, Expired, InvalidRequest, LorafleetError, NoCapacity, NotFound, Unauthorized,
+    Conflict, Corrupt, Expired, Forbidden, InvalidRequest, LorafleetError, NoCapacity, NotFound,
+    TooLarge, Unauthorized,
 )
 
 log = logging.getLogger(__name__)
@@ -24,6 +29,8 @@ log = logging.getLogger(__name__)
 STATUS: dict[type[LorafleetError], int] = {
     InvalidRequest: 400,
     Unauthorized: 401,
+    Forbidden: 403,
+    TooLarge: 413,
     NotFound: 404,
     Expired: 410,
     Conflict: 422,
@@ -33,12 +40,25 @@ STATUS: dict[type[LorafleetError], int] = {
 }
 
 
+def internal_error(exc: BaseException, what: str) -> str:
+    """Log an unexpected exception with its traceback; return the message a client may see."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("internal error %s in %s", error_id, what, exc_info=exc)
+    return f"internal error {error_id}; see server log"
+
+
+def client_message(exc: BaseException, what: str) -> str:
+    """A lorafleet error's own message; for anything else, the logged `internal_error`."""
+    return str(exc) if isinstance(exc, LorafleetError) else internal_error(exc, what)
+
+
 def status_for(exc: LorafleetError) -> int:
     return next(STATUS[c] for c in type(exc).__mro__ if c in STATUS)
 
 
 # OpenAI's error `type` per status, for the /v1 (OpenAI-compatible) paths
-OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 413: "invalid_request_error",
                 410: "not_found_error", 422: "invalid_request_error", 429: "rate_limit_error"}
 
 
@@ -74,6 +94,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(LorafleetError)
     async def _lorafleet(request: Request, exc: LorafleetError) -> JSONResponse:
         return error_response(exc, request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        message = internal_error(exc, f"{request.method} {request.url.path}")
+        return JSONResponse(body(message, "InternalError", 500, request.url.path), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

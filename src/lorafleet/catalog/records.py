@@ -42,6 +42,28 @@ ADMIN = Principal(LOCAL_TENANT, admin=True)
 
 
 @dataclass(frozen=True, slots=True)
+class Tenant:
+    """An owner of policies and keys. A deleted tenant keeps its data but cannot authenticate."""
+
+    name: str
+    created_at: datetime
+    deleted_at: datetime | None
+    active_keys: int  # keys not revoked
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """What is known about an API key besides its secret (which is never stored, only its hash)."""
+
+    id: str  # `key_` + the first 16 hex digits of the key's sha256
+    prefix: str | None  # the key's first characters, e.g. `tml-AbCd1234` (None: keys before 0002)
+    tenant: str
+    label: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class LoraConfig:
     """The LoRA shape every revision of a policy shares."""
 

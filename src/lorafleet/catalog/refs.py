@@ -23,15 +23,22 @@ from enum import StrEnum
 from lorafleet.errors import InvalidRequest
 
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
-OWNER_RE = re.compile(rf"^{_PART}$")
-ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_POLICY_RE = re.compile(rf"^({_PART})/({_PART})$")
-_REF_RE = re.compile(rf"^({_PART})/({_PART})(?:(:)([^@:/]*)|(@)([^@/]*))?$")
-_REV_ID_RE = re.compile(r"^rev_[0-9a-hjkmnp-tv-z]{26}$")
-_REV_PREFIX_RE = re.compile(r"^rev_[0-9a-hjkmnp-tv-z]{1,26}$")
-_HEX_PREFIX_RE = re.compile(r"^[0-9a-f]{6,64}$")
-_TINKER_RE = re.compile(r"^(?:tinker|mint)://([^/\s]+)/(weights|sampler_weights)/([^/\s]+)$")
-_GATE_RE = re.compile(r"^\s*([A-Za-z0-9_.:/-]+)\s*(>=|<=|==|>|<)\s*([-+0-9.eE]+|inf|-inf)\s*$")
+# Every pattern is anchored with \A...\Z: `$` would also match before a final newline.
+OWNER_RE = re.compile(rf"\A{_PART}\Z")
+ALIAS_RE = re.compile(r"\A[a-z0-9][a-z0-9._-]{0,63}\Z")
+_POLICY_RE = re.compile(rf"\A({_PART})/({_PART})\Z")
+_REF_RE = re.compile(rf"\A({_PART})/({_PART})(?:(:)([^@:/]*)|(@)([^@/]*))?\Z")
+_REV_ID_RE = re.compile(r"\Arev_[0-9a-hjkmnp-tv-z]{26}\Z")
+_REV_PREFIX_RE = re.compile(r"\Arev_[0-9a-hjkmnp-tv-z]{1,26}\Z")
+_HEX_PREFIX_RE = re.compile(r"\A[0-9a-f]{6,64}\Z")
+_GATE_RE = re.compile(r"\A\s*([A-Za-z0-9_.:/-]+)\s*(>=|<=|==|>|<)\s*([-+0-9.eE]+|inf|-inf)\s*\Z")
+# Tinker paths become folders on disk (api/tinker/checkpoints.py): no segment may be empty,
+# `.`, `..`, or hold a slash, NUL or whitespace. A run id starts with a letter or digit.
+RUN_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
+CHECKPOINT_NAME_RE = re.compile(r"\A(?!\.\.?\Z)[A-Za-z0-9._-]{1,128}\Z")
+TINKER_SCHEMES = ("tinker://", "mint://")
+KIND_SEGMENT = {"training": "weights", "sampler": "sampler_weights", "external": "external_weights"}
+SEGMENT_KIND = {v: k for k, v in KIND_SEGMENT.items()}
 LATEST = "latest"
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 _last = (0, 0)  # (ms, random part) of the previous id from this process
@@ -81,8 +88,9 @@ def check_alias(name: str) -> str:
 
 
 def parse_ref(text: str) -> Ref:
-    text = (text or "").strip()
-    if text.startswith(("tinker://", "mint://")):
+    """Strict like every parser here: surrounding whitespace makes a reference malformed."""
+    text = text or ""
+    if text.startswith(TINKER_SCHEMES):
         return Ref(RefKind.TINKER, "", "", normalize_tinker_path(text), text)
     if _REV_ID_RE.match(text):
         return Ref(RefKind.REVISION, "", "", text, text)
@@ -115,15 +123,73 @@ def _parse_at(owner: str, name: str, at: str, text: str) -> Ref:
     )
 
 
-def normalize_tinker_path(text: str) -> str:
-    """Accept `tinker://` and `mint://` alike; store and look up the `tinker://` form."""
-    m = _TINKER_RE.match(text.strip())
-    if not m:
+@dataclass(frozen=True, slots=True)
+class TinkerPath:
+    """A checked `tinker://<run>/<weights|sampler_weights|external_weights>/<name>`.
+
+    Constructing one validates every segment, so a `TinkerPath` is always safe to join onto a
+    folder: this is the one parser of tinker paths, for the catalog and the Tinker API alike.
+    """
+
+    model_id: str  # the training run
+    kind: str  # training | sampler | external
+    name: str
+
+    def __post_init__(self) -> None:
+        check_run_id(self.model_id)
+        if self.kind not in KIND_SEGMENT:
+            raise InvalidRequest(f"invalid checkpoint kind {self.kind!r}: {sorted(KIND_SEGMENT)}")
+        check_checkpoint_name(self.name)
+
+    @property
+    def checkpoint_id(self) -> str:
+        return f"{KIND_SEGMENT[self.kind]}/{self.name}"
+
+    def __str__(self) -> str:
+        return f"tinker://{self.model_id}/{self.checkpoint_id}"
+
+
+def check_run_id(run_id: str) -> str:
+    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
         raise InvalidRequest(
-            f"invalid tinker path {text!r}: expected tinker://<run>/weights/<name> "
-            "or tinker://<run>/sampler_weights/<name>"
+            f"invalid training run id {run_id!r}: 1-128 of [A-Za-z0-9._:-], starting with a "
+            "letter or digit"
         )
-    return f"tinker://{m.group(1)}/{m.group(2)}/{m.group(3)}"
+    return run_id
+
+
+def check_checkpoint_name(name: str) -> str:
+    if not isinstance(name, str) or not CHECKPOINT_NAME_RE.match(name):
+        raise InvalidRequest(
+            f"checkpoint name {name!r} must be 1-128 of [A-Za-z0-9._-], and not '.' or '..'"
+        )
+    return name
+
+
+def parse_tinker_path(text: str) -> TinkerPath:
+    """`tinker://` or `mint://` + `<run>/<segment>/<name>`; anything else is InvalidRequest."""
+    scheme = next((s for s in TINKER_SCHEMES if isinstance(text, str) and text.startswith(s)), None)
+    parts = text[len(scheme):].split("/") if scheme else []
+    if len(parts) != 3 or parts[1] not in SEGMENT_KIND:
+        raise InvalidRequest(
+            f"invalid tinker path {text!r}: expected tinker://<run>/<weights|sampler_weights|"
+            "external_weights>/<name>"
+        )
+    try:
+        return TinkerPath(parts[0], SEGMENT_KIND[parts[1]], parts[2])
+    except InvalidRequest as e:
+        raise InvalidRequest(f"invalid tinker path {text!r}: {e}") from None
+
+
+def normalize_tinker_path(text: str) -> str:
+    """A path the catalog can hold (weights/ or sampler_weights/), in its `tinker://` form."""
+    path = parse_tinker_path(text)
+    if path.kind == "external":
+        raise InvalidRequest(
+            f"invalid tinker path {text!r}: the catalog holds weights/ and sampler_weights/ "
+            "checkpoints, not external exports"
+        )
+    return str(path)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from lorafleet.catalog import tables as t
 from lorafleet.catalog.records import (
     Alias,
     AliasEvent,
+    ApiKey,
     Evaluation,
     LoraConfig,
     Policy,
@@ -28,6 +29,7 @@ from lorafleet.catalog.records import (
     Revision,
     RevisionId,
     RevisionKind,
+    Tenant,
 )
 from lorafleet.store.manifest import BlobRef, Manifest
 
@@ -53,18 +55,94 @@ def ensure_tenant(conn: Connection, name: str, now: datetime) -> None:
         pass
 
 
-def tenant_exists(conn: Connection, name: str) -> bool:
-    return conn.execute(select(t.tenants.c.name).where(t.tenants.c.name == name)).first() is not None
+KEY_ID = "key_"  # a key's public id is this + the first KEY_ID_HEX hex digits of its sha256
+KEY_ID_HEX = 16
+
+_ACTIVE_KEYS = (
+    select(func.count()).where(t.api_keys.c.tenant == t.tenants.c.name, t.api_keys.c.revoked_at.is_(None))
+    .correlate(t.tenants).scalar_subquery().label("active_keys")
+)
 
 
-def insert_key(conn: Connection, key_hash: str, tenant: str, label: str | None, now: datetime) -> None:
-    conn.execute(insert(t.api_keys).values(key_hash=key_hash, tenant=tenant, label=label, created_at=now))
+def to_tenant(row: Row) -> Tenant:
+    return Tenant(row.name, utc(row.created_at), utc(row.deleted_at), int(row.active_keys))  # type: ignore[arg-type]
+
+
+def get_tenant(conn: Connection, name: str) -> Tenant | None:
+    row = conn.execute(select(t.tenants, _ACTIVE_KEYS).where(t.tenants.c.name == name)).first()
+    return None if row is None else to_tenant(row)
+
+
+def list_tenants(conn: Connection) -> list[Tenant]:
+    return [to_tenant(r) for r in conn.execute(select(t.tenants, _ACTIVE_KEYS).order_by(t.tenants.c.name))]
+
+
+def mark_tenant_deleted(conn: Connection, name: str, now: datetime) -> None:
+    tn = t.tenants.c
+    conn.execute(update(t.tenants).where(tn.name == name, tn.deleted_at.is_(None)).values(deleted_at=now))
+
+
+def insert_key(conn: Connection, key_hash: str, prefix: str, tenant: str, label: str | None,
+               now: datetime) -> None:
+    conn.execute(insert(t.api_keys).values(key_hash=key_hash, prefix=prefix, tenant=tenant, label=label,
+                                           created_at=now))
+
+
+# The tenant a key authenticates: live key of a live tenant, one primary-key lookup.
+_TENANT_FOR_KEY = (
+    select(t.api_keys.c.tenant)
+    .select_from(t.api_keys.join(t.tenants, t.tenants.c.name == t.api_keys.c.tenant))
+    .where(t.api_keys.c.key_hash == bindparam("key_hash"), t.api_keys.c.revoked_at.is_(None),
+           t.tenants.c.deleted_at.is_(None))
+)
 
 
 def tenant_for_key(conn: Connection, key_hash: str) -> str | None:
-    k = t.api_keys.c
-    row = conn.execute(select(k.tenant).where(k.key_hash == key_hash, k.revoked_at.is_(None))).first()
+    row = conn.execute(_TENANT_FOR_KEY, dict(key_hash=key_hash)).first()
     return None if row is None else row.tenant
+
+
+def to_key(row: Row) -> ApiKey:
+    return ApiKey(id=KEY_ID + row.key_hash[:KEY_ID_HEX], prefix=row.prefix, tenant=row.tenant,
+                  label=row.label, created_at=utc(row.created_at),  # type: ignore[arg-type]
+                  revoked_at=utc(row.revoked_at))
+
+
+def list_keys(conn: Connection, tenant: str | None = None) -> list[ApiKey]:
+    k = t.api_keys.c
+    stmt = select(t.api_keys).order_by(k.created_at, k.key_hash)
+    if tenant is not None:
+        stmt = stmt.where(k.tenant == tenant)
+    return [to_key(r) for r in conn.execute(stmt)]
+
+
+def find_keys(conn: Connection, *, key_hash: str | None = None, hash_prefix: str | None = None,
+              prefix: str | None = None) -> list[ApiKey]:
+    """Keys with exactly this hash, or whose hash / shown prefix starts with the given text
+    (exactly one of the three)."""
+    k = t.api_keys.c
+    if key_hash is not None:
+        cond = k.key_hash == key_hash
+    elif hash_prefix is not None:
+        cond = k.key_hash.startswith(hash_prefix, autoescape=True)
+    elif prefix is not None:
+        cond = k.prefix.startswith(prefix, autoescape=True)
+    else:
+        raise TypeError("find_keys needs key_hash, hash_prefix or prefix")
+    return [to_key(r) for r in conn.execute(select(t.api_keys).where(cond).order_by(k.created_at))]
+
+
+def revoke_keys(conn: Connection, now: datetime, *, key_id: str | None = None, tenant: str | None = None) -> int:
+    """Revoke the live key with this (complete) id, or every live key of `tenant`; returns how many."""
+    k = t.api_keys.c
+    if key_id is not None:
+        digits = key_id.removeprefix(KEY_ID)
+        if len(digits) != KEY_ID_HEX:
+            raise ValueError(f"not a complete key id: {key_id!r}")
+        cond = k.key_hash.startswith(digits, autoescape=True)
+    else:
+        cond = k.tenant == tenant
+    return conn.execute(update(t.api_keys).where(cond, k.revoked_at.is_(None)).values(revoked_at=now)).rowcount
 
 
 # ---- policies ---------------------------------------------------------------------------
@@ -200,7 +278,9 @@ _REV_SELECT = select(
     t.policies.c.public, t.policies.c.deleted_at.label("policy_deleted_at"),
 ).select_from(t.revisions.join(t.policies, t.policies.c.id == t.revisions.c.policy_id))
 _REV_BY_ID = _REV_SELECT.where(t.revisions.c.id == bindparam("id"))
-_REV_BY_TINKER = _REV_SELECT.where(t.revisions.c.tinker_path == bindparam("path"))
+_REV_BY_TINKER = _REV_SELECT.where(
+    t.revisions.c.tinker_path == bindparam("path"), t.policies.c.tinker_run_id == bindparam("run")
+)
 _REV_LATEST = (
     _REV_SELECT.where(
         t.revisions.c.policy_id == bindparam("policy_id"),
@@ -279,8 +359,9 @@ def revision_by_id(conn: Connection, revision_id: str) -> Located | None:
     return None if row is None else to_located(row)
 
 
-def revision_by_tinker_path(conn: Connection, path: str) -> Located | None:
-    row = conn.execute(_REV_BY_TINKER, dict(path=path)).first()
+def revision_by_tinker_path(conn: Connection, path: str, run_id: str) -> Located | None:
+    """The revision holding `path`, if it belongs to the policy of training run `run_id`."""
+    row = conn.execute(_REV_BY_TINKER, dict(path=path, run=run_id)).first()
     return None if row is None else to_located(row)
 
 

@@ -12,6 +12,7 @@ revision before its row commits.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -24,13 +25,13 @@ from sqlalchemy.exc import IntegrityError
 
 from lorafleet.catalog import maintenance, repo, validate
 from lorafleet.catalog.records import (
-    LOCAL_TENANT, Alias, AliasEvent, CheckReport, Comparison, Evaluation, GcReport, Lineage,
+    LOCAL_TENANT, Alias, AliasEvent, ApiKey, CheckReport, Comparison, Evaluation, GcReport, Lineage,
     LoraConfig, MetricDelta, Page, Policy, PolicyId, Principal, Provenance, Revision, RevisionId,
-    RevisionKind,
+    RevisionKind, Tenant,
 )
 from lorafleet.catalog.refs import (
-    OWNER_RE, Gate, Ref, RefKind, check_alias, new_id, normalize_tinker_path,
-    parse_gate, parse_policy_name, parse_ref,
+    OWNER_RE, Gate, Ref, RefKind, check_alias, check_run_id, new_id, normalize_tinker_path,
+    parse_gate, parse_policy_name, parse_ref, parse_tinker_path,
 )
 from lorafleet.db import Database, open_database, upgrade
 from lorafleet.errors import Conflict, Corrupt, Expired, IncompatibleAdapter, InvalidRequest, NotFound, Unauthorized
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from lorafleet.lora.weights import LoraWeights
 
 KEY_PREFIX = "tml-"  # the Tinker SDK only accepts keys that start with this
+PREFIX_LEN = len(KEY_PREFIX) + 8  # how much of a key is kept in clear, to recognise it
 
 
 def _now() -> datetime:
@@ -79,27 +81,99 @@ class Catalog:
         self.db.dispose()
 
     # ---- tenants and keys ---------------------------------------------------------------
+    # Keys are only ever stored as sha256 hashes, plus their first PREFIX_LEN characters so an
+    # operator can recognise one. There is no key cache: `principal_for_key` is one indexed
+    # query per request, so a revoked key or a deleted tenant fails on its very next request.
 
     def create_tenant(self, name: str) -> None:
         if not OWNER_RE.match(name or ""):
             raise InvalidRequest(f"invalid tenant name {name!r}: 1-64 of [A-Za-z0-9._-]")
         with self.db.write() as conn:
             repo.ensure_tenant(conn, name, self.clock())
+            tenant = repo.get_tenant(conn, name)
+        if tenant is not None and tenant.deleted_at is not None:
+            raise Conflict(f"tenant {name!r} was deleted; tenant names are never reused")
 
     def create_key(self, tenant: str, label: str | None = None) -> str:
         """A new API key for `tenant` (created if missing). The plaintext is returned once only."""
         self.create_tenant(tenant)
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         with self.db.write() as conn:
-            repo.insert_key(conn, hash_key(key), tenant, label, self.clock())
+            repo.insert_key(conn, hash_key(key), key[:PREFIX_LEN], tenant, label, self.clock())
         return key
 
     def principal_for_key(self, key: str) -> Principal:
+        """The tenant of a live key of a live tenant; anything else is Unauthorized (401)."""
         with self.db.read() as conn:
             tenant = repo.tenant_for_key(conn, hash_key(key or ""))
         if tenant is None:
             raise Unauthorized("invalid API key")
         return Principal(tenant)
+
+    def list_keys(self, tenant: str | None = None) -> list[ApiKey]:
+        """Every key (revoked ones too), oldest first; never their secrets."""
+        with self.db.read() as conn:
+            if tenant is not None and repo.get_tenant(conn, tenant) is None:
+                raise NotFound(f"no tenant {tenant!r}")
+            return repo.list_keys(conn, tenant)
+
+    def revoke_key(self, ref: str) -> tuple[ApiKey, bool]:
+        """Revoke one key, named by its id (`key_...` as `list_keys` shows, or a unique leading
+        part of it), its shown prefix (`tml-...`), or the key itself. Idempotent: returns the key
+        and whether this call revoked it (False: it already was)."""
+        now = self.clock()
+        with self.db.write() as conn:
+            key = self._one_key(conn, (ref or "").strip())
+            if key.revoked_at is not None:
+                return key, False
+            repo.revoke_keys(conn, now, key_id=key.id)
+        return dataclasses.replace(key, revoked_at=now), True
+
+    def _one_key(self, conn: Connection, ref: str) -> ApiKey:
+        hint = "give a key id (key_...) or prefix (tml-...) as `lorafleet keys ls` shows it"
+        if ref.startswith(KEY_PREFIX) and len(ref) > PREFIX_LEN:  # the secret itself
+            hits = repo.find_keys(conn, key_hash=hash_key(ref))
+            what = "no API key with that secret"
+        else:
+            marker = next((m for m in (repo.KEY_ID, KEY_PREFIX) if ref.startswith(m)), None)
+            if marker is None:
+                raise InvalidRequest(f"{ref!r} is not a key id or prefix: {hint}")
+            if len(ref) < len(marker) + 4:
+                raise InvalidRequest(f"{ref!r} is too short to name a key: {hint}")
+            hits = (repo.find_keys(conn, hash_prefix=ref.removeprefix(marker).lower())
+                    if marker == repo.KEY_ID else repo.find_keys(conn, prefix=ref))
+            what = f"no API key {ref!r}"
+        if not hits:
+            raise NotFound(f"{what}: {hint}")
+        if len(hits) > 1:
+            raise InvalidRequest(f"{ref!r} matches {len(hits)} keys ({', '.join(k.id for k in hits)}); "
+                                 "give more characters")
+        return hits[0]
+
+    def list_tenants(self) -> list[Tenant]:
+        with self.db.read() as conn:
+            return repo.list_tenants(conn)
+
+    def get_tenant(self, name: str) -> Tenant:
+        with self.db.read() as conn:
+            tenant = repo.get_tenant(conn, name)
+        if tenant is None:
+            raise NotFound(f"no tenant {name!r}")
+        return tenant
+
+    def delete_tenant(self, name: str) -> Tenant:
+        """Revoke every key of `name` and mark it deleted, in one transaction: it can no longer
+        authenticate. Its policies, revisions and Tinker state stay (for an operator to gc).
+        Idempotent; the built-in `local` tenant cannot be deleted."""
+        if name == LOCAL_TENANT:
+            raise InvalidRequest(f"the built-in tenant {LOCAL_TENANT!r} cannot be deleted")
+        now = self.clock()
+        with self.db.write() as conn:
+            if repo.get_tenant(conn, name) is None:
+                raise NotFound(f"no tenant {name!r}")
+            repo.revoke_keys(conn, now, tenant=name)
+            repo.mark_tenant_deleted(conn, name, now)
+            return repo.get_tenant(conn, name)  # type: ignore[return-value]
 
     # ---- policies -----------------------------------------------------------------------
 
@@ -115,6 +189,8 @@ class Catalog:
             raise InvalidRequest(f"tenant {who.tenant!r} cannot create policies owned by {owner!r}")
         metadata = validate.check_metadata(metadata or {})
         lora = validate.lora_config(lora)
+        if tinker_run_id is not None:
+            check_run_id(tinker_run_id)
         parent_id = self.resolve(parent, who).id if parent else None
         policy = Policy(
             id=PolicyId(new_id("pol")), owner=owner, name=short, base_model=base_model,
@@ -186,7 +262,7 @@ class Catalog:
         validate.check_files(p, kind, files)
         for a in aliases:
             check_alias(a)
-        tinker_path = normalize_tinker_path(tinker_path) if tinker_path else None
+        tinker_path = validate.run_path(p, normalize_tinker_path(tinker_path)) if tinker_path else None
         prov = provenance or Provenance()
         parent = self.resolve(prov.parent_revision_id, who).id if prov.parent_revision_id else None
         manifest = Manifest.for_bytes(files)
@@ -292,8 +368,8 @@ class Catalog:
         return rev
 
     def _locate(self, conn: Connection, r: Ref) -> repo.Located | None:
-        if r.kind is RefKind.TINKER:
-            return repo.revision_by_tinker_path(conn, r.value)
+        if r.kind is RefKind.TINKER:  # only the run's own policy can hold its paths
+            return repo.revision_by_tinker_path(conn, r.value, parse_tinker_path(r.value).model_id)
         if not r.owner:
             return repo.revision_by_id(conn, r.value)
         found = repo.policy_with_alias(conn, r.owner, r.name, r.value)

@@ -5,7 +5,9 @@
 - an alias can only point at an existing revision (foreign key, no cascade), so a revision an
   alias points at cannot be deleted;
 - revisions and their files are never updated, and alias history is append-only: the
-  migrations add triggers that abort any such UPDATE/DELETE (see migrations/versions/0001).
+  migrations add triggers that abort any such UPDATE/DELETE (see migrations/versions/0001);
+- tenants and keys are never deleted, only marked (`deleted_at`, `revoked_at`), so a name or
+  key once issued can never come back to life by being created again.
 
 The schema is created by the Alembic migrations, never by `metadata.create_all`; a test checks
 that the migrated schema matches these definitions.
@@ -42,16 +44,19 @@ tenants = Table(
     "tenants", metadata,
     Column("name", NAME, primary_key=True),
     Column("created_at", TS, nullable=False),
+    Column("deleted_at", TS),  # set once: the tenant can no longer authenticate
 )
 
 api_keys = Table(
     "api_keys", metadata,
-    Column("key_hash", SHA, primary_key=True),  # sha256 of the plaintext key
+    Column("key_hash", SHA, primary_key=True),  # sha256 of the plaintext key; the key id derives from it
     Column("tenant", NAME, ForeignKey("tenants.name"), nullable=False),
     Column("label", String(200)),
     Column("created_at", TS, nullable=False),
     Column("revoked_at", TS),
+    Column("prefix", String(16)),  # the key's first characters, to recognise it (None: keys before 0002)
 )
+Index("ix_api_keys_tenant", api_keys.c.tenant)
 
 policies = Table(
     "policies", metadata,

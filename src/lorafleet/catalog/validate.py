@@ -4,11 +4,12 @@ IncompatibleAdapter with a message naming what is wrong."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 
 from lorafleet.catalog.records import Evaluation, LoraConfig, Policy, RevisionKind
-from lorafleet.catalog.refs import Gate
-from lorafleet.errors import Conflict, IncompatibleAdapter, InvalidRequest
+from lorafleet.catalog.refs import Gate, parse_tinker_path
+from lorafleet.errors import Conflict, IncompatibleAdapter, InvalidRequest, NotFound
 from lorafleet.lora.spec import LoraSpec
 
 CONFIG_FILE = "adapter_config.json"
@@ -53,18 +54,29 @@ def check_files(p: Policy, kind: RevisionKind, files: Mapping[str, bytes]) -> No
         )
 
 
+def run_path(p: Policy, tinker_path: str) -> str:
+    """A revision may carry a tinker path only of the run its policy records: a tenant cannot
+    claim another's paths. Answered like a missing run, so it never confirms one exists."""
+    run = parse_tinker_path(tinker_path).model_id
+    if p.tinker_run_id != run:
+        raise NotFound(f"no training run {run!r} publishes into policy {p.full_name}")
+    return tinker_path
+
+
 def check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     for k, v in metadata.items():
         if not isinstance(k, str) or not isinstance(v, str) or not k or len(k) > 128 or len(v) > 1024:
             raise InvalidRequest(f"metadata must map names (<=128 chars) to strings (<=1024): {k!r}")
+        if "\x00" in k or "\x00" in v:
+            raise InvalidRequest(f"metadata {k!r}: text may not contain NUL (\\x00) characters")
     return dict(metadata)
 
 
 def check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     out: dict[str, float] = {}
     for k, v in metrics.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-            raise InvalidRequest(f"metric {k!r} must be a number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise InvalidRequest(f"metric {k!r} must be a finite number, got {v!r}")
         out[str(k)] = float(v)
     if not out:
         raise InvalidRequest("an evaluation needs at least one metric")

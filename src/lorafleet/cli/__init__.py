@@ -1,4 +1,4 @@
-"""The `lorafleet` command line: `serve | sample | adapters | alias | rollback | eval | ...`.
+"""The `lorafleet` command line: `serve | sample | models | adapters | alias | rollback | eval | ...`.
 
 Each area registers its subcommands from its own module (`cli/<area>.py`, a `register`
 function taking the subparsers object); this file only wires them together.
@@ -14,7 +14,7 @@ import sys
 from lorafleet.errors import LorafleetError
 
 # Modules that contribute subcommands, in the order their commands appear in --help.
-AREAS = ("lorafleet.cli.serve", "lorafleet.cli.sample", "lorafleet.cli.catalog")
+AREAS = ("lorafleet.cli.serve", "lorafleet.cli.sample", "lorafleet.cli.models", "lorafleet.cli.catalog")
 
 
 def build_parser() -> argparse.ArgumentParser:

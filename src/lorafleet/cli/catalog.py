@@ -1,4 +1,7 @@
-"""Catalog commands: `adapters`, `alias`, `rollback`, `eval`, `lineage`, `gc`, `fsck`, `keys`.
+"""Catalog commands: `adapters`, `alias`, `rollback`, `eval`, `lineage`, `gc`, `fsck`, `keys`,
+`tenants`.
+
+`fsck` also checks the Tinker service's checkpoint rows against their folders on disk.
 
 Settings come from the environment here, at the edge (`LORAFLEET_HOME`,
 `LORAFLEET_DATABASE_URL`, `LORAFLEET_STORE_URL`); the local CLI acts as the admin principal.
@@ -14,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from lorafleet.catalog.records import ADMIN
@@ -80,12 +84,25 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("ref")
     p = _cmd(sub, "gc", _gc, "delete expired revisions and unreferenced blobs")
     p.add_argument("--grace-s", type=float, default=3600.0, help="keep unreferenced blobs younger than this")
-    _cmd(sub, "fsck", _fsck, "verify every revision's blobs against their sha256")
+    p = _cmd(sub, "fsck", _fsck, "verify every revision's blobs against their sha256, and every "
+             "Tinker checkpoint row against its folder")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="the Tinker service's folder, as for serve (default: <lorafleet home>/tinker)")
 
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
     p = _cmd(keys, "create", _keys_create, "create an API key for a tenant (printed once)")
     p.add_argument("--tenant", required=True)
     p.add_argument("--label")
+    p = _cmd(keys, "ls", _keys_ls, "list API keys (ids and prefixes, never secrets)")
+    p.add_argument("--tenant", help="only this tenant's keys")
+    p = _cmd(keys, "revoke", _keys_revoke, "revoke a key at once (idempotent)")
+    p.add_argument("key", metavar="KEY_ID_OR_PREFIX", help="key_... or tml-... as `keys ls` shows it")
+
+    tenants = sub.add_parser("tenants", help="list and delete tenants").add_subparsers(dest="action", required=True)
+    _cmd(tenants, "ls", _tenants_ls, "list tenants")
+    p = _cmd(tenants, "delete", _tenants_delete,
+             "revoke every key of a tenant and mark it deleted (its data stays, for gc)")
+    p.add_argument("tenant")
 
 
 def _cmd(sub: Any, name: str, fn: Callable[[Catalog, argparse.Namespace], Any], help: str) -> argparse.ArgumentParser:
@@ -240,19 +257,56 @@ def _gc(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
 
 
 def _fsck(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str] | int:
+    from lorafleet.api.tinker.checkpoints import check_state
+
     r = cat.check()
+    t = check_state(a.state_dir or paths_from_env().home / "tinker")
+    ok = r.ok and (t is None or t.ok)
     text = f"{r.revisions_checked} revisions checked, {len(r.problems)} problems, {r.unreferenced_blobs} unreferenced blobs"
+    lines = [*r.problems, text]
+    if t is not None:
+        lines += [*t.problems, f"{t.checkpoints_checked} Tinker checkpoints checked, "
+                  f"{len(t.problems)} problems, {t.tmp_folders} temporary folders"]
     if a.json:
-        print(json.dumps(_plain(r) | {"ok": r.ok}, indent=2))
+        print(json.dumps(_plain(r) | {"ok": ok, "tinker": _plain(t)}, indent=2))
     else:
-        print("\n".join([*r.problems, text]))
-    return 0 if r.ok else 1
+        print("\n".join(lines))
+    return 0 if ok else 1
 
 
 def _keys_create(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
     key = cat.create_key(a.tenant, a.label)
     print("store this key now; it is not shown again", file=sys.stderr)
     return {"tenant": a.tenant, "key": key}, key
+
+
+def _keys_ls(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
+    keys = cat.list_keys(a.tenant)
+    rows = [[k.id, k.prefix or "-", k.tenant, k.label or "", _when(k.created_at), _when(k.revoked_at)]
+            for k in keys]
+    return keys, _table(["KEY ID", "PREFIX", "TENANT", "LABEL", "CREATED", "REVOKED"], rows)
+
+
+def _keys_revoke(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
+    key, now = cat.revoke_key(a.key)
+    state = "revoked" if now else f"already revoked at {_when(key.revoked_at)}"
+    return key, f"{key.id} ({key.prefix or 'no prefix'}) of tenant {key.tenant}: {state}"
+
+
+def _tenants_ls(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
+    tenants = cat.list_tenants()
+    rows = [[x.name, _when(x.created_at), str(x.active_keys), f"deleted {_when(x.deleted_at)}" if x.deleted_at else "active"]
+            for x in tenants]
+    return tenants, _table(["TENANT", "CREATED", "ACTIVE KEYS", "STATUS"], rows)
+
+
+def _tenants_delete(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
+    before = cat.get_tenant(a.tenant)
+    tenant = cat.delete_tenant(a.tenant)
+    if before.deleted_at is not None:
+        return tenant, f"tenant {tenant.name} was already deleted at {_when(before.deleted_at)}"
+    return tenant, (f"deleted tenant {tenant.name} ({before.active_keys} keys revoked); its policies "
+                    "and Tinker state stay until an operator removes them")
 
 
 # ---- formatting -------------------------------------------------------------------------
@@ -263,6 +317,10 @@ def _kv(text: str, flag: str) -> tuple[str, str]:
         raise InvalidRequest(f"{flag} {text!r}: expected KEY=VALUE")
     k, v = text.split("=", 1)
     return k.strip(), v.strip()
+
+
+def _when(dt: datetime | None) -> str:
+    return "-" if dt is None else dt.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _table(header: Sequence[str], rows: list[list[str]]) -> str:

@@ -10,7 +10,7 @@ from lorafleet.model import DEFAULT_BASE, load_base
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="complete a prompt (greedy by default)")
-    p.add_argument("--base", default=DEFAULT_BASE, help="base model name (default: %(default)s)")
+    p.add_argument("--base", default=DEFAULT_BASE, help="a registered name, model folder, cached repo id or .gguf file (default: %(default)s)")
     p.add_argument("--adapter", help="a PEFT LoRA directory to apply")
     p.add_argument("--prompt", required=True, help="the text to complete")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the base's chat template")

@@ -11,18 +11,28 @@ from pathlib import Path
 from lorafleet.errors import InvalidRequest
 
 DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# after SIGTERM, how long uvicorn waits for open responses (Tinker long polls, streams that are
+# not reading) before it cancels them; streams themselves end at once (begin_shutdown)
+GRACEFUL_SHUTDOWN_S = 10
 log = logging.getLogger("lorafleet.serve")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the Tinker-compatible API server")
-    p.add_argument("--base", action="append", dest="bases", metavar="NAME",
-                   help=f"base model to load (repeatable; default {DEFAULT_BASE})")
+    p.add_argument("--base", action="append", dest="bases", metavar="NAME|FOLDER|GGUF",
+                   help="base model to load, repeatable: a registered name, a model folder "
+                        "(config.json + safetensors + tokenizer), a repo id in the local Hugging Face "
+                        f"cache, or a .gguf file (default {DEFAULT_BASE}; see docs/models.md)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--auth", choices=("none", "keys"), default="none",
                    help="none: every tml- key is the one local tenant (loopback only); "
                         "keys: API keys from `lorafleet keys create`")
+    p.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
+                   help="largest forward_backward or adapter upload body; bigger ones get 413 "
+                        "(default 64 MiB)")
+    p.add_argument("--max-json-bytes", type=int, default=None, metavar="N",
+                   help="largest body of every other route (default 16 MiB)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="base model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -83,20 +93,33 @@ def check_device(device: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from lorafleet.api.app import ServeConfig, create_app
+    from lorafleet.api.app import ServeConfig, begin_shutdown, create_app
     from lorafleet.config import paths_from_env
+    from lorafleet.model.registry import canonical_name
 
     check_auth(args.auth, args.host)
     check_device(args.device)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    cfg = ServeConfig(bases=args.bases or [DEFAULT_BASE], paths=paths_from_env(), auth=args.auth,
+    bases = list(dict.fromkeys(canonical_name(b) for b in args.bases or [DEFAULT_BASE]))  # paths made absolute
+    cfg = ServeConfig(bases=bases, paths=paths_from_env(), auth=args.auth,
                       dtype=dtype, device=args.device, threads=args.threads, state_dir=args.state_dir,
                       max_slots=args.max_slots, max_host_adapters=args.max_host_adapters or None,
                       max_host_bytes=args.max_host_bytes, load_queue=args.load_queue,
                       load_batch=args.load_batch, max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_num_batched_tokens,
                       kv_cache_bytes=args.kv_cache_bytes, micro_batch_tokens=args.micro_batch_tokens)
+    if args.max_body_bytes is not None:
+        cfg.max_body_bytes = args.max_body_bytes
+    if args.max_json_bytes is not None:
+        cfg.max_json_bytes = args.max_json_bytes
     app = create_app(cfg)
     log.info("serving %s on http://%s:%d (auth %s)", cfg.bases, args.host, args.port, args.auth)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            begin_shutdown(app)  # before uvicorn waits for open streams to finish
+            await super().shutdown(sockets)
+
+    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                          timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)).run()
     return 0

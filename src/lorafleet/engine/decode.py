@@ -246,8 +246,8 @@ class DecodeBatch:
         cache = _cache(self.kv)
         record = self._record([r.job.requests[r.request] for r in self.rows])
         with self.runtime.use(self._row_operands()), self.runtime.routes(record=record):
-            out = self.model(input_ids=self.pending[:, None], attention_mask=self.mask,
-                             position_ids=self.pos[:, None], cache=cache, use_cache=True)
+            out = self.engine.decode_forward(input_ids=self.pending[:, None], attention_mask=self.mask,
+                                             position_ids=self.pos[:, None], cache=cache, use_cache=True)
         self.kv = [(layer.keys, layer.values) for layer in out.cache.layers]
         self.pos = self.pos + 1
         step_routes = _routes_now(record, self.router_paths, len(self.rows))
@@ -351,8 +351,8 @@ class DecodeBatch:
         record = self._record([req])
         with self.runtime.use(self._operands_for([pre.job.slots[pre.request]])), \
                 self.runtime.routes(record=record):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             cache=cache, use_cache=True, logits_to_keep=0 if want_lp else 1)
+            out = self.engine.decode_forward(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                             cache=cache, use_cache=True, logits_to_keep=0 if want_lp else 1)
         pre.kv = [(layer.keys, layer.values) for layer in out.cache.layers]
         routes = _routes_now(record, self.router_paths, 1)
         if routes is not None:

@@ -290,11 +290,12 @@ class Engine:
             raise InvalidRequest(f"record_routes: {self.info.name} is not a mixture of experts")
 
     def sample(self, reqs: list[SampleRequest],
-               on_token: Callable[[int, int, int, float], None] | None = None) -> list[SampleResult]:
+               on_token: Callable[[int, int, int, float], bool | None] | None = None) -> list[SampleResult]:
         """Sample all requests in one decode batch (rows of many adapters together).
 
         `on_token(request, sample, token, logprob)` is called after each decode step for every
-        token chosen (on the calling thread), for streaming.
+        token chosen (on the calling thread), for streaming; returning True stops that row
+        early (stop_reason 'abort'), e.g. because its client went away.
         """
         for req in reqs:
             self.validate_sample(req)
@@ -303,6 +304,10 @@ class Engine:
             self.base.model, self.runtime, self.base.tokenizer, self.base.eos_token_id, reqs, adapters,
             router_paths=self.router_paths, on_token=on_token,
         )
+
+    def decode_forward(self, **inputs):
+        """One model forward of the continuous decoder (a prefill chunk or a decode step)."""
+        return self.base.model(**inputs)
 
     def sampling_weights(self, handle: int | None) -> LoraWeights | None:
         """The weights sampling rows of `handle` use (None: the base alone)."""

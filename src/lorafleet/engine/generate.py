@@ -67,12 +67,13 @@ def generate(
     requests: list[SampleRequest],
     adapters: list[LoraWeights | None],
     router_paths: list[str] | None = None,
-    on_token: Callable[[int, int, int, float], None] | None = None,
+    on_token: Callable[[int, int, int, float], bool | None] | None = None,
 ) -> list[SampleResult]:
     """Sample every request in one batch; `adapters[i]` is request i's adapter (or None).
 
     `on_token(request, sample, token, logprob)`, if given, is called (on this thread) for every
-    token as soon as its decode step chose it, so callers can stream.
+    token as soon as its decode step chose it, so callers can stream. A true return value stops
+    that row now (its client went away): it leaves the batch with stop_reason 'abort'.
 
     With `router_paths` (a MoE base's routers, in layer order) and `record_routes` on a request,
     its sequences carry the experts chosen at every position fed to the model.
@@ -146,9 +147,9 @@ def generate(
             tok = int(tokens[b])
             row.tokens.append(tok)
             row.logprobs.append(float(logprobs[b]))
-            if on_token is not None:
-                on_token(row.request, row.sample, tok, row.logprobs[-1])
-            if tok in row.stop_ids or _hit_stop_string(tokenizer, row, p.stop_strings):
+            if on_token is not None and on_token(row.request, row.sample, tok, row.logprobs[-1]):
+                row.stop_reason = "abort"
+            elif tok in row.stop_ids or _hit_stop_string(tokenizer, row, p.stop_strings):
                 row.stop_reason = "stop"
             elif len(row.tokens) >= p.max_tokens:
                 row.stop_reason = "length"

@@ -186,6 +186,11 @@ class Job:
     tag: Any = None  # the sink's own reference (a future id, a request id)
     submitted: float = field(default_factory=time.monotonic)
     _cancelled: threading.Event = field(default_factory=threading.Event)
+    _answered: threading.Lock = field(default_factory=threading.Lock)  # taken once: answered
+
+    def answer(self) -> bool:
+        """Claim the right to report this job's outcome: True the first time only (atomic)."""
+        return self._answered.acquire(blocking=False)
 
     def cancel(self) -> None:
         """The client went away: the scheduler frees the job's rows at its next step."""

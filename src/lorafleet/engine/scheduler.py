@@ -14,9 +14,18 @@ micro-batch per step however busy sampling is.
 
 Results leave through the job's sink: `done` / `failed` on the I/O worker thread (which may
 write files and databases: checkpoints, catalog publishes, futures), never on the compute
-thread; `on_token` on the compute thread. Every sink call and every iteration is guarded: a
-failing request or sink never kills the compute thread. `heartbeat` (monotonic time of the
-last finished iteration) and `alive` let a health check tell a stuck or dead engine.
+thread; `on_token` on the compute thread.
+
+Guarantees:
+- The compute thread never dies of a request. Each phase of an iteration (training, sampling)
+  runs guarded: an unexpected exception fails that phase's unanswered jobs (a server error,
+  logged), and the loop goes on. Sink calls are guarded too.
+- A client that gives up only frees its work: `Job.cancel()` drops a queued job when it is
+  reached and takes a running job's rows out of the batch at the next step.
+- Liveness is observable: `health(stall_s)` says whether the thread is alive and how long ago
+  it last made progress (an iteration or an idle wake-up) while work was pending.
+- `drain()` (shutdown begins) fails every queued and running sample job and refuses new ones,
+  so open streams end at once with an error; `stop()` drains, then ends the threads.
 
 The engine imports nothing from the API: no wire format, no database.
 """
@@ -109,7 +118,9 @@ class Scheduler:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{base.name}", daemon=True)
         self.io = IOWorker(f"engine-io-{base.name}")
-        self.heartbeat = time.monotonic()
+        self._progress_at = time.monotonic()  # last iteration or idle wake-up
+        self._busy = False  # an iteration's work is taken and not finished yet
+        self._closed: str | None = None  # set by drain(): new sample jobs are refused
         # OpenMP thread counts are per thread: carry the creator's setting into the engine thread
         self._torch_threads = torch.get_num_threads()
 
@@ -122,17 +133,38 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def drain(self, reason: str = "the server is shutting down") -> None:
+        """Shutdown begins: fail queued and running sample jobs, refuse new ones (idempotent;
+        running rows leave at the compute thread's next step)."""
+        with self._cv:
+            self._closed = reason
+            queued = self.samples.drain()
+            self._cv.notify_all()
+        for job in queued:
+            self._end_sample(job, NoCapacity(reason))
+
     def stop(self) -> None:
+        self.drain()
         with self._cv:
             self._stop = True
             self._cv.notify_all()
         self._thread.join(timeout=30)
-        gone = NoCapacity("the server is shutting down")
-        for job in self.samples.drain() + self.training.drain():
-            self._report(job, gone)
-        for state in self.decode.clear():
-            self._report(state.job, gone)
+        for job in self.training.drain():
+            self._report(job, NoCapacity("the server is shutting down"))
+        self._fail_decoding(NoCapacity("the server is shutting down"))
         self.io.close()
+
+    def health(self, stall_s: float) -> dict[str, Any]:
+        """Whether the compute thread is alive and making progress (any thread).
+
+        Unhealthy when the thread is not running, or when it has pending work (queued, or an
+        iteration in progress) but made no progress for more than `stall_s` seconds.
+        """
+        alive = self._thread.is_alive()
+        pending = self._busy or self._has_work()
+        age = time.monotonic() - self._progress_at
+        return {"ok": alive and not (pending and age > stall_s), "alive": alive,
+                "pending": pending, "progress_age_s": round(age, 3)}
 
     # ---- any thread ---------------------------------------------------------------------------
 
@@ -164,6 +196,8 @@ class Scheduler:
         """Queue a job. Ordered training jobs are checked against their run's sequence here;
         a full sample queue raises NoCapacity."""
         with self._cv:
+            if job.kind is WorkKind.SAMPLE and self._closed is not None:
+                raise NoCapacity(self._closed)
             if job.kind in UNORDERED:
                 if job.kind is not WorkKind.UNLOAD_RUN:
                     self.training.pending.add(job.run_id or "")
@@ -182,40 +216,64 @@ class Scheduler:
         while True:
             with self._cv:
                 while not self._stop and not self._has_work():
+                    self._progress_at = time.monotonic()
                     wake = self.training.wake_at()
                     self._cv.wait(timeout=5.0 if wake is None else max(0.01, wake - time.monotonic()))
-                    self.heartbeat = time.monotonic()
                 if self._stop:
                     return
+                self._progress_at = time.monotonic()
+                self._busy = True
                 unordered, self._unordered = self._unordered, []
                 for job in unordered:  # quick (adapter create / remove), under the lock
-                    self._guard(lambda job=job: self.training.run_unordered(job, self._report), job)
+                    self.training.run_unordered(job, self._report)
                 train = self.training.take()
             try:
-                if train:
-                    self.training.start(train, self._report)
-                if self.training.current is not None:
-                    self.training.step(self._report)
-                if self.decode.busy or len(self.samples):
+                self._train_step(train)
+                if self.decode.busy or len(self.samples) or self._closed:
                     self._sample_step()
-            except Exception:  # a bug: log it and keep serving; the jobs involved were reported
-                log.exception("engine iteration failed")
-            self.heartbeat = time.monotonic()
+            finally:
+                self._busy = False
+                self._progress_at = time.monotonic()
 
     def _has_work(self) -> bool:
         return bool(self._unordered or len(self.samples) or self.decode.busy or self.training.ready())
 
-    def _guard(self, fn: Callable[[], None], job: Job) -> None:
+    def _train_step(self, taken: list[Job]) -> None:
+        """Start the taken training jobs and/or run one micro-batch; a bug fails them, not us."""
         try:
-            fn()
+            if taken:
+                self.training.start(taken, self._report)
+            if self.training.current is not None:
+                self.training.step(self._report)
         except Exception as e:
-            log.exception("%s failed", job.kind)
-            self._report(job, e)
+            log.exception("training step failed; failing its jobs")
+            running = self.training.current
+            self.training.current = None
+            for job in taken + [i.job for i in (running.items if running is not None else ())]:
+                self._report(job, e)  # a no-op for the ones already answered
 
     def _sample_step(self) -> None:
-        with torch.no_grad():
-            self.decode.step(self._admit_next)
-        for state in self.decode.finished:
+        """One decode step; a bug fails the jobs in the batch, and the engine goes on."""
+        if self._closed is not None:
+            self._fail_decoding(NoCapacity(self._closed))
+            return
+        try:
+            with torch.no_grad():
+                self.decode.step(self._admit_next)
+        except Exception as e:
+            log.exception("decode step failed; failing the jobs in the batch")
+            self._finish(self.decode.finished)  # the ones that ended before the failure
+            self._fail_decoding(e)
+            return
+        self._finish(self.decode.finished)
+
+    def _fail_decoding(self, error: Exception) -> None:
+        for state in self.decode.clear():
+            if not state.failed:
+                self._end_sample(state.job, error)
+
+    def _finish(self, finished: list) -> None:
+        for state in finished:
             job = state.job
             if job.payload.lease is not None:  # type: ignore[union-attr]
                 job.payload.lease.release()  # type: ignore[union-attr]
@@ -287,7 +345,11 @@ class Scheduler:
             job.cancel()
 
     def _report(self, job: Job, outcome: Any) -> None:
-        """Hand a job's outcome (a result, or an Exception) to its sink on the I/O worker."""
+        """Hand a job's outcome (a result, or an Exception) to its sink on the I/O worker,
+        exactly once (later reports of the same job are ignored)."""
+        if not job.answer():
+            return
+
         def deliver() -> None:
             try:
                 if isinstance(outcome, Exception):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +46,7 @@ from lorafleet.engine.jobs import (
     WorkKind,
 )
 from lorafleet.engine.queues import OrderedQueue
-from lorafleet.errors import InvalidRequest, LorafleetError, NotFound
+from lorafleet.errors import Conflict, InvalidRequest, LorafleetError, NotFound
 from lorafleet.lora.spec import LoraSpec
 from lorafleet.lora.weights import LoraWeights
 from lorafleet.train.types import AdamParams, FwdBwdRequest, FwdBwdResult
@@ -196,7 +197,7 @@ class Training:
             return None
         self.engine.remove_adapter(run.handle)
         for queued in run.queue.jobs.values():
-            report(queued, InvalidRequest(f"training run {run.run_id} was unloaded: {p.reason}"))
+            report(queued, Conflict(f"training run {run.run_id} was unloaded: {p.reason}"))
         run.queue.jobs.clear()
         return run.state()
 
@@ -273,6 +274,9 @@ class Training:
         self.current = None
         for item in fused.items:
             p: ForwardBackward = item.job.payload  # type: ignore[assignment]
+            if not _finite(item):  # diverged: its gradients must not reach optim_step
+                self._poison(item.run, item.job, InvalidRequest(NOT_FINITE), report)
+                continue
             if not p.forward_only:
                 item.run.batches.update(p.fingerprint.encode())
                 item.run.last_loss = {"loss_fn": p.loss_fn, "loss_config": dict(p.loss_config)}
@@ -352,6 +356,15 @@ class Training:
         for r in self.runs.values():
             r.queue.jobs.clear()
         return jobs
+
+
+NOT_FINITE = ("the result holds NaN or infinity: training diverged (lower the learning rate, "
+              "check the loss inputs) or the weights are no longer finite")
+
+
+def _finite(item: _Item) -> bool:
+    return math.isfinite(item.loss) and all(bool(torch.isfinite(t).all()) for o in item.outputs
+                                            for t in o.values() if t.is_floating_point())
 
 
 def _replace_data(req: FwdBwdRequest, start: int, end: int) -> FwdBwdRequest:

@@ -7,7 +7,7 @@ from typing import Literal
 
 from torch import Tensor
 
-StopReason = Literal["stop", "length"]
+StopReason = Literal["stop", "length", "abort"]  # abort: stopped by on_token (client gone)
 
 
 @dataclass(frozen=True, slots=True)

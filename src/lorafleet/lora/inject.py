@@ -1,17 +1,19 @@
-"""Find the LoRA-able projections of a transformers decoder and wrap them in place."""
+"""Wrap the LoRA sites of a transformers decoder in place (sites: model/architectures.py)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from lorafleet.lora.layers import LoraRuntime, MultiLoraExperts, MultiLoraLinear, MultiLoraRouter, is_moe_block
+from lorafleet.lora.layers import LoraRuntime, MultiLoraExperts, MultiLoraLinear, MultiLoraRouter
 from lorafleet.lora.spec import ALL_MODULES
+from lorafleet.model.architectures import lora_sites, moe_blocks, softmax_router
 
 
 def inject(model: nn.Module, targets: tuple[str, ...] = ALL_MODULES) -> LoraRuntime:
-    """Wrap every nn.Linear named in `targets` (e.g. `...self_attn.q_proj`) with MultiLoraLinear.
+    """Wrap every 2-D LoRA site whose projection is in `targets` with MultiLoraLinear, and every
+    sparse MoE block's experts (and its router, where it is a plain softmax one).
 
-    The base weights stay where they are (the wrapper holds the same nn.Linear), so loading
+    The base weights stay where they are (the wrapper holds the same module), so loading
     or unloading adapters never touches them. Returns the runtime that feeds the wrappers.
     Idempotent: an already injected model returns its existing runtime.
     """
@@ -19,22 +21,16 @@ def inject(model: nn.Module, targets: tuple[str, ...] = ALL_MODULES) -> LoraRunt
     if existing is not None:
         return existing
     runtime = LoraRuntime()
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if child_name in targets and isinstance(child, nn.Linear):
-                path = f"{name}.{child_name}" if name else child_name
-                setattr(module, child_name, MultiLoraLinear(child, path, runtime))
-    _inject_moe(model, runtime)
+    blocks = moe_blocks(model)
+    for site in lora_sites(model):
+        if site.experts or site.proj not in targets or site.proj == "gate":
+            continue
+        parent, _, leaf = site.path.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, leaf, MultiLoraLinear(getattr(owner, leaf), site.path, runtime))
+    for name, block in blocks:
+        if softmax_router(block) is not None:
+            block.gate = MultiLoraRouter(block.gate, f"{name}.gate", runtime)
+        block.experts = MultiLoraExperts(block.experts, f"{name}.experts", runtime)
     model._lorafleet_runtime = runtime  # type: ignore[attr-defined]
     return runtime
-
-
-def _inject_moe(model: nn.Module, runtime: LoraRuntime) -> None:
-    """Wrap every sparse MoE block's router (`mlp.gate`) and routed experts (`mlp.experts`).
-
-    Shared experts are plain MLPs of nn.Linear and were wrapped above (one LoRA each).
-    """
-    for name, module in list(model.named_modules()):
-        if is_moe_block(module):
-            module.gate = MultiLoraRouter(module.gate, f"{name}.gate", runtime)
-            module.experts = MultiLoraExperts(module.experts, f"{name}.experts", runtime)

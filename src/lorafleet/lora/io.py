@@ -35,9 +35,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 _PREFIX = "base_model.model."
-_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+_KEY = re.compile(r"\Abase_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight\Z")
 # PEFT target_parameters wrappers on the fused expert tensors: `...mlp.experts[.base_layer]`
-_PARAM_WRAPPER = re.compile(r"^.+\.experts(?:\.base_layer)*$")
+_PARAM_WRAPPER = re.compile(r"\A.+\.experts(?:\.base_layer)*\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +153,8 @@ def peft_param_files(weights: LoraWeights, base_model: str) -> dict[str, bytes]:
     pairs, rank, names = moe_layout.to_peft_param_wrappers(weights.pairs, spec.rank)
     factor = rank / spec.rank
     config = spec.to_peft_config(base_model)
-    shared = {p.rsplit(".", 1)[1] for p in weights.pairs if ".shared_expert." in p}
+    # MLP names that also sit on plain Linear layers (a shared expert, the dense layers of a mixed stack)
+    shared = {p.rsplit(".", 1)[1] for p, (a, _) in weights.pairs.items() if not moe_layout.is_packed_pair(p, a)}
     config["target_modules"] = [m for m in spec.target_modules if m not in MLP_NAMES or m in shared]
     config["r"] = rank
     config["lora_alpha"] = spec.alpha * (math.sqrt(factor) if spec.use_rslora else factor)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorafleet.lora.math import apply_lora
-from lorafleet.lora.moe import experts_forward, route
+from lorafleet.lora.moe import experts_forward, route, split_experts
 
 # module path -> (aT_BKR, bT_BRD) gathered per row; routed experts (`...mlp.experts.{proj}`)
 # instead hold their slot tables and the rows' slots: (a_SERK, b_SEDR, slot_B).
@@ -89,7 +89,7 @@ class MultiLoraRouter(nn.Module):
         self.runtime = runtime
         self.top_k = int(base.top_k)
         self.num_experts = int(base.num_experts)
-        self.norm_topk_prob = bool(base.norm_topk_prob)
+        self.norm_topk_prob = bool(getattr(base, "norm_topk_prob", True))  # Mixtral: always
 
     @property
     def weight(self) -> Tensor:
@@ -111,7 +111,7 @@ class MultiLoraRouter(nn.Module):
 
 
 class MultiLoraExperts(nn.Module):
-    """Frozen routed experts (`mlp.experts`: gate_up_proj [E, 2I, H], down_proj [E, H, I]) plus
+    """Frozen routed experts (`mlp.experts`, a layout `moe.split_experts` knows) plus
     per-row LoRA on each expert's gate, up and down projections (operands at `{path}.{proj}`).
 
     Without operands it runs the base module unchanged (transformers' own kernel).
@@ -135,21 +135,6 @@ class MultiLoraExperts(nn.Module):
             return self.base(hidden_states, top_k_index, top_k_weights)
         slot_N = slot_B.repeat_interleave(hidden_states.shape[0] // slot_B.shape[0])
         return experts_forward(
-            hidden_states, top_k_index, top_k_weights, self.base.gate_up_proj, self.base.down_proj,
-            self.base.act_fn, tables, slot_N,
+            hidden_states, top_k_index, top_k_weights, split_experts(self.base), tables, slot_N
         )
 
-
-def is_moe_block(module: nn.Module) -> bool:
-    """A sparse MoE block our wrappers fit: a top-k softmax router `gate` and fused, concatenated,
-    untransposed, bias-free `experts` (Qwen2-MoE, Qwen3-MoE, OLMoE in transformers 5)."""
-    experts, gate = getattr(module, "experts", None), getattr(module, "gate", None)
-    if experts is None or gate is None or isinstance(experts, MultiLoraExperts):
-        return False
-    fused = getattr(experts, "gate_up_proj", None)
-    return (
-        isinstance(fused, Tensor) and fused.ndim == 3
-        and getattr(experts, "is_concatenated", True) and not getattr(experts, "is_transposed", False)
-        and not getattr(experts, "has_bias", False)
-        and all(hasattr(gate, a) for a in ("top_k", "num_experts", "norm_topk_prob", "weight"))
-    )

@@ -8,7 +8,8 @@ adapter slot s = slot_N[n]:
     y_n      = sum_{e in E_n} w_ne * down_e( act(gate_e(x_n)) * up_e(x_n) )
     proj_e(x) = W_proj[e] x + scale[s] * B_proj[s, e] A_proj[s, e] x          (expert LoRA)
 
-transformers fuses gate and up into `gate_up_proj [E, 2I, H]` ([gate; up] along the output);
+transformers fuses gate and up into `gate_up_proj [E, 2I, H]` ([gate; up] along the output;
+gpt-oss: transposed, interleaved, with biases and its own clamped GLU, see `split_experts`);
 we keep separate gate and up LoRAs (PEFT/vLLM's per-expert naming) and add them to the two
 halves. The fast path loops over the experts the batch hit (as transformers' eager kernel does)
 and applies every slot's LoRA with two dense matmuls and a one-hot slot mask, so tokens of
@@ -20,6 +21,8 @@ No device moves, no I/O, no globals.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -60,15 +63,44 @@ def lora_by_slot(x_NK: Tensor, a_SRK: Tensor, b_SDR: Tensor, slot_N: Tensor) -> 
     return h_NSR.reshape(-1, n_slots * rank) @ b_SDR.transpose(1, 2).reshape(n_slots * rank, -1)
 
 
+@dataclass(frozen=True, slots=True)
+class SplitExperts:
+    """One MoE layer's experts as separate projections (views of the fused base tensors):
+    expert e computes down_e(glu(gate_e(x), up_e(x))), each projection `W x (+ bias)`."""
+
+    gate_EIH: Tensor
+    up_EIH: Tensor
+    down_EHI: Tensor
+    glu: Callable[[Tensor, Tensor], Tensor]
+    gate_bias_EI: Tensor | None = None
+    up_bias_EI: Tensor | None = None
+    down_bias_EH: Tensor | None = None
+
+
+def split_experts(experts: Any) -> SplitExperts:
+    """The SplitExperts of a transformers experts module: `concat` layout (gate_up_proj [E, 2I, H]
+    = [gate; up], down_proj [E, H, I]; Qwen-MoE, OLMoE, Mixtral, DeepSeek) or gpt-oss's (transposed
+    gate_up_proj [E, H, 2I] with gate and up interleaved, down_proj [E, I, H], biases, and a
+    clamped `(up + 1) * gate * sigmoid(alpha * gate)`)."""
+    gate_up = experts.gate_up_proj
+    if getattr(experts, "gate_up_proj_bias", None) is None:
+        inter = gate_up.shape[1] // 2
+        act = experts.act_fn
+        return SplitExperts(gate_up[:, :inter], gate_up[:, inter:], experts.down_proj, lambda g, u: act(g) * u)
+    alpha, limit = float(experts.alpha), float(experts.limit)
+
+    def glu(gate: Tensor, up: Tensor) -> Tensor:
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+    t = gate_up.transpose(1, 2)  # [E, 2I, H], rows interleaved gate, up, gate, up, ...
+    b = experts.gate_up_proj_bias
+    return SplitExperts(t[:, 0::2], t[:, 1::2], experts.down_proj.transpose(1, 2), glu,
+                        b[:, 0::2], b[:, 1::2], experts.down_proj_bias)
+
+
 def experts_forward(
-    x_NH: Tensor,
-    experts_Nk: Tensor,
-    weights_Nk: Tensor,
-    gate_up_EFH: Tensor,
-    down_EHI: Tensor,
-    act: Callable[[Tensor], Tensor],
-    tables: ExpertTables,
-    slot_N: Tensor,
+    x_NH: Tensor, experts_Nk: Tensor, weights_Nk: Tensor, ex: SplitExperts, tables: ExpertTables, slot_N: Tensor
 ) -> Tensor:
     """Routed experts with per-token LoRA: y_n = sum_j w_nj * expert_{E_nj}(x_n) (see module doc).
 
@@ -76,20 +108,22 @@ def experts_forward(
     "up_proj", "down_proj"); `slot_N` is each token's slot (-1: base only).
     """
     out_NH = torch.zeros_like(x_NH)
-    inter = gate_up_EFH.shape[1] // 2
     for e in torch.unique(experts_Nk).tolist():
         tok, pos = torch.where(experts_Nk == e)
         x_MH, s_M = x_NH[tok], slot_N[tok]
-        gate_up_MF = x_MH @ gate_up_EFH[e].T
-        gate_MI, up_MI = gate_up_MF[:, :inter], gate_up_MF[:, inter:]
+        gate_MI, up_MI = x_MH @ ex.gate_EIH[e].T, x_MH @ ex.up_EIH[e].T
+        if ex.gate_bias_EI is not None:
+            gate_MI, up_MI = gate_MI + ex.gate_bias_EI[e], up_MI + ex.up_bias_EI[e]  # type: ignore[index]
         if "gate_proj" in tables:
             a, b = tables["gate_proj"]
             gate_MI = gate_MI + lora_by_slot(x_MH, a[:, e], b[:, e], s_M)
         if "up_proj" in tables:
             a, b = tables["up_proj"]
             up_MI = up_MI + lora_by_slot(x_MH, a[:, e], b[:, e], s_M)
-        h_MI = act(gate_MI) * up_MI
-        y_MH = h_MI @ down_EHI[e].T
+        h_MI = ex.glu(gate_MI, up_MI)
+        y_MH = h_MI @ ex.down_EHI[e].T
+        if ex.down_bias_EH is not None:
+            y_MH = y_MH + ex.down_bias_EH[e]
         if "down_proj" in tables:
             a, b = tables["down_proj"]
             y_MH = y_MH + lora_by_slot(h_MI, a[:, e], b[:, e], s_M)

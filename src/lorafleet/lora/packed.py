@@ -33,8 +33,8 @@ LAYOUT_KEY = "lorafleet.layout"
 EXPERTS_KEY = "lorafleet.num_experts"
 PACKED_LAYOUT_V1 = "packed-experts-v1"
 
-PER_EXPERT_PATH = re.compile(r"^(.+\.experts)\.(\d+)\.(\w+)$")
-PACKED_PATH = re.compile(r"^(.+\.experts)\.([a-z_]+)$")
+PER_EXPERT_PATH = re.compile(r"\A(.+\.experts)\.(\d+)\.(\w+)\Z")
+PACKED_PATH = re.compile(r"\A(.+\.experts)\.([a-z_]+)\Z")
 
 
 def is_packed_pair(path: str, a: Tensor) -> bool:

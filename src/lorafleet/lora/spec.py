@@ -8,12 +8,19 @@ from typing import Any
 
 from lorafleet.errors import IncompatibleAdapter
 
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-ALL_MODULES = ATTN_MODULES + MLP_MODULES
+# Projection names a LoRA can target (PEFT's `target_modules`), in canonical order. Besides
+# Llama's, Phi-3's fused `qkv_proj` / `gate_up_proj` and MLA's (DeepSeek-V2/V3) low-rank
+# query and key/value projections. Which of them a base has is found from its modules
+# (model/architectures.py).
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj",
+                "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
+LINEAR_MODULES = ATTN_MODULES + MLP_MODULES
+# The default targets: Llama-style attention and MLP.
+ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The MoE router (`mlp.gate`, [num_experts, hidden]); opt-in, never part of the default targets.
 ROUTER_MODULES = ("gate",)
-SUPPORTED_MODULES = ALL_MODULES + ROUTER_MODULES
+SUPPORTED_MODULES = LINEAR_MODULES + ROUTER_MODULES
 # PEFT `target_parameters` on transformers' fused expert tensors -> our projection names.
 PEFT_EXPERT_PARAMETERS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 MAX_RANK = 128
@@ -26,7 +33,7 @@ class LoraSpec:
     Args:
         rank: `r`, 1..128.
         alpha: `lora_alpha`; the update is scaled by alpha/r (alpha/sqrt(r) with rslora).
-        target_modules: projection names (PEFT's `target_modules`), a subset of ALL_MODULES, plus
+        target_modules: projection names (PEFT's `target_modules`), a subset of LINEAR_MODULES, plus
             `gate` (the router) on MoE bases. On a MoE base the MLP names put one LoRA on every
             routed expert's projection (and one on the shared expert, if any).
         use_rslora: rank-stabilised scaling.
@@ -46,7 +53,7 @@ class LoraSpec:
         unknown = sorted(set(self.target_modules) - set(SUPPORTED_MODULES))
         if unknown:
             raise IncompatibleAdapter(
-                f"unsupported target modules {unknown}; supported: {list(ALL_MODULES)}"
+                f"unsupported target modules {unknown}; supported: {list(SUPPORTED_MODULES)}"
             )
         # Canonical order so equal specs compare equal whatever order the caller used.
         ordered = tuple(m for m in SUPPORTED_MODULES if m in set(self.target_modules))

@@ -20,19 +20,8 @@ ModulePath = str
 
 
 def module_paths(info: BaseInfo, spec: LoraSpec) -> list[ModulePath]:
-    """Every module path `spec` puts a LoRA on, in layer order."""
-    paths = []
-    for layer in range(info.num_layers):
-        for proj in spec.target_modules:
-            if proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                paths.append(f"model.layers.{layer}.self_attn.{proj}")
-            elif info.is_moe and proj in info.expert_shapes:
-                paths.append(f"model.layers.{layer}.mlp.experts.{proj}")
-                if proj in info.shared_expert_shapes:
-                    paths.append(f"model.layers.{layer}.mlp.shared_expert.{proj}")
-            else:
-                paths.append(f"model.layers.{layer}.mlp.{proj}")
-    return paths
+    """Every module path `spec` puts a LoRA on, in the base's site order (layer by layer)."""
+    return [path for path, site in info.sites.items() if site.proj in spec.target_modules]
 
 
 @dataclass(slots=True)

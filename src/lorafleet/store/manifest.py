@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from lorafleet.errors import InvalidRequest
 
 # Flat names only: a manifest never names a folder, so a filename can't escape the store.
-_FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_FILENAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+SHA256_HEX = re.compile(r"\A[0-9a-f]{64}\Z")
 
 
 @dataclass(frozen=True, slots=True)

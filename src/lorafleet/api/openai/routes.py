@@ -12,8 +12,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from lorafleet.api.auth import get_tenant
+from lorafleet.api.checks import refuse_nul_params
 from lorafleet.api.errors import body as error_body
-from lorafleet.api.errors import status_for
+from lorafleet.api.errors import client_message, status_for
 from lorafleet.api.openai import schemas as s
 from lorafleet.api.openai.service import OpenAIService, Target
 from lorafleet.api.openai.text import IncrementalText, truncate_at_stop
@@ -21,7 +22,7 @@ from lorafleet.catalog.records import Principal
 from lorafleet.engine.types import SampleResult, SamplingParams
 from lorafleet.errors import InvalidRequest, LorafleetError
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(refuse_nul_params)])
 DEFAULT_MAX_TOKENS = 16
 
 
@@ -72,14 +73,20 @@ def _completion_prompts(tokenizer, prompt) -> list[list[int]]:
     return prompts
 
 
+def _chars(content: str | list[s.ContentPart] | None) -> int:
+    if isinstance(content, list):
+        return sum(len(part.text or "") for part in content)
+    return len(content or "")
+
+
 def _chat_prompt(tokenizer, messages: list[s.ChatMessage]) -> list[int]:
     convo = []
     for m in messages:
         content = m.content
         if isinstance(content, list):
-            if any(part.get("type") != "text" for part in content):
+            if any(part.type != "text" for part in content):
                 raise InvalidRequest("only text content parts are supported")
-            content = "".join(part.get("text", "") for part in content)
+            content = "".join(part.text or "" for part in content)
         convo.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest("this base model has no chat template: use /v1/completions")
@@ -87,13 +94,9 @@ def _chat_prompt(tokenizer, messages: list[s.ChatMessage]) -> list[int]:
     return list(ids)
 
 
-async def _admit(svc: OpenAIService, target: Target, prompts: list[list[int]], max_tokens: int) -> None:
-    """Context limits, then the cold load (if any) before answering, so that a full load queue
-    is a real 429 even for a stream."""
+def _check_context(svc: OpenAIService, target: Target, prompts: list[list[int]], max_tokens: int) -> None:
     for p in prompts:
         svc.check_context(target, len(p), max_tokens)
-    if target.revision_id is not None:
-        await asyncio.wrap_future(svc.runners[target.base].residency.ensure_host(target.revision_id))
 
 
 def _finish(tokenizer, tokens: list[int], reason: str, stops: list[str]) -> tuple[str, str]:
@@ -119,12 +122,14 @@ async def completions(req: s.CompletionRequest, who: Principal = Depends(get_ten
     params = _params(req, max_tokens)
     target = svc.resolve(req.model, who)  # once: the request runs on this revision
     tokenizer = svc.tokenizer(target)
-    prompts = _completion_prompts(tokenizer, req.prompt)
-    await _admit(svc, target, prompts, max_tokens)
+    texts = [req.prompt] if isinstance(req.prompt, str) else [x for x in req.prompt if isinstance(x, str)]
+    svc.check_prompt_chars(target, max(map(len, texts), default=0))
+    prompts = await svc.tokenize(_completion_prompts, tokenizer, req.prompt)
+    _check_context(svc, target, prompts, max_tokens)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     stops = list(params.stop_strings)
     if req.stream:
-        return _sse(svc, target, prompts, params, req.n, lambda i, delta, reason: s.Completion(
+        return await _sse(svc, target, prompts, params, req.n, lambda i, delta, reason: s.Completion(
             id=rid, created=created, model=req.model,
             choices=[s.CompletionChoice(index=i, text=delta or "", finish_reason=reason)]).model_dump(exclude_none=True))
     results = await svc.sample(target, prompts, params, req.n)
@@ -151,8 +156,9 @@ async def chat_completions(req: s.ChatCompletionRequest, who: Principal = Depend
     params = _params(req, max_tokens)
     target = svc.resolve(req.model, who)  # once: the request runs on this revision
     tokenizer = svc.tokenizer(target)
-    prompt = _chat_prompt(tokenizer, req.messages)
-    await _admit(svc, target, [prompt], max_tokens)
+    svc.check_prompt_chars(target, sum(_chars(m.content) for m in req.messages))
+    prompt = await svc.tokenize(_chat_prompt, tokenizer, req.messages)
+    _check_context(svc, target, [prompt], max_tokens)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     stops = list(params.stop_strings)
     if req.stream:
@@ -162,7 +168,7 @@ async def chat_completions(req: s.ChatCompletionRequest, who: Principal = Depend
                 d.setdefault("role", "assistant")
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                     "choices": [{"index": i, "delta": d, "finish_reason": reason}]}
-        return _sse(svc, target, [prompt], params, req.n, chunk)
+        return await _sse(svc, target, [prompt], params, req.n, chunk)
     (res,) = await svc.sample(target, [prompt], params, req.n)
     choices = []
     for k, seq in enumerate(res.sequences):
@@ -179,8 +185,14 @@ async def chat_completions(req: s.ChatCompletionRequest, who: Principal = Depend
     return s.ChatCompletion(id=rid, created=created, model=req.model, choices=choices, usage=_usage([prompt], [res]))
 
 
-def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingParams, n: int, make_chunk) -> StreamingResponse:
-    """Stream token deltas as server-sent events; one choice index per (prompt, sample)."""
+async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingParams, n: int,
+               make_chunk) -> StreamingResponse:
+    """Stream token deltas as server-sent events; one choice index per (prompt, sample).
+
+    Admission (cold load, host hold, serving queue) happens before the response starts, so a
+    full queue is a real 429 + Retry-After for a stream too. Errors after that are reported
+    in-stream. A client that closes the stream cancels the job: its rows stop.
+    """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     tokenizer = svc.tokenizer(target)
@@ -189,12 +201,11 @@ def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingParams, n:
     def on_token(req_i: int, sample_k: int, token: int, logprob: float) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, (req_i * n + sample_k, token))
 
+    admitted = await svc.submit(target, prompts, params, n, on_token)
+
     async def run() -> None:
         try:
-            results = await svc.sample(target, prompts, params, n, on_token)
-            await queue.put(("done", results))
-        except LorafleetError as e:
-            await queue.put(("error", e))
+            await queue.put(("done", await svc.result(admitted)))
         except Exception as e:  # reported in-stream: the status line is already sent
             await queue.put(("error", e))
 
@@ -215,16 +226,19 @@ def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingParams, n:
                     break
                 if item[0] == "error":
                     exc = item[1]
-                    status = status_for(exc) if isinstance(exc, LorafleetError) else 500
-                    yield _event(error_body(str(exc), type(exc).__name__, status, "/v1/"))
+                    ours = isinstance(exc, LorafleetError)
+                    message = client_message(exc, "completion stream")  # no internal text
+                    yield _event(error_body(message, type(exc).__name__ if ours else "InternalError",
+                                            status_for(exc) if ours else 500, "/v1/"))
                     break
                 i, token = item
                 delta = texts[i].push(token)
                 if delta:
                     yield _event(make_chunk(i, delta, None))
             yield b"data: [DONE]\n\n"
-        finally:
-            task.cancel() if not task.done() else None
+        finally:  # also when the client went away: cancelling the wait cancels the job
+            task.cancel()
+            admitted.future.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -7,23 +7,27 @@ with a non-default value (penalties, best_of, echo, logit_bias, tools) are refus
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lorafleet.api.checks import Checked
 
-class _Request(BaseModel):
+TokenId = Annotated[int, Field(ge=0, lt=1 << 31)]  # then checked against the vocabulary
+
+
+class _Request(Checked):  # finite numbers, no NUL in any string (api/checks.py)
     model_config = ConfigDict(extra="allow")
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = -1  # vLLM extension
+    top_k: int = Field(default=-1, ge=-1, lt=1 << 31)  # vLLM extension
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 63)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -31,18 +35,25 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     logprobs: int | None = Field(default=None, ge=0, le=1)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
 
 
-class ChatMessage(BaseModel):
+class ContentPart(Checked):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(Checked):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
 
 
 class ChatCompletionRequest(_Request):

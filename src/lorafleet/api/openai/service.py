@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from lorafleet.catalog.records import Principal
 from lorafleet.catalog.service import Catalog
@@ -25,8 +26,11 @@ from lorafleet.engine.residency import Lease
 from lorafleet.engine.types import SampleRequest, SampleResult, SamplingParams
 from lorafleet.errors import InvalidRequest, NotFound
 from lorafleet.metrics import Metrics
+from lorafleet.model.registry import check_base_digest
 
 TokenCallback = Callable[[int, int, int, float], None]  # (request, sample, token, logprob)
+T = TypeVar("T")
+MAX_CHARS_PER_TOKEN = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +54,7 @@ class OpenAIService:
         self.runners = runners
         self.catalog = catalog
         self.metrics = metrics
+        self._tokenize_lock = threading.Lock()
 
     def resolve(self, model: str, who: Principal) -> Target:
         if model in self.runners:
@@ -63,10 +68,30 @@ class OpenAIService:
                 f"{model} is an adapter for {policy.base_model}, which this server does not serve "
                 f"(serving: {sorted(self.runners)})"
             )
+        check_base_digest(self.runners[policy.base_model].base, policy.base_digest, model)
         return Target(model, policy.base_model, revision.id)
 
     def tokenizer(self, target: Target):
         return self.runners[target.base].base.tokenizer
+
+    def check_prompt_chars(self, target: Target, chars: int) -> None:
+        """Before tokenizing: a prompt this long cannot fit the context window whatever its
+        tokens (no token of our tokenizers spans MAX_CHARS_PER_TOKEN characters)."""
+        context = self.runners[target.base].base.info.max_context
+        if chars > context * MAX_CHARS_PER_TOKEN:
+            raise InvalidRequest(
+                f"prompt of {chars} characters is too long for the context length of {target.base} "
+                f"({context} tokens, at most {context * MAX_CHARS_PER_TOKEN} characters)"
+            )
+
+    async def tokenize(self, fn: Callable[..., T], *args) -> T:
+        """Run `fn` (tokenizer work) in a worker thread, one at a time: a long prompt must not
+        stall the event loop, and a fast tokenizer must not be entered by two threads."""
+        def locked() -> T:
+            with self._tokenize_lock:
+                return fn(*args)
+
+        return await asyncio.to_thread(locked)
 
     def check_context(self, target: Target, prompt_len: int, max_tokens: int) -> None:
         limit = self.runners[target.base].base.info.max_context
@@ -140,13 +165,60 @@ class OpenAIService:
 
     # ---- sampling ---------------------------------------------------------------------------
 
+    async def submit(
+        self,
+        target: Target,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int,
+        on_token: TokenCallback | None = None,
+    ) -> Admitted:
+        """Admission: a residency lease on the target's revision (see `acquire`), then a typed
+        sample job on the base's scheduler.
+
+        Raises NoCapacity (429) when the cold-load or sample queue is full, so a caller can
+        answer before it sends anything (a stream's status line). The engine releases the
+        lease when the job ends (answered, failed, or cancelled by the client).
+        """
+        runner = self.runners[target.base]
+        admitted = Admitted(prompts, n, time.perf_counter())
+
+        def count(i: int, k: int, token: int, logprob: float) -> None:
+            if admitted.first_token_at is None:
+                admitted.first_token_at = time.perf_counter()
+            if on_token is not None:
+                on_token(i, k, token, logprob)
+
+        lease = await self.acquire(target)
+        admitted.reply = Reply(count)
+        requests = [SampleRequest(None, p, n, params) for p in prompts]
+        admitted.job = Job(WorkKind.SAMPLE, Sample(requests, lease), admitted.reply)
+        self._submit(runner, admitted.job)
+        return admitted
+
     def _submit(self, runner, job: Job) -> None:
         try:
-            runner.submit(job)  # NoCapacity (429) when the sample queue is full
+            runner.submit(job)  # NoCapacity (429) when the sample queue is full or draining
         except BaseException:
             if job.payload.lease is not None:
                 job.payload.lease.release()
             raise
+
+    async def result(self, admitted: Admitted) -> list[SampleResult]:
+        """Wait for an admitted job; cancelling this wait cancels the job (its rows leave the
+        batch at the engine's next step)."""
+        try:
+            results = await asyncio.wrap_future(admitted.reply.future)
+        except BaseException:
+            admitted.job.cancel()
+            raise
+        m = self.metrics
+        m.request_latency.labels("openai").observe(time.perf_counter() - admitted.t0)
+        if admitted.first_token_at is not None:
+            m.first_token_latency.labels("openai").observe(admitted.first_token_at - admitted.t0)
+        m.tokens.labels("prompt").inc(sum(len(p) for p in admitted.prompts) * admitted.n)
+        m.tokens.labels("completion").inc(sum(len(q.tokens) for r in results for q in r.sequences))
+        return results
 
     async def sample(
         self,
@@ -156,42 +228,27 @@ class OpenAIService:
         n: int,
         on_token: TokenCallback | None = None,
     ) -> list[SampleResult]:
-        """Sample `n` completions per prompt on the target's revision (leased: see `acquire`).
+        """Sample `n` completions per prompt on the target's revision: `submit`, then `result`."""
+        return await self.result(await self.submit(target, prompts, params, n, on_token))
 
-        A caller that goes away (its task is cancelled, e.g. a closed SSE stream) cancels the
-        job: the engine frees its rows at its next step."""
-        runner = self.runners[target.base]
-        t0 = time.perf_counter()
-        first: list[float] = []
 
-        def count(i: int, k: int, token: int, logprob: float) -> None:
-            if not first:
-                first.append(time.perf_counter())
-            if on_token is not None:
-                on_token(i, k, token, logprob)
+@dataclass(slots=True)
+class Admitted:
+    """A sample job that passed admission: its revision is leased and the job is queued."""
 
-        lease = await self.acquire(target)
-        reply = Reply(count)
-        job = Job(WorkKind.SAMPLE, Sample([SampleRequest(None, p, n, params) for p in prompts], lease), reply)
-        self._submit(runner, job)
-        try:
-            results = await asyncio.wrap_future(reply.future)
-        except BaseException:
-            job.cancel()
-            raise
-        m = self.metrics
-        m.request_latency.labels("openai").observe(time.perf_counter() - t0)
-        if first:
-            m.first_token_latency.labels("openai").observe(first[0] - t0)
-        m.tokens.labels("prompt").inc(sum(len(p) for p in prompts) * n)
-        m.tokens.labels("completion").inc(sum(len(q.tokens) for r in results for q in r.sequences))
-        return results
+    prompts: list[list[int]]
+    n: int
+    t0: float
+    job: Job | None = None
+    reply: Reply | None = None
+    first_token_at: float | None = None
 
 
 class Reply:
     """The sink of one OpenAI-API job: a concurrent future for its results, tokens to a callback.
 
-    The awaiting side may have cancelled the future (the client left): a late result is dropped.
+    The awaiting side may have cancelled the future (the client left): a late result is dropped,
+    nothing is ever set on a cancelled future.
     """
 
     def __init__(self, on_token: TokenCallback | None = None) -> None:

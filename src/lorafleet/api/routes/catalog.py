@@ -5,7 +5,8 @@ style functions convert. References (`owner/name:alias`, `owner/name@rev`, `tink
 contain slashes and colons, so they travel as the `ref` query parameter or body field.
 Handlers are plain `def`: FastAPI runs them in its thread pool, off the event loop, because the
 catalog does blocking database and store I/O. Mount with `app.include_router(router)` and set
-`app.state.catalog` and `app.state.auth_mode`; map errors with `lorafleet.api.errors.install`.
+`app.state.catalog`, wrap the app in `lorafleet.api.edge.Edge` (who is calling) and map errors
+with `lorafleet.api.errors.install`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from lorafleet.api.auth import get_catalog, get_tenant, require_admin
+from lorafleet.api.checks import Checked, refuse_nul_params
 from lorafleet.catalog.records import (
     Alias, AliasEvent, Comparison, Evaluation, GcReport, Lineage, LoraConfig, Policy, Principal,
     Provenance, Revision,
@@ -31,7 +33,7 @@ Cat = Annotated[Catalog, Depends(get_catalog)]
 Who = Annotated[Principal, Depends(get_tenant)]
 
 
-class _Wire(BaseModel):
+class _Wire(Checked):  # finite numbers, no NUL in any string (api/checks.py)
     model_config = ConfigDict(extra="forbid")
 
 
@@ -53,7 +55,8 @@ class PolicyIn(_Wire):
     public: bool = False
     metadata: dict[str, str] = Field(default_factory=dict)
     parent: str | None = Field(default=None, description="reference of the revision to branch from")
-    tinker_run_id: str | None = None
+    # No `tinker_run_id`: only the Tinker service names runs (api/tinker/catalog_bridge.py).
+    # Taken from a tenant it would let one squat another's run id, or probe which ids exist.
 
 
 class PolicyOut(_Wire):
@@ -297,7 +300,7 @@ def _meta_filters(meta: list[str]) -> dict[str, str]:
 
 # ---- routes -----------------------------------------------------------------------------
 
-router = APIRouter(prefix="/catalog/v1", tags=["catalog"])
+router = APIRouter(prefix="/catalog/v1", tags=["catalog"], dependencies=[Depends(refuse_nul_params)])
 
 
 def catalog_router() -> APIRouter:
@@ -321,7 +324,7 @@ def create_policy(body: PolicyIn, catalog: Cat, who: Who) -> PolicyOut:
     lora = LoraConfig(body.lora.rank, body.lora.alpha, tuple(body.lora.target_modules), body.lora.use_rslora)
     return policy_to_wire(catalog.create_policy(
         who, body.name, body.base_model, lora, base_digest=body.base_digest, public=body.public,
-        metadata=body.metadata, parent=body.parent, tinker_run_id=body.tinker_run_id))
+        metadata=body.metadata, parent=body.parent))
 
 
 @router.get("/policies/{owner}/{name}", response_model=PolicyOut)
@@ -447,7 +450,7 @@ def create_key(body: KeyIn, catalog: Cat, _: Annotated[Principal, Depends(requir
 
 @router.post("/gc", response_model=GcOut)
 def gc(catalog: Cat, _: Annotated[Principal, Depends(require_admin)],
-       grace_s: Annotated[float, Query(ge=0)] = 3600.0) -> GcOut:
+       grace_s: Annotated[float, Query(ge=0, allow_inf_nan=False)] = 3600.0) -> GcOut:
     r: GcReport = catalog.gc(grace_s=grace_s)
     return GcOut(**{f: getattr(r, f) for f in GcOut.model_fields})
 

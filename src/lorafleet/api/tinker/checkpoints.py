@@ -4,14 +4,16 @@ A checkpoint is a folder of standard PEFT files (`adapter_config.json`,
 `adapter_model.safetensors`), plus `optimizer_state.safetensors` for training state and
 `tinker_meta.json` (provenance, LoRA flags). Folders are written to a temporary name and
 renamed, then the row is inserted: a reader never sees a half-written checkpoint. Paths
-follow the SDK: `tinker://<model_id>/<weights|sampler_weights|external_weights>/<name>`.
+follow the SDK: `tinker://<model_id>/<weights|sampler_weights|external_weights>/<name>`, and
+are parsed by the catalog's one strict parser (`catalog/refs.py`) wherever they come from, the
+SDK or a catalog revision; a checkpoint's folder is derived from its path and checked to lie
+under the checkpoint root before anything is written or removed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -19,56 +21,47 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.api.tinker.store import TinkerStore, now
+from lorafleet.catalog.refs import (  # the one parser of tinker paths, shared with the catalog
+    KIND_SEGMENT,
+    SEGMENT_KIND,
+    TinkerPath,
+    check_checkpoint_name,
+    parse_tinker_path,
+)
 from lorafleet.errors import Conflict, InvalidRequest, NotFound
 
-KIND_SEGMENT = {"training": "weights", "sampler": "sampler_weights", "external": "external_weights"}
-SEGMENT_KIND = {v: k for k, v in KIND_SEGMENT.items()}
+__all__ = ["KIND_SEGMENT", "SEGMENT_KIND", "Checkpoints", "TinkerPath", "check_name", "parse_path"]
+
 META_NAME = "tinker_meta.json"
 OPTIMIZER_NAME = "optimizer_state.safetensors"  # the catalog's name for it too
-_NAME = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
-
-
-@dataclass(frozen=True, slots=True)
-class TinkerPath:
-    """A parsed `tinker://<run>/<segment>/<name>` path."""
-
-    model_id: str
-    kind: str  # training | sampler | external
-    name: str
-
-    @property
-    def checkpoint_id(self) -> str:
-        return f"{KIND_SEGMENT[self.kind]}/{self.name}"
-
-    def __str__(self) -> str:
-        return f"tinker://{self.model_id}/{self.checkpoint_id}"
-
-
-def parse_path(path: str) -> TinkerPath:
-    if not isinstance(path, str) or not path.startswith("tinker://"):
-        raise InvalidRequest(f"not a tinker:// path: {path!r}")
-    parts = path[len("tinker://"):].split("/")
-    if len(parts) != 3 or parts[1] not in SEGMENT_KIND or not parts[0] or not parts[2]:
-        raise InvalidRequest(
-            f"invalid tinker path {path!r}: expected tinker://<run>/<weights|sampler_weights|"
-            "external_weights>/<name>"
-        )
-    return TinkerPath(parts[0], SEGMENT_KIND[parts[1]], parts[2])
-
-
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name) or name in {".", ".."}:
-        raise InvalidRequest(f"checkpoint name {name!r} must be 1-128 of [A-Za-z0-9._-]")
-    return name
+TMP_PREFIX = ".tmp-"
+check_name = check_checkpoint_name
+parse_path = parse_tinker_path
 
 
 class Checkpoints:
-    """Writes, finds, lists and deletes checkpoint folders under `root`."""
+    """Writes, finds, lists and deletes checkpoint folders under `root`.
+
+    A checkpoint's folder is `root/<run>/<segment>/<name>`, derived from its checked
+    `TinkerPath` by `folder()`, which also proves it lies exactly there (no link or dot
+    segment leads out); nothing else is ever written or removed.
+    """
 
     def __init__(self, store: TinkerStore, root: Path) -> None:
         self.store = store
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+
+    def folder(self, path: TinkerPath) -> Path:
+        """The folder of `path`, refused unless it resolves to exactly three levels under root."""
+        root = self.root.resolve()
+        final = (root / path.model_id / KIND_SEGMENT[path.kind] / path.name).resolve()
+        if final.parent.parent.parent != root:
+            raise InvalidRequest(f"checkpoint {path} does not map to a folder under {root}")
+        return final
+
+    def folder_of(self, row: dict[str, Any]) -> Path:
+        return self.folder(parse_path(row["tinker_path"]))
 
     def exists(self, path: TinkerPath) -> bool:
         return self.store.get("checkpoints", "tinker_path", str(path)) is not None
@@ -85,12 +78,12 @@ class Checkpoints:
         """Write the files, then publish the row; an existing path is never overwritten."""
         if self.exists(path):
             raise Conflict(f"checkpoint {path} already exists; checkpoints are immutable")
-        final = self.root / _safe(path.model_id) / KIND_SEGMENT[path.kind] / path.name
-        tmp = final.parent / f".tmp-{uuid.uuid4().hex}"
+        final = self.folder(path)
+        tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         tmp.mkdir(parents=True)
         for rel, data in {**files, META_NAME: json.dumps(meta, indent=2).encode()}.items():
             (tmp / rel).write_bytes(data)
-        if final.exists():  # leftover of a crash before the row was written
+        if final.is_dir():  # leftover of a crash before the row was written
             shutil.rmtree(final)
         os.replace(tmp, final)
         row = {
@@ -115,8 +108,7 @@ class Checkpoints:
         return row
 
     def read_files(self, row: dict[str, Any]) -> dict[str, bytes]:
-        folder = Path(row["dir"])
-        return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+        return {p.name: p.read_bytes() for p in self.folder_of(row).iterdir() if p.is_file()}
 
     def list(self, tenant: str, model_id: str | None = None) -> list[dict[str, Any]]:
         if model_id is None:
@@ -129,11 +121,13 @@ class Checkpoints:
         )
 
     def delete(self, tenant: str, path: TinkerPath | str) -> None:
-        row = self.store.get("checkpoints", "tinker_path", str(path))
-        if row is None or row["tenant"] != tenant:
-            raise NotFound(f"checkpoint {path} not found")
+        row = self._own(tenant, str(path))
         self.store.execute("DELETE FROM checkpoints WHERE tinker_path = ?", str(path))
-        shutil.rmtree(row["dir"], ignore_errors=True)
+        try:
+            folder = self.folder_of(row)
+        except InvalidRequest:  # a row from before paths were checked: it owns no folder
+            return
+        shutil.rmtree(folder, ignore_errors=True)
 
     def set_public(self, tenant: str, path: str, public: bool) -> None:
         self._own(tenant, path)
@@ -159,6 +153,50 @@ class Checkpoints:
             self.delete(row["tenant"], row["tinker_path"])
         return len(rows)
 
+    def check(self) -> CheckpointReport:
+        """fsck of the Tinker state: every row has its folder, under root, and every folder a row."""
+        rows = self.store.select("SELECT tinker_path, dir FROM checkpoints")
+        problems, expected = [], set()
+        for row in rows:
+            try:
+                folder = self.folder_of(row)
+            except InvalidRequest as e:
+                problems.append(f"checkpoint row {row['tinker_path']!r}: {e}")
+                continue
+            expected.add(folder)
+            if Path(row["dir"]).resolve() != folder:
+                problems.append(f"checkpoint {row['tinker_path']}: recorded folder {row['dir']} "
+                                f"is not its folder {folder}")
+            if not folder.is_dir():
+                problems.append(f"checkpoint {row['tinker_path']}: folder {folder} is missing")
+        root = self.root.resolve()
+        for found in sorted(root.glob("*/*/*")):
+            if found.resolve() not in expected and not found.name.startswith(TMP_PREFIX):
+                where = "" if found.resolve().is_relative_to(root) else f" (links to {found.resolve()})"
+                problems.append(f"stray checkpoint folder {found} has no row{where}")
+        tmp = sum(1 for _ in root.glob(f"*/*/{TMP_PREFIX}*"))
+        return CheckpointReport(len(rows), tuple(problems), tmp)
 
-def _safe(model_id: str) -> str:
-    return model_id.replace("/", "_")
+
+@dataclass(frozen=True, slots=True)
+class CheckpointReport:
+    """What `Checkpoints.check()` found; `ok` means every row matches exactly one folder."""
+
+    checkpoints_checked: int
+    problems: tuple[str, ...]
+    tmp_folders: int  # left by writes that crashed before their rename
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_state(state_dir: Path) -> CheckpointReport | None:
+    """`check()` of the Tinker state in `state_dir` (tinker.db, checkpoints/); None if there is none."""
+    if not (Path(state_dir) / "tinker.db").is_file():
+        return None
+    store = TinkerStore(Path(state_dir) / "tinker.db")
+    try:
+        return Checkpoints(store, Path(state_dir) / "checkpoints").check()
+    finally:
+        store.close()

@@ -12,22 +12,29 @@ Semantics (reference/tinker_protocol.md §4-§5, peers.md §3):
   (HTTP 410) instead of a bare 404.
 - Rows live in `TinkerStore`, so after a restart every future still answers: finished ones
   with their result, unfinished ones with an error saying the work was lost.
+- JSON results are stored as strict JSON: one holding NaN or infinity fails the future with
+  a user error instead. A failure keeps a lorafleet error's message (category "user"); any
+  other exception is a server fault whose text stays in the server log (`internal_error`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from lorafleet.api.errors import client_message
 from lorafleet.api.tinker.store import TinkerStore, now
-from lorafleet.errors import Conflict, Expired, NotFound
+from lorafleet.errors import Conflict, Expired, InvalidRequest, LorafleetError, NotFound
 
 PENDING, DONE, FAILED, EXPIRED = "pending", "done", "failed", "expired"
 JSON_TYPE, PROTO_TYPE = "application/json", "application/x-protobuf"
 LOST_AT_RESTART = "the server restarted before this request finished; its work was lost"
+NOT_FINITE = ("the result holds NaN or infinity: training diverged (lower the learning rate, "
+              "check the loss inputs) or the weights are no longer finite")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,12 +144,29 @@ class FutureTable:
         )
         self._wake(request_id)
 
-    def fail(self, request_id: str, error: str, category: str = "user") -> None:
+    def complete_json(self, request_id: str, result: Any) -> None:
+        """Store a JSON result; a non-finite number in it fails the future (a user error)."""
+        try:
+            payload = json.dumps(result, allow_nan=False).encode()
+        except ValueError:
+            self.fail(request_id, InvalidRequest(NOT_FINITE))
+            return
+        self.complete(request_id, payload, JSON_TYPE)
+
+    def fail(self, request_id: str, exc: BaseException, what: str = "") -> str:
+        """Fail a future with `exc`; returns the message the client sees.
+
+        A lorafleet error is the caller's ("user"), anything else the server's: logged under
+        an error id (`what` names the work), its text never stored.
+        """
+        message = client_message(exc, what or request_id)
+        category = "user" if isinstance(exc, LorafleetError) else "server"
         self.store.update(
             "futures", "request_id", request_id,
-            state=FAILED, error=error, category=category, completed=now(),
+            state=FAILED, error=message, category=category, completed=now(),
         )
         self._wake(request_id)
+        return message
 
     def _wake(self, request_id: str) -> None:
         if request_id in self._events and self._loop is not None:

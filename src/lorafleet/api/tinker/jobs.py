@@ -9,7 +9,6 @@ with provenance (see `catalog_bridge.py`).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,10 +19,10 @@ import torch
 import lorafleet
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.checkpoints import OPTIMIZER_NAME, Checkpoints, TinkerPath
-from lorafleet.api.tinker.futures import JSON_TYPE, PROTO_TYPE, FutureTable
+from lorafleet.api.tinker.futures import PROTO_TYPE, FutureTable
 from lorafleet.api.tinker.store import TinkerStore, now
 from lorafleet.engine.jobs import ForwardBackward, Job, NullSink, Snapshot, UnloadRun, WorkKind
-from lorafleet.errors import Conflict, LorafleetError
+from lorafleet.errors import Conflict
 from lorafleet.lora import io as lora_io
 from lorafleet.train.types import Datum
 
@@ -72,18 +71,13 @@ class TinkerSink:
             return
         if isinstance(answer, bytes):
             self.futures.complete(t.request_id, answer, PROTO_TYPE)
-        else:
-            self.futures.complete(t.request_id, json.dumps(answer).encode(), JSON_TYPE)
+        else:  # a non-finite number fails the future (a user error)
+            self.futures.complete_json(t.request_id, answer)
 
     def failed(self, job: Job, error: Exception) -> None:
         t: Ticket = job.tag
-        if not t.request_id:
-            return
-        if isinstance(error, LorafleetError):
-            self.futures.fail(t.request_id, str(error), "user")
-        else:
-            log.error("%s %s failed", t.call, t.request_id, exc_info=error)
-            self.futures.fail(t.request_id, f"{type(error).__name__}: {error}", "server")
+        if t.request_id:  # a non-lorafleet error is logged; its text never reaches the client
+            self.futures.fail(t.request_id, error, f"{t.call} {t.request_id}")
 
     def on_token(self, job: Job, request: int, sample: int, token: int, logprob: float) -> None:
         pass

@@ -9,16 +9,20 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from lorafleet.api.tinker.checkpoints import parse_path
+from lorafleet.api.tinker.checkpoints import KIND_SEGMENT, parse_path
 
 
 class RestQueries:
     """Listings and checkpoint management for one tenant at a time."""
 
     def capabilities(self) -> dict[str, Any]:
+        """The SDK's fields per base, plus what the base is (architecture, size, LoRA targets, digest)."""
+        from lorafleet.model.registry import describe_loaded
+
         return {"supported_models": [
             {"model_name": name, "max_context_length": r.base.info.max_context,
              "trainable": True, "sampleable": True}
+            | {k: v for k, v in describe_loaded(r.base).items() if k != "name"}
             for name, r in self.runners.items()
         ]}
 
@@ -94,9 +98,8 @@ class RestQueries:
 
 
 def checkpoint_json(row: dict[str, Any]) -> dict[str, Any]:
-    path = parse_path(row["tinker_path"])
-    return {
-        "checkpoint_id": path.checkpoint_id, "checkpoint_type": row["kind"],
+    return {  # from the row's columns: a row older than the path checks still lists
+        "checkpoint_id": f"{KIND_SEGMENT[row['kind']]}/{row['name']}", "checkpoint_type": row["kind"],
         "time": _iso(row["created"]), "tinker_path": row["tinker_path"],
         "size_bytes": row["size_bytes"], "public": bool(row["public"]),
         "user_metadata": row["user_metadata"],

@@ -6,38 +6,42 @@ types and mapped in `api/errors.py`), and no tensors are touched.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email.utils
 import io
+import json
 import logging
 import tarfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
+from lorafleet.api.auth import tenant as _tenant
+from lorafleet.api.checks import refuse_nul_params
 from lorafleet.api.tinker import schemas as s
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.checkpoints import parse_path
-from lorafleet.api.tinker.futures import DONE, PROTO_TYPE
+from lorafleet.api.tinker.futures import DONE, NOT_FINITE, PROTO_TYPE
 from lorafleet.api.tinker.service import SAFE_CLIENT_CONFIG, TinkerService
-from lorafleet.api.tinker.tenancy import sign, verify
+from lorafleet.api.tinker.signing import sign, verify
 from lorafleet.errors import InvalidRequest, NotFound
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", dependencies=[Depends(refuse_nul_params)])
 log = logging.getLogger("lorafleet.tinker")
 URL_TTL_S = 3600
+# listing pages: out-of-range values are a 400 naming the bound, never a database overflow
+Limit = Annotated[int, Query(ge=0, le=10_000)]
+Offset = Annotated[int, Query(ge=0, le=(1 << 63) - 1)]
 ARCHIVE_NAME = "archive.tar"
 
 
 def _svc(request: Request) -> TinkerService:
     return request.app.state.tinker
-
-
-def _tenant(request: Request) -> str:
-    return request.app.state.tenancy.tenant(request)
 
 
 def _idem(request: Request) -> str | None:
@@ -65,7 +69,9 @@ def _checkpoint_kinds(request: Request) -> set[str]:
 
 
 async def _body(request: Request, model: type[s.M]) -> s.M:
-    return s.parse(await request.body(), model)
+    """The body as `model`, parsed in a worker thread: up to --max-body-bytes of JSON must not
+    hold up the event loop."""
+    return await asyncio.to_thread(s.parse, await request.body(), model)
 
 
 # ---------------------------------------------------------------------- bootstrap
@@ -108,7 +114,7 @@ async def telemetry(request: Request) -> dict:
     """SDK telemetry batches: accepted; client-side errors are worth a log line."""
     tenant = _tenant(request)
     try:
-        events = s.parse_json(await request.body()).get("events") or []
+        events = (await asyncio.to_thread(s.parse_json, await request.body())).get("events") or []
     except InvalidRequest:
         events = []
     for e in events:
@@ -133,15 +139,19 @@ async def get_info(request: Request) -> dict:
     return _svc(request).get_info(_tenant(request), req.model_id)
 
 
+def _decode_fwdbwd(body: bytes, protobuf: bool, forward_only: bool | None) -> wire.FwdBwdCall:
+    if protobuf:
+        return wire.decode_forward_backward(body, forward_only)
+    return wire.decode_forward_backward_json(s.parse_json(body), bool(forward_only))
+
+
 async def _fwdbwd(request: Request, forward_only: bool | None) -> dict:
-    body = await request.body()
     if request.headers.get("content-encoding", "identity") not in ("identity", ""):
         raise InvalidRequest("compressed forward_backward bodies are not supported")
-    ctype = request.headers.get("content-type", "")
-    if "protobuf" in ctype:
-        call = wire.decode_forward_backward(body, forward_only)
-    else:
-        call = wire.decode_forward_backward_json(s.parse_json(body), bool(forward_only))
+    body = await request.body()
+    protobuf = "protobuf" in request.headers.get("content-type", "")
+    # decoding up to --max-body-bytes of tensors takes a while: off the event loop
+    call = await asyncio.to_thread(_decode_fwdbwd, body, protobuf, forward_only)
     return _svc(request).forward_backward(_tenant(request), call, _idem(request)).to_json()
 
 
@@ -222,7 +232,11 @@ async def retrieve_future(request: Request) -> Response:
         if "protobuf" in request.headers.get("accept", ""):
             return Response(result.payload, media_type=PROTO_TYPE)
         convert = wire.sample_proto_to_json if result.kind == "sample" else wire.fwdbwd_proto_to_json
-        return JSONResponse(convert(result.payload or b""))
+        try:  # strict JSON: a non-finite value (weights gone NaN) is the caller's error
+            return Response(json.dumps(convert(result.payload or b""), allow_nan=False),
+                            media_type="application/json")
+        except ValueError:
+            return JSONResponse({"error": NOT_FINITE, "category": "user"})
     return Response(result.payload, media_type="application/json")
 
 
@@ -240,7 +254,7 @@ async def capabilities(request: Request) -> dict:
 
 
 @router.get("/training_runs")
-async def training_runs(request: Request, limit: int = 20, offset: int = 0) -> dict:
+async def training_runs(request: Request, limit: Limit = 20, offset: Offset = 0) -> dict:
     return _svc(request).training_runs(_tenant(request), limit, offset)
 
 
@@ -256,7 +270,7 @@ async def run_checkpoints(model_id: str, request: Request) -> dict:
 
 
 @router.get("/checkpoints")
-async def all_checkpoints(request: Request, limit: int = 100, offset: int = 0) -> dict:
+async def all_checkpoints(request: Request, limit: Limit = 100, offset: Offset = 0) -> dict:
     return _svc(request).list_checkpoints(_tenant(request), None, limit, offset,
                                           kinds=_checkpoint_kinds(request))
 
@@ -311,8 +325,9 @@ def _downloadable(request: Request, model_id: str, kind: str, name: str) -> dict
 async def external_weights_urls(model_id: str, kind: str, name: str, request: Request) -> dict:
     row = _downloadable(request, model_id, kind, name)
     expires = int(time.time()) + URL_TTL_S
+    folder = _svc(request).checkpoints.folder_of(row)
     urls = {f.name: _signed_url(request, row["tinker_path"], f.name, expires)
-            for f in sorted(Path(row["dir"]).iterdir()) if f.is_file()}
+            for f in sorted(folder.iterdir()) if f.is_file()}
     return {"urls": urls, "expires": datetime.fromtimestamp(expires, UTC).isoformat()}
 
 
@@ -335,10 +350,11 @@ async def download_file(token: str, expires: int, signature: str, filename: str,
             or expires < time.time():
         raise NotFound("this download link is invalid or expired")
     path = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    row = _svc(request).store.get("checkpoints", "tinker_path", str(parse_path(path)))
+    svc = _svc(request)
+    row = svc.store.get("checkpoints", "tinker_path", str(parse_path(path)))
     if row is None:
         raise NotFound("checkpoint not found")
-    folder = Path(row["dir"])
+    folder = svc.checkpoints.folder_of(row)
     if filename == ARCHIVE_NAME:
         return Response(_tar(folder), media_type="application/x-tar")
     target = folder / filename
@@ -365,7 +381,7 @@ async def weights_info(request: Request) -> dict:
 
 
 @router.get("/sessions")
-async def sessions(request: Request, limit: int = 20, offset: int = 0) -> dict:
+async def sessions(request: Request, limit: Limit = 20, offset: Offset = 0) -> dict:
     return _svc(request).sessions(_tenant(request), limit, offset)
 
 

@@ -34,8 +34,7 @@ class SamplingCalls:
         sampler_id = f"{req.session_id}:sample:{req.sampling_session_seq_id}"
         if req.model_path:
             ckpt = self.find_checkpoint(tenant, parse_path(req.model_path))
-            base = (ckpt.get("meta") or {}).get("base_model", "")
-            self.runner(base)
+            base = self.checkpoint_runner(ckpt).base.name
         elif req.base_model:
             base = req.base_model
             self.runner(base)
@@ -130,8 +129,6 @@ class SamplingCalls:
                 f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceeds the context "
                 f"length {info.max_context} of {runner.base.name}"
             )
-        if sp.temperature < 0 or not 0 < sp.top_p <= 1:
-            raise InvalidRequest("temperature must be >= 0 and top_p in (0, 1]")
         stop_strings: tuple[str, ...] = ()
         stop_ids: tuple[int, ...] | None = None
         if isinstance(sp.stop, str):
@@ -142,6 +139,10 @@ class SamplingCalls:
                 stop_ids = ()
         elif sp.stop is not None:
             stop_ids = tuple(int(x) for x in sp.stop)
+            bad = [t for t in stop_ids if not 0 <= t < info.vocab_size]
+            if bad:
+                raise BadTokens(f"stop token ids {bad[:8]} are outside the vocabulary "
+                                f"({info.vocab_size}) of {runner.base.name}")
         params = SamplingParams(max_tokens=max_tokens, temperature=sp.temperature, top_p=sp.top_p,
                                 top_k=sp.top_k, seed=sp.seed, stop_strings=stop_strings,
                                 stop_token_ids=stop_ids)

@@ -2,34 +2,76 @@
 
 Only `api/tinker` imports these. Unknown fields are ignored (newer SDKs add fields), and
 `parse` turns malformed JSON or a failed validation into `InvalidRequest` (HTTP 400), so
-the status-code policy stays in `api/errors.py`.
+the status-code policy stays in `api/errors.py`. Every body is checked by `parse_json` for
+non-finite numbers and NUL characters (`api/checks.py`); float fields refuse NaN/inf also
+when sent as strings, and hyper-parameters carry their ranges here.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from lorafleet.api.checks import check_json
 from lorafleet.errors import InvalidRequest
 
 M = TypeVar("M", bound=BaseModel)
+MAX_TTL_S = 100 * 365 * 86400
+FLOAT32_MAX = 3.4028234663852886e38
+# a checkpoint's retention: 0 or None keep it until deleted
+TtlSeconds = Annotated[int, Field(ge=0, le=MAX_TTL_S)]
+
+MAX_JSON_DEPTH = 64  # nesting of a request body; deeper is refused before anything recurses on it
+MAX_METADATA_BYTES = 64 << 10  # stored free-form fields (user_metadata, tags), as JSON
+
+# Integers that end up in SQLite/PostgreSQL BIGINT columns or in proto int64 fields.
+SeqId = Annotated[int, Field(ge=0, le=(1 << 63) - 1)]
+Count = Annotated[int, Field(ge=0, le=(1 << 31) - 1)]
+
+
+def _small(value: Any) -> Any:
+    size = len(json.dumps(value))
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"{size} bytes of JSON is over the limit of {MAX_METADATA_BYTES}")
+    return value
+
+
+Metadata = Annotated[dict[str, Any] | None, AfterValidator(_small)]
+Tags = Annotated[list[str], AfterValidator(_small)]
+Name = Annotated[str | None, Field(max_length=1024)]
 
 
 class Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False)
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
-    """Decode a JSON object body; malformed JSON is an `InvalidRequest`."""
+    """Decode a JSON object body; malformed JSON, a non-finite number or a NUL character
+    anywhere in it is an `InvalidRequest`."""
     try:
         data = json.loads(body or b"{}")
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidRequest(f"malformed JSON body: {e}") from e
+    except RecursionError as e:
+        raise InvalidRequest(f"JSON body nested deeper than {MAX_JSON_DEPTH} levels") from e
     if not isinstance(data, dict):
         raise InvalidRequest("the JSON body must be an object")
+    _check_depth(data)
+    check_json(data)
     return data
+
+
+def _check_depth(data: Any) -> None:
+    """Iteratively: a body that parsed can still be too deep for what recurses on it later."""
+    level = [data]
+    for _ in range(MAX_JSON_DEPTH):
+        level = [c for x in level for c in (x.values() if isinstance(x, dict) else x)
+                 if isinstance(c, (dict, list))]
+        if not level:
+            return
+    raise InvalidRequest(f"JSON body nested deeper than {MAX_JSON_DEPTH} levels")
 
 
 def parse(body: bytes, model: type[M]) -> M:
@@ -49,11 +91,11 @@ class ClientConfigRequest(Wire):
 
 
 class CreateSessionRequest(Wire):
-    tags: list[str] = []
-    user_metadata: dict[str, Any] | None = None
-    sdk_version: str | None = None
-    project_id: str | None = None
-    display_name: str | None = None
+    tags: Tags = []
+    user_metadata: Metadata = None
+    sdk_version: Name = None
+    project_id: Name = None
+    display_name: Name = None
 
 
 class SessionRef(Wire):
@@ -66,8 +108,8 @@ class FinishRequest(Wire):
 
 
 class LoraConfig(Wire):
-    rank: int = 32
-    seed: int | None = None
+    rank: int = Field(default=32, ge=1, le=1024)
+    seed: Count | None = None
     train_unembed: bool = True
     train_mlp: bool = True
     train_attn: bool = True
@@ -75,9 +117,9 @@ class LoraConfig(Wire):
 
 class CreateModelRequest(Wire):
     session_id: str
-    model_seq_id: int = 0
+    model_seq_id: SeqId = 0
     base_model: str
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: Metadata = None
     lora_config: LoraConfig | None = None
     optimizer_config: dict[str, Any] | None = None
 
@@ -86,18 +128,18 @@ class ModelRef(Wire):
     model_id: str
 
 
-class AdamParams(Wire):
-    learning_rate: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-12
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
+class AdamParams(Wire):  # the optimizer computes in float32: larger values cannot be applied
+    learning_rate: float = Field(default=1e-4, ge=0, le=FLOAT32_MAX)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    eps: float = Field(default=1e-12, ge=0, le=FLOAT32_MAX)
+    weight_decay: float = Field(default=0.0, ge=0, le=FLOAT32_MAX)
+    grad_clip_norm: float = Field(default=0.0, ge=0, le=FLOAT32_MAX)
 
 
 class OptimStepRequest(Wire):
     model_id: str
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     adam_params: AdamParams | None = None
     optimizer_params: dict[str, Any] | None = None
 
@@ -105,14 +147,14 @@ class OptimStepRequest(Wire):
 class SaveWeightsRequest(Wire):
     model_id: str
     path: str | None = None
-    seq_id: int | None = None
-    ttl_seconds: int | None = None
+    seq_id: SeqId | None = None
+    ttl_seconds: TtlSeconds | None = None
     overwrite: bool = False
-    user_metadata: dict[str, str] | None = None
+    user_metadata: Annotated[dict[str, str] | None, AfterValidator(_small)] = None
 
 
 class SaveWeightsForSamplerRequest(SaveWeightsRequest):
-    sampling_session_seq_id: int | None = None
+    sampling_session_seq_id: SeqId | None = None
     kind: str | None = None
 
 
@@ -124,43 +166,43 @@ class LoadWeightsRequest(Wire):
     path: str
     optimizer: bool = False
     model_id: str | None = None
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     session_id: str | None = None
-    model_seq_id: int | None = None
+    model_seq_id: SeqId | None = None
     base_model: str | None = None
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: Metadata = None
 
 
 class CreateSamplingSessionRequest(Wire):
     session_id: str
-    sampling_session_seq_id: int = 0
+    sampling_session_seq_id: SeqId = 0
     base_model: str | None = None
     model_path: str | None = None
 
 
 class SamplingParams(Wire):
-    max_tokens: int | None = None
-    seed: int | None = None
+    max_tokens: Count | None = None
+    seed: SeqId | None = None
     stop: str | list[str] | list[int] | None = None
-    temperature: float = 1.0
-    top_k: int = -1
-    top_p: float = 1.0
+    temperature: float = Field(default=1.0, ge=0)
+    top_k: Annotated[int, Field(ge=-1, le=(1 << 31) - 1)] = -1  # -1 or 0: off
+    top_p: float = Field(default=1.0, gt=0, le=1)
 
 
 class SampleRequest(Wire):
-    num_samples: int = 1
+    num_samples: Count = 1
     prompt: dict[str, Any]
     sampling_params: SamplingParams
     base_model: str | None = None
     model_path: str | None = None
     sampling_session_id: str | None = None
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     prompt_logprobs: bool | None = None
-    topk_prompt_logprobs: int = 0
-    topk_sample_logprobs: int = 0
+    topk_prompt_logprobs: Count = 0
+    topk_sample_logprobs: Count = 0
     target_prompt_logprobs: Any = None
-    prompt_alt_tokens_k: int = 0
-    prompt_logprobs_last_n: int | None = None
+    prompt_alt_tokens_k: Count = 0
+    prompt_logprobs_last_n: Count | None = None
     record_stability_info: bool | None = None
 
 
@@ -170,7 +212,7 @@ class RetrieveFutureRequest(Wire):
 
 
 class TtlRequest(Wire):
-    ttl_seconds: int | None = None
+    ttl_seconds: TtlSeconds | None = None
 
 
 class WeightsInfoRequest(Wire):

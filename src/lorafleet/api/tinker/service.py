@@ -55,6 +55,7 @@ from lorafleet.errors import (
 )
 from lorafleet.lora import io as lora_io
 from lorafleet.lora.spec import ATTN_MODULES, MLP_MODULES, LoraSpec
+from lorafleet.model.registry import check_base_digest
 from lorafleet.train.types import AdamParams
 
 log = logging.getLogger("lorafleet.tinker")
@@ -101,6 +102,14 @@ class TinkerService(SamplingCalls, RestQueries):
                 f"base model {base_model!r} is not served here; loaded: {sorted(self.runners)}"
             )
         return r
+
+    def checkpoint_runner(self, ckpt: dict[str, Any], default_base: str | None = None) -> Scheduler:
+        """The runner of a checkpoint's base; refused when the checkpoint was trained on other
+        weights published under the same base name (its recorded digest differs)."""
+        meta = ckpt.get("meta") or {}
+        runner = self.runner(meta.get("base_model") or default_base or "")
+        check_base_digest(runner.base, meta.get("base_digest"), ckpt.get("tinker_path", "the checkpoint"))
+        return runner
 
     def run_row(self, tenant: str, model_id: str) -> dict[str, Any]:
         row = self.store.get("runs", "model_id", model_id)
@@ -320,9 +329,7 @@ class TinkerService(SamplingCalls, RestQueries):
             raise InvalidRequest(
                 f"optimizer {req.optimizer_params.get('type')!r} is not supported; use AdamParams"
             )
-        adam = (req.adam_params or s.AdamParams()).model_dump()
-        if adam["learning_rate"] < 0 or not 0 <= adam["beta1"] < 1 or not 0 <= adam["beta2"] < 1:
-            raise InvalidRequest(f"invalid AdamParams {adam}")
+        adam = (req.adam_params or s.AdamParams()).model_dump()  # ranges checked by the schema
         return self._ordered(tenant, "optim_step", WorkKind.OPTIM_STEP, req.model_id, req.seq_id,
                              OptimStep(AdamParams(**adam)), {}, req.model_dump_json(), idem)
 
@@ -336,6 +343,9 @@ class TinkerService(SamplingCalls, RestQueries):
                              req.model_dump_json(), idem)
 
     def _refuse_existing(self, tenant, path, fingerprint, model_id, seq_id) -> None:
+        """An existing checkpoint name is refused, after the run is known to be the caller's
+        (another tenant's run answers 404 like a missing one, never 422 for a taken name)."""
+        self.run_row(tenant, model_id)
         if self.checkpoints.exists(path):
             dup = self.store.select(
                 "SELECT fingerprint FROM futures WHERE scope = ? AND seq_id = ?", model_id, seq_id
@@ -399,8 +409,8 @@ class TinkerService(SamplingCalls, RestQueries):
         if req.session_id is None or req.model_seq_id is None:
             raise InvalidRequest("load_weights needs model_id, or session_id and model_seq_id")
         self.session_row(tenant, req.session_id)
-        base = meta.get("base_model") or req.base_model or ""
-        runner = self.runner(base)
+        runner = self.checkpoint_runner(ckpt, req.base_model)
+        base = runner.base.name
         model_id = f"{req.session_id}:train:{req.model_seq_id}"
         request_id, created = self.futures.submit(
             tenant, "load_create", fingerprint, f"{req.session_id}:models", req.model_seq_id, idem
@@ -443,3 +453,4 @@ def _flags_from_files(files: dict[str, bytes]) -> dict[str, Any]:
     return {"rank": config.get("r"), "train_attn": bool(targets & set(ATTN_MODULES)),
             "train_mlp": bool(targets & set(MLP_MODULES)), "train_unembed": False,
             "target_modules": sorted(targets), "lora_alpha": config.get("lora_alpha")}
+

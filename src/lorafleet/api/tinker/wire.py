@@ -4,7 +4,8 @@ Only this module knows the byte layouts of the Tinker protocol (see
 reference/tinker_protocol.md §6.3, §6.4, §7.3, §7.4). It uses the message classes the `tinker`
 package ships (`tinker.proto.tinker_public_pb2`), so the schema cannot drift from the SDK.
 Everything here is pure: bytes or dicts in, numpy-backed records out (and back). Malformed
-input raises `InvalidRequest` naming the offending field; nothing here touches the engine.
+input (including NaN/inf numbers and NUL characters) raises `InvalidRequest` naming the
+offending field; nothing here touches the engine.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from tinker.proto import tinker_public_pb2 as pb
 
+from lorafleet.api.checks import check_text, finite
 from lorafleet.errors import InvalidRequest
 
 # Proto dtype enum -> numpy dtype accepted in requests. bf16/int32 are accepted for
@@ -33,6 +35,12 @@ _NUMPY_TO_PROTO: dict[str, int] = {"float32": pb.DTYPE_FLOAT32, "int64": pb.DTYP
 # Loss inputs that carry token ids; every other input is real-valued.
 INT_INPUTS = frozenset({"target_tokens"})
 MAX_DATUM_TOKENS = 1 << 20
+# Values a request's loss inputs may hold once decoded: what a 64 MiB body carries densely.
+# Sparse CSR tensors are checked against it *before* they are densified (a 98-byte body can
+# declare shape [3, 2e8]).
+MAX_REQUEST_VALUES = 1 << 24
+MAX_TOKEN_ID = (1 << 31) - 1  # token ids travel as int32 (proto encoded_text)
+MAX_SEQ_ID = (1 << 63) - 1
 
 
 @dataclass(slots=True)
@@ -104,10 +112,11 @@ def decode_forward_backward(body: bytes, forward_only: bool | None = None) -> Fw
         if value.WhichOneof("value") == "text":
             raise InvalidRequest(f"loss_fn_config[{key!r}]: string values are not supported")
         config[key] = float(value.number)
-    data = [_decode_datum(d, i) for i, d in enumerate(msg.data)]
+    budget = _Budget()
+    data = [_decode_datum(d, i, budget) for i, d in enumerate(msg.data)]
     call = FwdBwdCall(
         model_id=msg.model_id,
-        seq_id=int(msg.seq_id),
+        seq_id=seq_id(msg.seq_id),
         loss_fn=msg.loss_fn,
         loss_config=config,
         forward_only=bool(msg.forward_only) if forward_only is None else forward_only,
@@ -117,7 +126,31 @@ def decode_forward_backward(body: bytes, forward_only: bool | None = None) -> Fw
     return check_call(call)
 
 
-def _decode_datum(d: pb.Datum, index: int) -> WireDatum:
+class _Budget:
+    """Counts the values a request decodes, refusing (before allocating) past the limit."""
+
+    def __init__(self, limit: int = MAX_REQUEST_VALUES) -> None:
+        self.left = limit
+        self.limit = limit
+
+    def take(self, shape: list[int], where: str) -> None:
+        if any(s < 0 for s in shape):
+            raise InvalidRequest(f"{where}: negative dimension in shape {shape}")
+        n = math.prod(shape)
+        if n > self.left:
+            raise InvalidRequest(f"{where}: shape {shape} holds {n} values; a request's loss "
+                                 f"inputs may hold at most {self.limit} in all")
+        self.left -= n
+
+
+def seq_id(value: Any, where: str = "seq_id") -> int:
+    """A seq_id: an integer in [0, 2^63)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQ_ID:
+        raise InvalidRequest(f"{where} must be an integer in [0, 2^63), got {value!r}")
+    return value
+
+
+def _decode_datum(d: pb.Datum, index: int, budget: _Budget) -> WireDatum:
     parts: list[np.ndarray] = []
     for chunk in d.model_input:
         kind = chunk.WhichOneof("chunk")
@@ -128,17 +161,21 @@ def _decode_datum(d: pb.Datum, index: int) -> WireDatum:
             raise InvalidRequest(f"data[{index}]: encoded_text.tokens is not int32 bytes")
         parts.append(np.frombuffer(raw, dtype="<i4").astype(np.int64))
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    inputs = {name: _decode_tensor(t, f"data[{index}].{name}") for name, t in d.loss_fn_inputs.items()}
+    inputs = {name: _decode_tensor(t, f"data[{index}].{name}", budget)
+              for name, t in d.loss_fn_inputs.items()}
     return WireDatum(tokens=tokens, inputs=inputs)
 
 
-def _decode_tensor(t: pb.Tensor, where: str) -> np.ndarray:
+def _decode_tensor(t: pb.Tensor, where: str, budget: _Budget) -> np.ndarray:
     dtype = _REQUEST_DTYPES.get(t.dtype)
     if dtype is None:
         raise InvalidRequest(f"{where}: unsupported dtype enum {t.dtype}")
     shape = [int(s) for s in t.shape]
     kind = t.WhichOneof("encoding")
     if kind == "sparse_csr":
+        if len(shape) != 2:
+            raise InvalidRequest(f"{where}: sparse tensors need a 2-D shape, got {shape}")
+        budget.take(shape, where)
         arr = _csr_to_dense(t.sparse_csr, dtype, shape, where)
     else:
         raw = t.dense if kind == "dense" else b""
@@ -147,15 +184,14 @@ def _decode_tensor(t: pb.Tensor, where: str) -> np.ndarray:
         flat = np.frombuffer(raw, dtype=dtype)
         if not shape:
             shape = [flat.size]
-        if any(s < 0 for s in shape) or math.prod(shape) != flat.size:
+        budget.take(shape, where)
+        if math.prod(shape) != flat.size:
             raise InvalidRequest(f"{where}: shape {shape} does not match {flat.size} values")
         arr = flat.reshape(shape)
     return _widen(arr, t.dtype)
 
 
 def _csr_to_dense(csr: pb.SparseCsr, dtype: np.dtype, shape: list[int], where: str) -> np.ndarray:
-    if len(shape) != 2:
-        raise InvalidRequest(f"{where}: sparse tensors need a 2-D shape, got {shape}")
     values = np.frombuffer(csr.values, dtype=dtype)
     crow = np.frombuffer(csr.crow_indices, dtype="<i8")
     col = np.frombuffer(csr.col_indices, dtype="<i8")
@@ -179,11 +215,16 @@ def _widen(arr: np.ndarray, proto_dtype: int) -> np.ndarray:
 
 
 def check_call(call: FwdBwdCall) -> FwdBwdCall:
-    """Check what can be checked without the model: non-empty data, aligned shapes, dtypes."""
+    """Check what can be checked without the model: non-empty data, aligned shapes, dtypes,
+    finite loss_fn_config values, no NUL in names."""
     if not call.model_id:
         raise InvalidRequest("model_id is required")
     if not call.loss_fn:
         raise InvalidRequest("loss_fn is required")
+    check_text(call.model_id, "model_id")
+    check_text(call.loss_fn, "loss_fn")
+    for key, value in call.loss_config.items():
+        finite(value, f"loss_fn_config[{check_text(key, 'loss_fn_config key')!r}]")
     if not call.data:
         raise InvalidRequest("data is empty: forward_backward needs at least one datum")
     for i, d in enumerate(call.data):
@@ -218,7 +259,8 @@ def decode_forward_backward_json(body: dict[str, Any], forward_only: bool) -> Fw
     fb = body.get("forward_backward_input") or body.get("forward_input")
     if not isinstance(fb, dict):
         raise InvalidRequest("forward_backward_input is required")
-    data = [_json_datum(d, i) for i, d in enumerate(fb.get("data") or [])]
+    budget = _Budget()
+    data = [_json_datum(d, i, budget) for i, d in enumerate(fb.get("data") or [])]
     config = fb.get("loss_fn_config") or {}
     try:
         config = {str(k): float(v) for k, v in config.items()}
@@ -226,7 +268,7 @@ def decode_forward_backward_json(body: dict[str, Any], forward_only: bool) -> Fw
         raise InvalidRequest(f"loss_fn_config must map names to numbers: {e}") from e
     call = FwdBwdCall(
         model_id=str(body.get("model_id") or ""),
-        seq_id=int(body.get("seq_id") or 0),
+        seq_id=seq_id(body.get("seq_id") or 0),
         loss_fn=str(fb.get("loss_fn") or "cross_entropy"),
         loss_config=config,
         forward_only=forward_only,
@@ -236,14 +278,19 @@ def decode_forward_backward_json(body: dict[str, Any], forward_only: bool) -> Fw
     return check_call(call)
 
 
-def _json_datum(d: Any, i: int) -> WireDatum:
+def _json_datum(d: Any, i: int, budget: _Budget) -> WireDatum:
     if not isinstance(d, dict):
         raise InvalidRequest(f"data[{i}] must be an object")
-    tokens = np.asarray(model_input_tokens(d.get("model_input"), f"data[{i}].model_input"))
+    tokens = np.asarray(model_input_tokens(d.get("model_input"), f"data[{i}].model_input"),
+                        dtype=np.int64)
     inputs: dict[str, np.ndarray] = {}
-    for name, td in (d.get("loss_fn_inputs") or {}).items():
+    loss_inputs = d.get("loss_fn_inputs") or {}
+    if not isinstance(loss_inputs, dict):
+        raise InvalidRequest(f"data[{i}].loss_fn_inputs must be an object")
+    for name, td in loss_inputs.items():
         inputs[name] = tensor_data_from_json(td, f"data[{i}].{name}")
-    return WireDatum(tokens=tokens.astype(np.int64), inputs=inputs)
+        budget.take(list(inputs[name].shape), f"data[{i}].{name}")
+    return WireDatum(tokens=tokens, inputs=inputs)
 
 
 def tensor_data_from_json(td: Any, where: str) -> np.ndarray:
@@ -257,7 +304,7 @@ def tensor_data_from_json(td: Any, where: str) -> np.ndarray:
         arr = np.asarray(td["data"], dtype=dtype)
         shape = td.get("shape")
         return arr.reshape(shape) if shape else arr.reshape(-1)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise InvalidRequest(f"{where}: {e}") from e
 
 
@@ -271,13 +318,21 @@ def model_input_tokens(model_input: Any, where: str = "prompt") -> list[int]:
         if kind != "encoded_text":
             raise InvalidRequest(f"{where}.chunks[{j}]: {kind!r} chunks are not supported")
         toks = chunk.get("tokens")
-        if not isinstance(toks, list) or not all(isinstance(t, int) and t >= 0 for t in toks):
-            raise InvalidRequest(f"{where}.chunks[{j}].tokens must be non-negative integers")
+        if not isinstance(toks, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_TOKEN_ID for t in toks):
+            raise InvalidRequest(f"{where}.chunks[{j}].tokens must be integers in [0, 2^31)")
         tokens.extend(toks)
     return tokens
 
 
 # ---------------------------------------------------------------- results (proto)
+
+
+def is_finite(out: FwdBwdOutcome) -> bool:
+    """True when every metric and real-valued output is finite (a diverged loss is not)."""
+    return all(math.isfinite(v) for v in out.metrics.values()) and all(
+        bool(np.isfinite(a).all()) for o in out.outputs for a in o.values() if a.dtype.kind == "f"
+    )
 
 
 def encode_forward_backward_output(out: FwdBwdOutcome) -> bytes:
