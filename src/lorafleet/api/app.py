@@ -34,7 +34,7 @@ log = logging.getLogger("lorafleet.api")
 
 # Request classes for the one-line-per-request log; polls and heartbeats log at DEBUG.
 _QUIET = ("/api/v1/retrieve_future", "/api/v1/session_heartbeat", "/api/v1/telemetry",
-          "/api/v1/client/dynamic_config", "/healthz")
+          "/api/v1/client/dynamic_config", "/health")  # and /healthz
 
 
 @dataclass
@@ -178,6 +178,7 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
     async def healthz() -> dict:
         return {"status": "ok", "bases": sorted(svc.runners)}
 
+    app.add_api_route("/health", healthz, methods=["GET"], include_in_schema=False)  # common alias
     return app
 
 

@@ -75,6 +75,22 @@ def run(args: argparse.Namespace) -> int:
                       max_host_bytes=args.max_host_bytes, load_queue=args.load_queue,
                       load_batch=args.load_batch)
     app = create_app(cfg)
-    log.info("serving %s on http://%s:%d (auth %s)", cfg.bases, args.host, args.port, args.auth)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    announce = lambda port: log.info(  # noqa: E731
+        "serving %s on http://%s:%d (auth %s)", cfg.bases, args.host, port, args.auth)
+    bound_server(config, announce).run()
     return 0
+
+
+def bound_server(config, announce):  # type: ignore[no-untyped-def]
+    """uvicorn's server, calling `announce(port)` only once its socket is bound: a taken port
+    gives uvicorn's error line and exit status 3, never a "serving on"."""
+    import uvicorn
+
+    class BoundServer(uvicorn.Server):
+        async def startup(self, sockets=None):  # type: ignore[no-untyped-def]
+            await super().startup(sockets)
+            if self.started:
+                announce(self.servers[0].sockets[0].getsockname()[1])
+
+    return BoundServer(config)
