@@ -85,3 +85,11 @@ def test_catalog_commands_log_a_migration_once_and_nothing_else(tmp_path):
     assert "alembic" not in first.stderr + second.stderr
     assert first.stderr.count("migrating schema") == 1, first.stderr
     assert second.stderr == ""
+
+
+def test_no_progress_bar_escapes_when_stderr_is_a_file():
+    """SmolLM2 loads through transformers, whose weight-loading bar would write \\r updates."""
+    env = _env(TEST_HOME)
+    out = _lf(env, "sample", "--prompt", "Hi", "--max-tokens", "1")
+    assert "loaded base HuggingFaceTB/SmolLM2-135M-Instruct" in out.stderr
+    assert "\r" not in out.stderr and "\x1b" not in out.stderr, repr(out.stderr[:300])

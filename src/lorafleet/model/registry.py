@@ -276,6 +276,7 @@ def load_base(name: str, paths: Paths, dtype: torch.dtype | str = torch.float32)
             raise UnknownBaseModel(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     info = base_info(name, paths)
+    smollm2.progress_bars()
     tok_dir = smollm2.tokenizer_dir(paths.models_dir)
     from transformers import AutoTokenizer
 
