@@ -93,3 +93,19 @@ def test_no_progress_bar_escapes_when_stderr_is_a_file():
     out = _lf(env, "sample", "--prompt", "Hi", "--max-tokens", "1")
     assert "loaded base HuggingFaceTB/SmolLM2-135M-Instruct" in out.stderr
     assert "\r" not in out.stderr and "\x1b" not in out.stderr, repr(out.stderr[:300])
+
+
+def test_serve_on_a_taken_port_fails_without_saying_it_serves(tmp_path):
+    import socket
+
+    env = _env(tmp_path / "home")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "models").symlink_to(TEST_HOME / "models", target_is_directory=True)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = _lf(env, "serve", "--base", BASE, "--port", str(port), ok=False)
+    assert out.returncode != 0
+    assert "address already in use" in out.stderr.lower(), out.stderr[-2000:]
+    assert "serving" not in out.stderr, out.stderr[-2000:]
