@@ -109,3 +109,11 @@ def test_serve_on_a_taken_port_fails_without_saying_it_serves(tmp_path):
     assert out.returncode != 0
     assert "address already in use" in out.stderr.lower(), out.stderr[-2000:]
     assert "serving" not in out.stderr, out.stderr[-2000:]
+
+
+def test_catalog_commands_do_not_import_torch():
+    """Every CLI call paid torch's import (seconds) through `lorafleet sample`'s module."""
+    code = ("import sys; from lorafleet.cli import build_parser; build_parser(); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from lorafleet.config import Paths, paths_from_env
 from lorafleet.errors import InvalidRequest
-from lorafleet.model import DEFAULT_BASE, load_base
+from lorafleet.cli.serve import DEFAULT_BASE  # not lorafleet.model: every CLI call would import torch
 
 if TYPE_CHECKING:
     from lorafleet.lora.io import PeftAdapter
@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lorafleet.engine import Engine, SampleRequest, SamplingParams
+    from lorafleet.model import load_base
 
     paths = paths_from_env()
     adapter, adapter_base = _adapter(args.adapter, paths) if args.adapter else (None, None)
