@@ -169,7 +169,7 @@ def test_snippet_runs(snippet: Snippet, harness: Harness) -> None:
     if snippet.lang == "python":
         script = harness.cwd / ".snippet.py"
         script.write_text(code)
-        cmd = [sys.executable, str(script)]
+        cmd = [sys.executable, "-W", "error::FutureWarning:__main__", str(script)]  # no deprecated calls
     else:
         cmd = ["bash", "-euo", "pipefail", "-c", code]
     r = subprocess.run(cmd, cwd=harness.cwd, env=harness.env, capture_output=True, text=True,

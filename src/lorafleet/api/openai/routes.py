@@ -252,11 +252,14 @@ async def models(runs: bool = True, who: Principal = Depends(get_tenant),
 async def retrieve_model(model: str, who: Principal = Depends(get_tenant),
                          svc: OpenAIService = Depends(get_service)) -> s.ModelCard:
     """One model: a base, or any adapter reference `model` accepts (`owner/name:alias`, ...)."""
-    target = await asyncio.to_thread(svc.resolve, model, who)
-    if target.revision_id is None:
-        return s.ModelCard(id=model, created=int(time.time()), owned_by="lorafleet")
-    revision = await asyncio.to_thread(svc.catalog.resolve, target.revision_id, who)
-    return _card(model, svc.catalog.get_policy(who, revision.policy), int(revision.created_at.timestamp()))
+    def card() -> s.ModelCard:
+        target = svc.resolve(model, who)
+        if target.revision_id is None:
+            return s.ModelCard(id=model, created=int(time.time()), owned_by="lorafleet")
+        revision = svc.catalog.resolve(target.revision_id, who)
+        return _card(model, svc.catalog.get_policy(who, revision.policy), int(revision.created_at.timestamp()))
+
+    return await asyncio.to_thread(card)  # catalog reads stay off the event loop
 
 
 def _card(model_id: str, p, created: int | None = None) -> s.ModelCard:
