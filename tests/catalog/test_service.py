@@ -325,3 +325,22 @@ def test_bulk_insert_rows_resolve_like_published_ones(catalog):
     rev = catalog.resolve("tinker://bulk:train:0/weights/1", ADMIN)
     assert rev.id == rid and rev.provenance.loss_config == {"clip": 0.2} and rev.step == 5
     assert catalog.resolve("bulk/p", ADMIN).id == rid
+
+
+def test_rename_keeps_revisions_aliases_and_tinker_paths(catalog, policy):
+    catalog.create_policy(ADMIN, "alice/taken", BASE, SPEC)
+    rev = catalog.publish(ALICE, "alice/chat", adapter_files(b"one"), aliases=["prod"],
+                          tinker_path="tinker://s9:train:0/sampler_weights/a")
+    renamed = catalog.rename_policy(ALICE, "alice/chat", "alice/support")
+    assert renamed.id == policy.id and renamed.full_name == "alice/support"
+    assert catalog.resolve("alice/support:prod", ALICE).id == rev.id
+    assert catalog.resolve("tinker://s9:train:0/sampler_weights/a", ALICE).policy == "alice/support"
+    with pytest.raises(NotFound):
+        catalog.resolve("alice/chat", ALICE)
+    with pytest.raises(Conflict, match="alice/taken"):
+        catalog.rename_policy(ALICE, "alice/support", "alice/taken")
+    with pytest.raises(InvalidRequest, match="bob"):
+        catalog.rename_policy(ALICE, "alice/support", "bob/support")
+    with pytest.raises(NotFound):
+        catalog.rename_policy(BOB, "alice/support", "alice/other")
+    assert catalog.get_policy(ALICE, "alice/support").id == policy.id  # nothing half-done
