@@ -53,3 +53,28 @@ def test_unknown_models_say_what_is_served(server):
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("local/no-such-policy:prod")
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_a_run_resumed_from_a_named_run_gets_its_own_policy(server, service_client):
+    tc = service_client.create_lora_training_client(
+        base_model=TINY, rank=4, user_metadata={"policy": "resumable", "task": "demo"}).result()
+    tc.forward_backward(BATCH, "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    state = tc.save_state("s1").result().path
+    resumed = service_client.create_training_client_from_state_with_optimizer(state).result()
+    resumed.save_weights_for_sampler("after").result()  # publishes into the resumed run's policy
+    named = service_client.create_training_client_from_state(
+        state, user_metadata={"policy": "resumable-2"}).result()
+    named.save_weights_for_sampler("after").result()
+    client = _client(server)
+    assert client.models.retrieve("local/resumable-2").id == "local/resumable-2"
+    r = client.completions.create(model="local/resumable", prompt="Hi", max_tokens=2)
+    assert r.choices[0].text is not None  # the original policy still serves its own revision
+
+
+@pytest.mark.parametrize("name, message", [("bad name!", "invalid policy name"),
+                                           ("bob/x", "cannot create policies of 'bob'")])
+def test_a_bad_run_name_is_refused_at_once(service_client, name, message):
+    with pytest.raises(Exception, match=message):
+        service_client.create_lora_training_client(
+            base_model=TINY, rank=4, user_metadata={"policy": name}).result()

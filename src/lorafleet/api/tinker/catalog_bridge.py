@@ -32,10 +32,28 @@ def policy_name(tenant: str, model_id: str) -> str:
 
 
 def run_policy_name(tenant: str, model_id: str, user_metadata: dict[str, Any] | None) -> str:
+    """The policy a new run publishes into; InvalidRequest for a malformed name or an owner
+    the tenant may not write (checked when the run is requested, before any work)."""
+    from lorafleet.catalog.records import Principal
+    from lorafleet.catalog.refs import parse_policy_name
+    from lorafleet.errors import InvalidRequest
+
     chosen = str((user_metadata or {}).get(POLICY_KEY) or "").strip()
     if not chosen:
         return policy_name(tenant, model_id)
-    return chosen if "/" in chosen else f"{tenant}/{chosen}"
+    name = chosen if "/" in chosen else f"{tenant}/{chosen}"
+    owner, _ = parse_policy_name(name)
+    if not Principal(tenant).can_write(owner):
+        raise InvalidRequest(f"user_metadata policy {chosen!r}: tenant {tenant!r} cannot create policies of {owner!r}")
+    return name
+
+
+def inherited_metadata(user_metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A run loaded from another run's checkpoint keeps its metadata but not its policy name
+    (that policy belongs to the other run): it gets its own, unless it names one itself."""
+    if not user_metadata:
+        return user_metadata
+    return {k: v for k, v in user_metadata.items() if k != POLICY_KEY}
 
 
 class CatalogBridge:
