@@ -35,7 +35,7 @@ log = logging.getLogger("lorafleet.api")
 
 # Request classes for the one-line-per-request log; polls and heartbeats log at DEBUG.
 _QUIET = ("/api/v1/retrieve_future", "/api/v1/session_heartbeat", "/api/v1/telemetry",
-          "/api/v1/client/dynamic_config", "/healthz", "/readyz")
+          "/api/v1/client/dynamic_config", "/health", "/readyz")  # and /healthz
 
 
 @dataclass
@@ -200,6 +200,7 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
         ready = app.state.ready and all(r.health(cfg.stall_s)["ok"] for r in svc.runners.values())
         return _json(200 if ready else 503, {"status": "ready" if ready else "not ready"})
 
+    app.add_api_route("/health", healthz, methods=["GET"], include_in_schema=False)  # common alias
     return app
 
 

@@ -91,13 +91,28 @@ def run(args: argparse.Namespace) -> int:
     if args.max_json_bytes is not None:
         cfg.max_json_bytes = args.max_json_bytes
     app = create_app(cfg)
-    log.info("serving %s on http://%s:%d (auth %s)", cfg.bases, args.host, args.port, args.auth)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    announce = lambda port: log.info(  # noqa: E731
+        "serving %s on http://%s:%d (auth %s)", cfg.bases, args.host, port, args.auth)
+    bound_server(config, announce, on_shutdown=lambda: begin_shutdown(app)).run()
+    return 0
 
-    class Server(uvicorn.Server):
-        async def shutdown(self, sockets=None) -> None:
-            begin_shutdown(app)  # before uvicorn waits for open streams to finish
+
+def bound_server(config, announce, on_shutdown=lambda: None):  # type: ignore[no-untyped-def]
+    """uvicorn's server, calling `announce(port)` only once its socket is bound (a taken port
+    gives uvicorn's error line and exit status 3, never a "serving on"), and `on_shutdown()`
+    as soon as shutdown starts, before uvicorn waits for open streams to finish."""
+    import uvicorn
+
+    class BoundServer(uvicorn.Server):
+        async def startup(self, sockets=None):  # type: ignore[no-untyped-def]
+            await super().startup(sockets)
+            if self.started:
+                announce(self.servers[0].sockets[0].getsockname()[1])
+
+        async def shutdown(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
+            on_shutdown()
             await super().shutdown(sockets)
 
-    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                          timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)).run()
-    return 0
+    return BoundServer(config)
