@@ -32,6 +32,9 @@ from lorafleet.api.tinker.store import TinkerStore
 from lorafleet.config import Paths
 
 log = logging.getLogger("lorafleet.api")
+# after SIGTERM, how long uvicorn waits for open responses (Tinker long polls, streams that are
+# not reading) before it cancels them; streams themselves end at once (begin_shutdown)
+GRACEFUL_SHUTDOWN_S = 10
 
 # Request classes for the one-line-per-request log; polls and heartbeats log at DEBUG.
 _QUIET = ("/api/v1/retrieve_future", "/api/v1/session_heartbeat", "/api/v1/telemetry",
@@ -208,7 +211,11 @@ def begin_shutdown(app: FastAPI) -> None:
     """Shutdown has begun: not ready any more, and every engine drains its serving jobs, so open
     streams end now with an error event (uvicorn waits for open responses before it runs the
     lifespan shutdown). Idempotent; `lorafleet serve` calls it as soon as a signal arrives."""
+    if not app.state.ready:
+        return
     app.state.ready = False
+    log.info("shutting down: admitting no new work and ending open streams (bounded wait %d s); "
+             "Tinker work still queued reports an error after the next start", GRACEFUL_SHUTDOWN_S)
     for r in app.state.tinker.runners.values():
         r.drain()
 

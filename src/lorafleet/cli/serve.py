@@ -11,9 +11,6 @@ from pathlib import Path
 from lorafleet.errors import InvalidRequest
 
 DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
-# after SIGTERM, how long uvicorn waits for open responses (Tinker long polls, streams that are
-# not reading) before it cancels them; streams themselves end at once (begin_shutdown)
-GRACEFUL_SHUTDOWN_S = 10
 log = logging.getLogger("lorafleet.serve")
 
 
@@ -75,7 +72,7 @@ def check_auth(auth: str, host: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from lorafleet.api.app import ServeConfig, begin_shutdown, create_app
+    from lorafleet.api.app import GRACEFUL_SHUTDOWN_S, ServeConfig, begin_shutdown, create_app
     from lorafleet.config import paths_from_env
     from lorafleet.model.registry import canonical_name
 
