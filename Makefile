@@ -19,11 +19,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # One torch thread by default: on 2 cores next to a client (a recipe, the SDK), 2 threads
-# collapse under contention (../shared/reference/small_models.md). THREADS=2 on an idle box.
+# collapse under contention (each spins waiting for the other). THREADS=2 on an idle box.
 # MALLOC_ARENA_MAX=2: glibc arenas of the request threads otherwise keep ~0.5 GB of freed memory.
+# HOST, PORT and BASE choose where it listens and which base it loads:
+# `make run PORT=8001 BASE=lorafleet/tiny-llama`.
 THREADS ?= 1
+HOST ?= 127.0.0.1
+PORT ?= 8000
+BASE ?= HuggingFaceTB/SmolLM2-135M-Instruct
 run: venv
-	OMP_NUM_THREADS=$(THREADS) MALLOC_ARENA_MAX=2 $(BIN)/lorafleet serve --threads $(THREADS)
+	OMP_NUM_THREADS=$(THREADS) MALLOC_ARENA_MAX=2 $(BIN)/lorafleet serve --threads $(THREADS) \
+		--host $(HOST) --port $(PORT) --base $(BASE)
 
 # Old tinker SDKs for the compatibility matrix (tests/e2e/test_tinker_sdk_matrix.py): one small
 # venv per version with nothing but `tinker==X`, created on demand, gitignored.

@@ -11,6 +11,7 @@ PostgreSQL needs neither trick: one engine, READ COMMITTED, row locks where it m
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ SQLITE_BUSY_TIMEOUT_MS = 60_000  # concurrent publishers wait for the write lock
 SQLITE_READ_CACHE_KIB = 65_536  # page cache per reader connection
 SQLITE_MMAP_BYTES = 1 << 30  # map up to 1 GiB of the file (a 10^6-revision catalog is ~0.5 GiB)
 MIGRATIONS = Path(__file__).parent / "migrations"
+log = logging.getLogger("lorafleet.db")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +103,11 @@ def _sqlite_engine(url: URL, immediate: bool) -> Engine:
 
 
 def upgrade(db: Database) -> None:
-    """Bring the schema to the newest migration; safe when several processes start at once."""
+    """Bring the schema to the newest migration; safe when several processes start at once.
+
+    Quiet when the schema is current; one INFO line when a migration actually runs (Alembic's
+    own INFO chatter, nine lines per call, is kept at WARNING)."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # before the import: it logs too
     from alembic import command
     from alembic.config import Config
 
@@ -109,21 +115,25 @@ def upgrade(db: Database) -> None:
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with _migration_lock(db):
         with db.writer.connect() as conn:
-            if _at_head(conn, cfg):
+            current, heads = _revisions(conn, cfg)
+            if current == heads:
                 return
+            log.info("catalog %s: migrating schema %s -> %s", db.url.render_as_string(hide_password=True),
+                     ",".join(sorted(current)) or "(empty)", ",".join(sorted(heads)))
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
             conn.commit()
 
 
-def _at_head(conn: Connection, cfg: object) -> bool:
+def _revisions(conn: Connection, cfg: object) -> tuple[set[str], set[str]]:
+    """(current schema revisions, newest migrations)."""
     from alembic.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
     heads = set(ScriptDirectory.from_config(cfg).get_heads())  # type: ignore[arg-type]
     current = set(MigrationContext.configure(conn).get_current_heads())
     conn.rollback()
-    return current == heads
+    return current, heads
 
 
 @contextmanager

@@ -441,3 +441,23 @@ def test_names_ending_in_a_newline_are_refused(catalog, policy):
         catalog.create_tenant("carol\n")
     with pytest.raises(InvalidRequest):
         catalog.publish(ALICE, "alice/chat", {**adapter_files(b"b"), "notes.txt\n": b"x"})
+
+
+def test_rename_keeps_revisions_aliases_and_tinker_paths(catalog):
+    catalog.create_policy(ADMIN, "alice/taken", BASE, SPEC)
+    policy = _run_policy(catalog, "alice/chat", "s9:train:0")
+    rev = catalog.publish(ALICE, "alice/chat", adapter_files(b"one"), aliases=["prod"],
+                          tinker_path="tinker://s9:train:0/sampler_weights/a")
+    renamed = catalog.rename_policy(ALICE, "alice/chat", "alice/support")
+    assert renamed.id == policy.id and renamed.full_name == "alice/support"
+    assert catalog.resolve("alice/support:prod", ALICE).id == rev.id
+    assert catalog.resolve("tinker://s9:train:0/sampler_weights/a", ALICE).policy == "alice/support"
+    with pytest.raises(NotFound):
+        catalog.resolve("alice/chat", ALICE)
+    with pytest.raises(Conflict, match="alice/taken"):
+        catalog.rename_policy(ALICE, "alice/support", "alice/taken")
+    with pytest.raises(InvalidRequest, match="bob"):
+        catalog.rename_policy(ALICE, "alice/support", "bob/support")
+    with pytest.raises(NotFound):
+        catalog.rename_policy(BOB, "alice/support", "alice/other")
+    assert catalog.get_policy(ALICE, "alice/support").id == policy.id  # nothing half-done

@@ -1,36 +1,55 @@
 """tinker-cookbook 0.6.1 `sl_loop` and `rl_loop` (loss importance_sampling), unmodified, offline,
-against a live lorafleet server; then `sl_loop` resumes from its own checkpoint."""
+through `lorafleet cookbook` against a live lorafleet server; then `sl_loop` resumes from its
+own checkpoint."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import TEST_HOME
 from tests.e2e.conftest import TINY
 
 pytest.importorskip("tinker_cookbook", reason="tinker-cookbook is installed by `make venv`")
-WRAPPER = Path(__file__).with_name("cookbook_offline.py")
+RL_WRAPPER = Path(__file__).with_name("cookbook_offline.py")
 pytestmark = pytest.mark.slow
 
 
 def run_recipe(server, recipe: str, log_dir: Path, *extra: str) -> None:
-    tok_dir = str(server.service.runners[TINY].base.tokenizer_dir)
-    r = subprocess.run([sys.executable, str(WRAPPER), recipe, server.url, TINY, tok_dir,
-                        str(log_dir), *extra], capture_output=True, text=True, timeout=300)
+    """`lorafleet cookbook RECIPE` as a user runs it: no hub, the tokenizer of the lorafleet base
+    (from the same LORAFLEET_HOME as the server), datasets from local files."""
+    cmd = [str(RL_WRAPPER)] if recipe == "rl_loop" else ["-m", "lorafleet", "cookbook", recipe]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TINKER_"))}
+    env |= {"LORAFLEET_HOME": str(TEST_HOME), "TINKER_BASE_URL": server.url}
+    r = subprocess.run([sys.executable, *cmd, f"model_name={TINY}", f"log_path={log_dir}", *extra],
+                       capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory) -> Path:
+    """A local file in no_robots' format, as a user would pass with --data."""
+    path = tmp_path_factory.mktemp("data") / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": f"What is {i} times two?"},
+        {"role": "assistant", "content": f"{2 * i}."}]}) + "\n" for i in range(40)))
+    return path
 
 
 def metrics(log_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (log_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_sl_loop_runs_and_resumes(server, tmp_path):
+def test_sl_loop_runs_and_resumes(server, tmp_path, chats):
     log = tmp_path / "sl"
-    run_recipe(server, "sl", log, "batch_size=4", "lora_rank=4", "max_steps=3", "save_every=2",
+    data = f"--data=HuggingFaceH4/no_robots={chats}"
+    run_recipe(server, "sl_loop", log, data, "batch_size=4", "lora_rank=4", "max_steps=3", "save_every=2",
                "learning_rate=1e-3")
     steps = metrics(log)
     assert [m["step"] for m in steps if "train_mean_nll" in m] == [0, 1, 2]
@@ -41,7 +60,7 @@ def test_sl_loop_runs_and_resumes(server, tmp_path):
     path.write_text("".join(x + "\n" for x in path.read_text().splitlines()
                             if json.loads(x)["name"] != "final"))
     first = {m["step"]: m["train_mean_nll"] for m in steps if "train_mean_nll" in m}
-    run_recipe(server, "sl", log, "batch_size=4", "lora_rank=4", "max_steps=4", "save_every=2",
+    run_recipe(server, "sl_loop", log, data, "batch_size=4", "lora_rank=4", "max_steps=4", "save_every=2",
                "learning_rate=1e-3")
     resumed = [m for m in metrics(log)[len(steps):] if "train_mean_nll" in m]
     assert [m["step"] for m in resumed] == [2, 3]
@@ -52,7 +71,7 @@ def test_sl_loop_runs_and_resumes(server, tmp_path):
 def test_rl_loop_importance_sampling(server, tmp_path):
     log = tmp_path / "rl"
     before = server.service.runners[TINY].stats["fused_requests"]
-    run_recipe(server, "rl", log, "batch_size=2", "group_size=4", "max_tokens=12", "lora_rank=4",
-               "max_steps=2", "save_every=0", "loss_fn=importance_sampling")
+    run_recipe(server, "rl_loop", log, "--demo-data", "batch_size=2", "group_size=4", "max_tokens=12",
+               "lora_rank=4", "max_steps=2", "save_every=0")  # loss_fn: importance_sampling by default
     assert len([m for m in metrics(log) if "progress/batch" in m]) == 2
     assert server.service.runners[TINY].stats["fused_requests"] > before  # it really trained

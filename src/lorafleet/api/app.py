@@ -34,10 +34,13 @@ from lorafleet.engine.decode import Budgets
 from lorafleet.engine.scheduler import Scheduler
 
 log = logging.getLogger("lorafleet.api")
+# after SIGTERM, how long uvicorn waits for open responses (Tinker long polls, streams that are
+# not reading) before it cancels them; streams themselves end at once (begin_shutdown)
+GRACEFUL_SHUTDOWN_S = 10
 
 # Request classes for the one-line-per-request log; polls and heartbeats log at DEBUG.
 _QUIET = ("/api/v1/retrieve_future", "/api/v1/session_heartbeat", "/api/v1/telemetry",
-          "/api/v1/client/dynamic_config", "/healthz", "/readyz")
+          "/api/v1/client/dynamic_config", "/health", "/readyz")  # and /healthz
 
 
 @dataclass
@@ -213,6 +216,7 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
         ready = app.state.ready and all(r.health(cfg.stall_s)["ok"] for r in svc.runners.values())
         return _json(200 if ready else 503, {"status": "ready" if ready else "not ready"})
 
+    app.add_api_route("/health", healthz, methods=["GET"], include_in_schema=False)  # common alias
     return app
 
 
@@ -220,7 +224,11 @@ def begin_shutdown(app: FastAPI) -> None:
     """Shutdown has begun: not ready any more, and every engine drains its serving jobs, so open
     streams end now with an error event (uvicorn waits for open responses before it runs the
     lifespan shutdown). Idempotent; `lorafleet serve` calls it as soon as a signal arrives."""
+    if not app.state.ready:
+        return
     app.state.ready = False
+    log.info("shutting down: admitting no new work and ending open streams (bounded wait %d s); "
+             "Tinker work still queued reports an error after the next start", GRACEFUL_SHUTDOWN_S)
     for r in app.state.tinker.runners.values():
         r.drain()
 

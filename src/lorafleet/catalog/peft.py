@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lorafleet.errors import IncompatibleAdapter
+from lorafleet.errors import IncompatibleAdapter, UnknownBaseModel
 from lorafleet.lora.spec import LoraSpec
 
 if TYPE_CHECKING:
@@ -24,15 +24,25 @@ class ImportedAdapter:
     files: dict[str, bytes]  # canonical adapter_config.json + adapter_model.safetensors
 
 
-def load_peft_dir(path: Path) -> ImportedAdapter:
+def load_peft_dir(path: Path, base_model: str | None = None) -> ImportedAdapter:
     """Read a PEFT folder, check it fits its base, and re-serialize it canonically (so the same
-    adapter imported twice has the same sha256)."""
+    adapter imported twice has the same sha256). `base_model` overrides the folder's
+    `base_model_name_or_path` (which is often a local path, e.g. `/models/SmolLM2`)."""
     from lorafleet.lora.io import read_peft_dir
 
     adapter = read_peft_dir(path)
-    if not adapter.base_model:
-        raise IncompatibleAdapter(f"{path}/adapter_config.json names no base_model_name_or_path")
-    return ImportedAdapter(adapter.spec, adapter.base_model, weights_files(adapter.weights, adapter.base_model))
+    base = base_model or adapter.base_model
+    if not base:
+        raise IncompatibleAdapter(
+            f"{path}/adapter_config.json names no base_model_name_or_path: pass the base model")
+    try:
+        files = weights_files(adapter.weights, base)
+    except UnknownBaseModel as e:
+        if base_model:
+            raise
+        raise UnknownBaseModel(f"{path} names base {base!r}, which is not a registered base: pass "
+                               f"the base it was trained on (CLI: --base NAME). {e}") from None
+    return ImportedAdapter(adapter.spec, base, files)
 
 
 def weights_files(weights: LoraWeights, base_model: str) -> dict[str, bytes]:

@@ -250,6 +250,10 @@ def soft_delete_policy(conn: Connection, policy_id: str, now: datetime) -> None:
     conn.execute(update(t.policies).where(t.policies.c.id == policy_id).values(deleted_at=now))
 
 
+def rename_policy(conn: Connection, policy_id: str, owner: str, name: str) -> None:
+    conn.execute(update(t.policies).where(t.policies.c.id == policy_id).values(owner=owner, name=name))
+
+
 def set_public(conn: Connection, policy_id: str, public: bool) -> None:
     conn.execute(update(t.policies).where(t.policies.c.id == policy_id).values(public=public))
 

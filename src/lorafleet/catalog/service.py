@@ -237,6 +237,22 @@ class Catalog:
             repo.set_public(conn, p.id, public)
         return self.get_policy(who, name)
 
+    def rename_policy(self, who: Principal, name: str, new_name: str) -> Policy:
+        """Give a policy a new `owner/name` (the caller must be able to write both owners).
+        Revisions, aliases and Tinker paths stay; references by the old name stop resolving.
+        A name taken by another policy, even a deleted one, is a Conflict."""
+        p = self._writable_policy(who, name)
+        owner, short = parse_policy_name(new_name)
+        if not who.can_write(owner):
+            raise InvalidRequest(f"tenant {who.tenant!r} cannot move policies to owner {owner!r}")
+        try:
+            with self.db.write() as conn:
+                repo.ensure_tenant(conn, owner, self.clock())
+                repo.rename_policy(conn, p.id, owner, short)
+        except IntegrityError as e:
+            raise Conflict(f"policy name {new_name} is taken") from e
+        return self.get_policy(who, new_name)
+
     def delete_policy(self, who: Principal, name: str) -> None:
         """Soft delete: the policy and its revisions stop resolving; names are never reused."""
         p = self._writable_policy(who, name)
@@ -305,13 +321,14 @@ class Catalog:
     def publish_peft_dir(
         self, who: Principal, path: str | Path, policy: str, *, create: bool = True,
         public: bool = False, aliases: Sequence[str] = (), provenance: Provenance | None = None,
-        step: int | None = None,
+        step: int | None = None, base_model: str | None = None,
     ) -> Revision:
-        """Import a PEFT LoRA folder; checks it fits its base model; creates the policy if needed."""
+        """Import a PEFT LoRA folder; checks it fits its base model (`base_model`, default the
+        folder's `base_model_name_or_path`); creates the policy if needed."""
         from lorafleet.catalog.peft import load_peft_dir  # torch is needed on this path only
         from lorafleet.model.registry import base_digest
 
-        adapter = load_peft_dir(Path(path))
+        adapter = load_peft_dir(Path(path), base_model)
         owner, short = parse_policy_name(policy)
         with self.db.read() as conn:
             existing = repo.get_policy(conn, owner, short)

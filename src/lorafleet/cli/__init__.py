@@ -14,7 +14,8 @@ import sys
 from lorafleet.errors import LorafleetError
 
 # Modules that contribute subcommands, in the order their commands appear in --help.
-AREAS = ("lorafleet.cli.serve", "lorafleet.cli.sample", "lorafleet.cli.models", "lorafleet.cli.catalog")
+AREAS = ("lorafleet.cli.serve", "lorafleet.cli.sample", "lorafleet.cli.models", "lorafleet.cli.catalog",
+         "lorafleet.cli.cookbook")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `key=value` after options: only commands that take free settings (cookbook)
+        if not hasattr(args, "settings"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.settings += extra
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,5 +1,5 @@
-"""Catalog commands: `adapters`, `alias`, `rollback`, `eval`, `lineage`, `gc`, `fsck`, `keys`,
-`tenants`.
+"""Catalog commands: `adapters` (import, export, rename, ...), `alias`, `rollback`, `eval`,
+`lineage`, `gc`, `fsck`, `keys`, `tenants`.
 
 `fsck` also checks the Tinker service's checkpoint rows against their folders on disk.
 
@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from enum import Enum
@@ -33,6 +36,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--name", required=True, help="owner/name (created if missing)")
     p.add_argument("--alias", action="append", default=[], help="move this alias to it (repeatable)")
     p.add_argument("--public", action="store_true", help="visible to every tenant (new policies)")
+    p.add_argument("--base", help="the base model it was trained on (default: the folder's "
+                                  "base_model_name_or_path, often a local path)")
+    p = _cmd(adapters, "export", _export, "write a revision as a PEFT folder (PeftModel.from_pretrained loads it)")
+    p.add_argument("ref", help="owner/name, owner/name:alias, owner/name@rev, tinker://...")
+    p.add_argument("dir", help="folder to create (must be empty or missing)")
+    p = _cmd(adapters, "rename", _rename, "give a policy a new owner/name (revisions and aliases stay)")
+    p.add_argument("policy")
+    p.add_argument("new_name")
     p = _cmd(adapters, "ls", _ls, "list policies")
     p.add_argument("--owner")
     p.add_argument("--base", help="base model name")
@@ -133,9 +144,34 @@ def _run(fn: Callable[[Catalog, argparse.Namespace], Any], args: argparse.Namesp
 
 
 def _import(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
-    rev = cat.publish_peft_dir(ADMIN, a.peft_dir, a.name, public=a.public, aliases=a.alias)
+    rev = cat.publish_peft_dir(ADMIN, a.peft_dir, a.name, public=a.public, aliases=a.alias, base_model=a.base)
     return rev, f"published {rev.policy} revision {rev.seq}: {rev.id} sha256 {rev.sha256[:12]}" + (
         f" (aliases: {', '.join(a.alias)})" if a.alias else "")
+
+
+def _export(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
+    from lorafleet.catalog.validate import CONFIG_FILE, WEIGHTS_FILE
+
+    rev = cat.resolve(a.ref, ADMIN)
+    out = Path(a.dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidRequest(f"{out} exists and is not an empty folder")
+    files = cat.read_files(ADMIN, rev.id)  # verified against the revision's sha256
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for name in (CONFIG_FILE, WEIGHTS_FILE):  # not a state revision's optimizer file
+            (tmp / name).write_bytes(files[name])
+        os.replace(tmp, out)  # all files or none (a rename onto an empty folder is allowed)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"revision": rev, "dir": str(out)}, f"wrote {rev.policy} revision {rev.seq} ({rev.id}) to {out}"
+
+
+def _rename(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
+    p = cat.rename_policy(ADMIN, a.policy, a.new_name)
+    return p, f"renamed {a.policy} to {p.full_name}"
 
 
 def _ls(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:

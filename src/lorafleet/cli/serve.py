@@ -11,9 +11,6 @@ from pathlib import Path
 from lorafleet.errors import InvalidRequest
 
 DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
-# after SIGTERM, how long uvicorn waits for open responses (Tinker long polls, streams that are
-# not reading) before it cancels them; streams themselves end at once (begin_shutdown)
-GRACEFUL_SHUTDOWN_S = 10
 log = logging.getLogger("lorafleet.serve")
 
 
@@ -93,7 +90,7 @@ def check_device(device: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from lorafleet.api.app import ServeConfig, begin_shutdown, create_app
+    from lorafleet.api.app import GRACEFUL_SHUTDOWN_S, ServeConfig, begin_shutdown, create_app
     from lorafleet.config import paths_from_env
     from lorafleet.model.registry import canonical_name
 
@@ -113,13 +110,28 @@ def run(args: argparse.Namespace) -> int:
     if args.max_json_bytes is not None:
         cfg.max_json_bytes = args.max_json_bytes
     app = create_app(cfg)
-    log.info("serving %s on http://%s:%d (auth %s)", cfg.bases, args.host, args.port, args.auth)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    announce = lambda port: log.info(  # noqa: E731
+        "serving %s on http://%s:%d (auth %s)", cfg.bases, args.host, port, args.auth)
+    bound_server(config, announce, on_shutdown=lambda: begin_shutdown(app)).run()
+    return 0
 
-    class Server(uvicorn.Server):
-        async def shutdown(self, sockets=None) -> None:
-            begin_shutdown(app)  # before uvicorn waits for open streams to finish
+
+def bound_server(config, announce, on_shutdown=lambda: None):  # type: ignore[no-untyped-def]
+    """uvicorn's server, calling `announce(port)` only once its socket is bound (a taken port
+    gives uvicorn's error line and exit status 3, never a "serving on"), and `on_shutdown()`
+    as soon as shutdown starts, before uvicorn waits for open streams to finish."""
+    import uvicorn
+
+    class BoundServer(uvicorn.Server):
+        async def startup(self, sockets=None):  # type: ignore[no-untyped-def]
+            await super().startup(sockets)
+            if self.started:
+                announce(self.servers[0].sockets[0].getsockname()[1])
+
+        async def shutdown(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
+            on_shutdown()
             await super().shutdown(sockets)
 
-    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                          timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)).run()
-    return 0
+    return BoundServer(config)

@@ -321,6 +321,7 @@ def load_base(name: str, paths: Paths, dtype: torch.dtype | str = torch.float32,
             raise UnknownBaseModel(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     src = resolve(name)
+    smollm2.progress_bars()
     from transformers import AutoTokenizer
 
     if src.kind == sources.REGISTRY:

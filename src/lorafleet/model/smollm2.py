@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,17 @@ def _cache_dir(models_dir: Path) -> Path:
     return models_dir / f"smollm2-{gguf_digest()[:16]}"
 
 
+def progress_bars() -> bool:
+    """Progress bars (ours and transformers') only when stderr is a terminal: in a log file
+    their carriage-return updates are noise. Returns whether they are on."""
+    tty = sys.stderr.isatty()
+    if not tty:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return tty
+
+
 def tokenizer_dir(models_dir: Path) -> Path:
     """A local tokenizer folder (what `AutoTokenizer.from_pretrained` takes); built once."""
     final = _cache_dir(models_dir) / "tokenizer"
@@ -96,7 +108,10 @@ def load_model(models_dir: Path) -> nn.Module:
 def _convert(final: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    steps = tqdm(total=3, desc="SmolLM2: first-time conversion from GGUF", unit="step")
+    if not progress_bars():
+        log.info("SmolLM2: first-time conversion from GGUF (dequantise, rebuild, save; ~30 s)")
+    steps = tqdm(total=3, desc="SmolLM2: first-time conversion from GGUF", unit="step",
+                 disable=not sys.stderr.isatty())
     steps.set_postfix_str("dequantising (~20 s)")
     q = AutoModelForCausalLM.from_pretrained(
         str(gguf_path().parent), gguf_file=GGUF_NAME, dtype=torch.float32

