@@ -378,3 +378,16 @@ def test_training_and_decoding_both_progress_under_load_of_the_other(paths):
         sink.wait(decoding)
     finally:
         sched.stop()
+
+
+def test_the_engine_imports_nothing_from_the_api():
+    import ast
+    from pathlib import Path
+
+    import lorafleet.engine
+
+    for path in Path(lorafleet.engine.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.startswith("lorafleet.api") for n in names), f"{path.name} imports {names}"

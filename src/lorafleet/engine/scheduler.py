@@ -161,7 +161,13 @@ class Scheduler:
         iteration in progress) but made no progress for more than `stall_s` seconds.
         """
         alive = self._thread.is_alive()
-        pending = self._busy or self._has_work()
+        if self._cv.acquire(timeout=0.1):  # the queues are read under the lock
+            try:
+                pending = self._busy or self._has_work()
+            finally:
+                self._cv.release()
+        else:  # the compute thread holds it (an unordered job): it has work
+            pending = True
         age = time.monotonic() - self._progress_at
         return {"ok": alive and not (pending and age > stall_s), "alive": alive,
                 "pending": pending, "progress_age_s": round(age, 3)}

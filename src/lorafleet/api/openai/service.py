@@ -250,6 +250,13 @@ class Admitted:
     reply: Reply | None = None
     first_token_at: float | None = None
 
+    def cancel(self) -> None:
+        """The client went away: the engine drops the job (its rows leave at the next step)."""
+        if self.job is not None:
+            self.job.cancel()
+        if self.reply is not None:
+            self.reply.future.cancel()
+
 
 class Reply:
     """The sink of one OpenAI-API job: a concurrent future for its results, tokens to a callback.
