@@ -23,6 +23,7 @@ import asyncio
 import json
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,9 @@ class FutureTable:
         self._events: dict[str, asyncio.Event] = {}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # called with (request_id, payload) when a future completes, payload None when it
+        # fails (api/tinker/run_metrics.py); from the completing thread
+        self.observers: list[Callable[[str, bytes | None], None]] = []
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Remember the event loop so the engine thread can wake polls."""
@@ -143,6 +147,8 @@ class FutureTable:
             state=DONE, payload=payload, content_type=content_type, completed=now(),
         )
         self._wake(request_id)
+        for observe in self.observers:
+            observe(request_id, payload)
 
     def complete_json(self, request_id: str, result: Any) -> None:
         """Store a JSON result; a non-finite number in it fails the future (a user error)."""
@@ -166,6 +172,8 @@ class FutureTable:
             state=FAILED, error=message, category=category, completed=now(),
         )
         self._wake(request_id)
+        for observe in self.observers:
+            observe(request_id, None)
         return message
 
     def _wake(self, request_id: str) -> None:
