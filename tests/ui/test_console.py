@@ -218,6 +218,8 @@ def test_training_run_curve_and_checkpoints_link_to_revisions(page, console):
     worker.start()
     worker.join()
     (run_id,) = runs
+    bob = httpx.get(f"{console.url}/admin/v1/runs/{run_id}", headers={"X-API-Key": console.keys["bob"]})
+    assert bob.status_code == 404  # another tenant's run: not even its metrics
     login(page, console, "alice")
     go(page, "#/runs")
     click(page, f"#runs a:has-text('{run_id}')", "#/run/")
@@ -255,8 +257,23 @@ def test_serving_page_updates_while_requests_run(page, console):
         page.wait_for_function("() => document.querySelector('#rate-ttft').textContent.endsWith('ms')")
         used, _, most = page.locator(f"#engines tr[data-base='{TINY}'] .slots").inner_text().partition(" / ")
         assert 1 <= int(used) <= int(most) == 4  # prod is resident in one of the 4 slots
-        page.wait_for_selector("#rate-chart polyline")
+        page.wait_for_function(  # a few seconds of the rate chart
+            "() => (document.querySelector('#rate-chart polyline')?.getAttribute('points') || '').split(' ').length >= 4")
         shot(page, "serving")
     finally:
         stop.set()
         worker.join()
+
+
+def test_auth_none_logs_in_without_a_key(page, paths, tiny_pair, tmp_path):
+    live = start_server(paths, [TINY], tmp_path, engines={TINY: tiny_pair}, hold_s=5.0)
+    try:
+        live.app.state.catalog.create_policy(ADMIN, "local/solo", TINY, SPEC)
+        page.goto(f"{live.url}/ui/")
+        page.click("#login")  # the key field left empty
+        wait_ready(page, "#/policies")
+        assert "local/solo" in page.locator("#policies").inner_text()
+        click(page, "#policies a[href='#/policy/local/solo']", "#/policy/local/solo")
+        assert "No revisions yet" in page.locator("#revisions").inner_text()
+    finally:
+        live.stop()

@@ -161,16 +161,19 @@ async function policiesPage(params) {
 
 async function policyPage(name, params) {
   const base = `/catalog/v1/policies/${name}`;
+  const limit = Math.min(1000, Math.max(1, Number(params.get("limit")) || 20));
   const [policy, revs, aliases] = await Promise.all([
-    api(base), api(`${base}/revisions?limit=${enc(params.get("limit") || "20")}`), api(`${base}/aliases`)]);
+    api(base), api(`${base}/revisions?limit=${limit}`), api(`${base}/aliases`)]);
   const histories = await Promise.all(aliases.map((a) => api(`${base}/aliases/${enc(a.name)}/history`)));
   const events = histories.flat().sort((a, b) => (a.at < b.at ? 1 : -1));
   const seqOf = Object.fromEntries(revs.items.map((r) => [r.id, r.seq]));
   const revLabel = (id) => (id in seqOf ? `#${seqOf[id]}` : short(id, 16));
   const selected = params.get("rev") || (aliases.find((a) => a.name === "prod") || aliases[0] || {}).revision_id
     || (revs.items[0] || {}).id;
-  const evals = await Promise.all(revs.items.map((r) => api(`/catalog/v1/evaluations?ref=${enc(r.id)}`)));
-  const evalsOf = Object.fromEntries(revs.items.map((r, i) => [r.id, evals[i]]));
+  // evaluations of the newest 50 revisions listed and of the selected one (one call each)
+  const withEvals = [...new Set([...revs.items.slice(0, 50).map((r) => r.id), selected].filter(Boolean))];
+  const evals = await Promise.all(withEvals.map((id) => api(`/catalog/v1/evaluations?ref=${enc(id)}`)));
+  const evalsOf = Object.fromEntries(withEvals.map((id, i) => [id, evals[i]]));
   const gatesOf = {};
   for (const e of events) {
     if (e.reason && e.reason.startsWith("gate ")) (gatesOf[e.to_revision_id] ||= []).push(e);
@@ -209,7 +212,8 @@ async function policyPage(name, params) {
       <td>${evalSummary(evalsOf[r.id])}</td><td>${when(r.created_at)}</td></tr>`).join("")
       || '<tr><td colspan="9" class="muted">No revisions yet.</td></tr>'}
     </tbody></table>
-    ${revs.next_cursor ? `<p><a href="${policyHref(name)}${params.get("rev") ? "&" : "?"}limit=${Number(params.get("limit") || 20) + 50}" id="more-revs">Show more revisions</a></p>` : ""}
+    ${revs.next_cursor && limit < 1000 ? `<p><a href="#/policy/${name}?${new URLSearchParams({ ...Object.fromEntries(params), limit: Math.min(1000, limit + 100) })}"
+      id="more-revs">Show more revisions</a></p>` : ""}
     <div id="revision"></div>
     <h2>Alias history</h2>
     <table id="alias-history"><thead><tr><th>When</th><th>Alias</th><th>Action</th><th>From</th><th>To</th><th>By</th><th>Reason</th></tr></thead><tbody>
@@ -229,12 +233,14 @@ async function policyPage(name, params) {
       () => api(`${base}/aliases/${enc(alias)}/rollback`, { method: "POST", body: {} }),
       (e) => `${alias} rolled back to ${revLabel(e.to_revision_id)}`));
   }
-  const rev = revs.items.find((r) => r.id === selected);
-  if (rev) await revisionPanel(policy, rev, evalsOf[rev.id], gatesOf[rev.id] || [], aliases);
+  // the selected revision may be older than the page: resolve it by id
+  const rev = revs.items.find((r) => r.id === selected) || (selected && await api(`/catalog/v1/resolve?ref=${enc(selected)}`));
+  if (rev && rev.policy === name) await revisionPanel(policy, rev, evalsOf[rev.id], gatesOf[rev.id] || [], aliases);
 }
 
 function evalSummary(list) {
-  if (!list || !list.length) return '<span class="muted">—</span>';
+  if (list === undefined) return '<span class="muted" title="select the revision to see them">…</span>';
+  if (!list.length) return '<span class="muted">—</span>';
   return list.map((e) => `<span class="pill">${esc(e.suite)}: ${Object.entries(e.metrics)
     .map(([k, v]) => `${esc(k)}=${Number(v).toPrecision(3)}`).join(" ")}</span>`).join("");
 }
@@ -438,8 +444,9 @@ async function servingPage() {
     </div>
     <h2>Residency per engine</h2>
     <table id="engines"><thead><tr><th>Base model</th><th>Slots</th><th>Pinned</th><th>Host cache</th><th>Cold-load queue</th></tr></thead><tbody></tbody></table>
-    <h2>Requests / s, last minutes</h2><div class="card" id="rate-chart"></div>`;
+    <h2>Requests / s since this page opened</h2><div class="card" id="rate-chart"></div>`;
   let last = null;
+  const start = Date.now() / 1000;
   const history = { "requests/s": [], "tokens/s": [] };
   const refresh = async () => {
     const s = await api("/admin/v1/serving");
@@ -457,11 +464,11 @@ async function servingPage() {
       $("#rate-requests").textContent = (dreq / dt).toFixed(2);
       $("#rate-tokens").textContent = (dtok / dt).toFixed(1);
       $("#rate-ttft").textContent = dft > 0 ? `${((1000 * dfts) / dft).toFixed(0)} ms` : "—";
-      const t = Math.round(s.at);
+      const t = Math.round(s.at - start);
       history["requests/s"].push([t, dreq / dt]);
       history["tokens/s"].push([t, dtok / dt]);
       for (const k in history) if (history[k].length > 300) history[k].shift();
-      $("#rate-chart").innerHTML = chartSvg({ "requests/s": history["requests/s"] }, "time (s)", 720, 180);
+      $("#rate-chart").innerHTML = chartSvg({ "requests/s": history["requests/s"] }, "seconds on this page", 720, 180);
     }
     last = s;
   };
