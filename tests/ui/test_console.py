@@ -255,6 +255,7 @@ def test_serving_page_updates_while_requests_run(page, console):
         page.wait_for_function(f"() => Number(document.querySelector('#total-requests').textContent) >= {before + 3}")
         page.wait_for_function("() => Number(document.querySelector('#rate-requests').textContent) > 0")
         page.wait_for_function("() => document.querySelector('#rate-ttft').textContent.endsWith('ms')")
+        assert int(page.locator("#cold-loads").inner_text()) >= 1  # prod came from the store once
         used, _, most = page.locator(f"#engines tr[data-base='{TINY}'] .slots").inner_text().partition(" / ")
         assert 1 <= int(used) <= int(most) == 4  # prod is resident in one of the 4 slots
         page.wait_for_function(  # a few seconds of the rate chart

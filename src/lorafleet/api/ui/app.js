@@ -441,6 +441,8 @@ async function servingPage() {
       <div class="card"><div class="muted">Tokens / s (completion)</div><div class="big" id="rate-tokens">—</div></div>
       <div class="card"><div class="muted">Time to first token (mean)</div><div class="big" id="rate-ttft">—</div></div>
       <div class="card"><div class="muted">Requests served</div><div class="big" id="total-requests">—</div></div>
+      <div class="card"><div class="muted">Cold loads from the store (refused: queue full)</div>
+        <div class="big"><span id="cold-loads">—</span> <span class="muted" id="cold-refused"></span></div></div>
     </div>
     <h2>Residency per engine</h2>
     <table id="engines"><thead><tr><th>Base model</th><th>Slots</th><th>Pinned</th><th>Host cache</th><th>Cold-load queue</th></tr></thead><tbody></tbody></table>
@@ -452,6 +454,8 @@ async function servingPage() {
     const s = await api("/admin/v1/serving");
     $("#serving-live").textContent = `· updated ${new Date(s.at * 1000).toLocaleTimeString()}`;
     $("#total-requests").textContent = String(s.counters.requests);
+    $("#cold-loads").textContent = String(s.counters.cold_loads);
+    $("#cold-refused").textContent = `(${s.counters.cold_load_rejections})`;
     $("#engines tbody").innerHTML = s.engines.map((e) => `<tr data-base="${esc(e.base)}"><td>${esc(e.base)}</td>
       <td><span class="bar"><span style="width:${(100 * e.slots) / Math.max(1, e.max_slots)}%"></span></span> <span class="slots">${e.slots} / ${e.max_slots}</span></td>
       <td>${e.pinned_slots}</td><td class="host">${e.host}</td><td class="queue">${e.load_queue}</td></tr>`).join("");
