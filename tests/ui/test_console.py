@@ -105,8 +105,8 @@ def go(page, hash_: str) -> None:
 
 
 def test_assets_are_public_and_data_needs_a_key(console):
-    r = httpx.get(f"{console.url}/ui/")
-    assert r.status_code == 200 and "app.js" in r.text
+    r = httpx.get(f"{console.url}/ui", follow_redirects=True)  # what a user types
+    assert r.status_code == 200 and "app.js" in r.text and str(r.url).endswith("/ui/")
     assert httpx.get(f"{console.url}/ui/app.js").status_code == 200
     assert httpx.get(f"{console.url}/admin/v1/serving").status_code == 401
     assert httpx.get(f"{console.url}/catalog/v1/policies").status_code == 401
@@ -118,6 +118,7 @@ def test_wrong_key_is_refused_at_login(page, console):
     page.click("#login")
     page.wait_for_selector("#login-error:has-text('401')")
     assert page.locator("#nav").is_hidden()
+    shot(page, "login")
 
 
 def test_policy_provenance_lineage_evaluations_alias_move_and_rollback(page, console):
@@ -222,6 +223,7 @@ def test_training_run_curve_and_checkpoints_link_to_revisions(page, console):
     assert bob.status_code == 404  # another tenant's run: not even its metrics
     login(page, console, "alice")
     go(page, "#/runs")
+    shot(page, "runs")
     click(page, f"#runs a:has-text('{run_id}')", "#/run/")
     page.wait_for_selector("#chart polyline")
     points = page.locator("#chart polyline").first.get_attribute("points").split()

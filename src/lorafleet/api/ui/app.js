@@ -420,7 +420,7 @@ function chartSvg(series, xlabel, width = 520, height = 220) {
   const lines = names.map((n, i) => `<polyline fill="none" stroke="${colors[i % colors.length]}" stroke-width="1.6"
     points="${series[n].map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ")}"/>`).join("");
   const legend = names.map((n, i) => `<span class="pill" style="color:${colors[i % colors.length]}">${esc(n)} (${series[n].length})</span>`).join("");
-  const fmt = (v) => (Math.abs(v) >= 1000 || (Math.abs(v) < 0.01 && v !== 0) ? v.toExponential(2) : v.toPrecision(3));
+  const fmt = (v) => (Number.isInteger(v) && Math.abs(v) < 1e6 ? String(v) : Math.abs(v) >= 1000 || (Math.abs(v) < 0.01 && v !== 0) ? v.toExponential(2) : v.toPrecision(3));
   return `<svg width="${width}" height="${height}" class="chart" role="img" aria-label="chart">
     <line x1="${L}" y1="${height - B}" x2="${width - R}" y2="${height - B}" stroke="#cfd4dc"/>
     <line x1="${L}" y1="${T}" x2="${L}" y2="${height - B}" stroke="#cfd4dc"/>
