@@ -280,3 +280,14 @@ def test_auth_none_logs_in_without_a_key(page, paths, tiny_pair, tmp_path):
         assert "No revisions yet" in page.locator("#revisions").inner_text()
     finally:
         live.stop()
+
+
+def test_revision_older_than_the_page_and_more_revisions(page, console):
+    revs = console.revs
+    login(page, console, "alice")
+    go(page, f"#/policy/alice/chat?rev={revs[0].id}&limit=1")
+    assert page.locator("#revisions tbody tr").count() == 1  # only the newest, #3
+    assert revs[0].sha256 in page.locator("#provenance").inner_text()  # #1, resolved by id
+    click(page, "#more-revs", "#/policy/alice/chat")
+    assert page.locator("#revisions tbody tr").count() == 3
+    assert page.locator("#more-revs").count() == 0

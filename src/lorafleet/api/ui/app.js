@@ -24,7 +24,8 @@ function bytes(n) {
   return `${n.toFixed(i ? 1 : 0)} ${u[i]}`;
 }
 const enc = encodeURIComponent;
-const policyHref = (name, rev) => `#/policy/${name}${rev ? `?rev=${enc(rev)}` : ""}`;
+const policyPath = (name, rev) => `#/policy/${name}${rev ? `?rev=${enc(rev)}` : ""}`;
+const policyHref = (name, rev) => esc(policyPath(name, rev)); // for an href attribute
 
 class ApiError extends Error {
   constructor(status, name, message) { super(`${status} ${name}: ${message}`); this.status = status; }
@@ -212,7 +213,7 @@ async function policyPage(name, params) {
       <td>${evalSummary(evalsOf[r.id])}</td><td>${when(r.created_at)}</td></tr>`).join("")
       || '<tr><td colspan="9" class="muted">No revisions yet.</td></tr>'}
     </tbody></table>
-    ${revs.next_cursor && limit < 1000 ? `<p><a href="#/policy/${name}?${new URLSearchParams({ ...Object.fromEntries(params), limit: Math.min(1000, limit + 100) })}"
+    ${revs.next_cursor && limit < 1000 ? `<p><a href="${esc(`#/policy/${name}?${new URLSearchParams({ ...Object.fromEntries(params), limit: Math.min(1000, limit + 100) })}`)}"
       id="more-revs">Show more revisions</a></p>` : ""}
     <div id="revision"></div>
     <h2>Alias history</h2>
@@ -224,7 +225,7 @@ async function policyPage(name, params) {
     </tbody></table>`;
 
   for (const tr of main().querySelectorAll("#revisions tr[data-rev]")) {
-    tr.addEventListener("click", () => { location.hash = policyHref(name, tr.dataset.rev); });
+    tr.addEventListener("click", () => { location.hash = policyPath(name, tr.dataset.rev); });
   }
   for (const tr of main().querySelectorAll("#aliases tr[data-alias]")) {
     const alias = tr.dataset.alias;
@@ -347,7 +348,7 @@ function lineageSvg(lin) {
 // #/rev/<id>: a bare revision id (a parent in another policy) -> its policy page.
 async function revRedirect(id) {
   const r = await api(`/catalog/v1/resolve?ref=${enc(id)}`);
-  location.replace(policyHref(r.policy, r.id));
+  location.replace(policyPath(r.policy, r.id));
 }
 
 // ---- training runs -----------------------------------------------------------------------
