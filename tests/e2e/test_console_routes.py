@@ -16,8 +16,11 @@ def test_run_metrics_are_the_sdk_losses_per_step(server):
     tc = tinker.ServiceClient(base_url=server.url).create_lora_training_client(
         base_model=TINY, rank=4).result()
     losses = []
-    for _ in range(3):
+    for step in range(3):
         losses.append(tc.forward_backward(BATCH, "cross_entropy").result().metrics["loss:sum"])
+        # recorded before the result was handed out: a client that has it sees it charted
+        seen = httpx.get(f"{server.url}/admin/v1/runs/{tc.model_id}").json()["series"]
+        assert len(seen["train/loss:sum"]) == step + 1
         tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
     evaluated = tc.forward(BATCH, "cross_entropy").result().metrics["loss:sum"]
     r = httpx.get(f"{server.url}/admin/v1/runs/{tc.model_id}")

@@ -70,7 +70,8 @@ class FutureTable:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         # called with (request_id, payload) when a future completes, payload None when it
-        # fails (api/tinker/run_metrics.py); from the completing thread
+        # fails (api/tinker/run_metrics.py); on the completing thread, before polls wake, and
+        # must not raise
         self.observers: list[Callable[[str, bytes | None], None]] = []
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -146,9 +147,9 @@ class FutureTable:
             "futures", "request_id", request_id,
             state=DONE, payload=payload, content_type=content_type, completed=now(),
         )
-        self._wake(request_id)
-        for observe in self.observers:
+        for observe in self.observers:  # before the wake: a client that has the result sees it
             observe(request_id, payload)
+        self._wake(request_id)
 
     def complete_json(self, request_id: str, result: Any) -> None:
         """Store a JSON result; a non-finite number in it fails the future (a user error)."""
@@ -171,9 +172,9 @@ class FutureTable:
             "futures", "request_id", request_id,
             state=FAILED, error=message, category=category, completed=now(),
         )
-        self._wake(request_id)
         for observe in self.observers:
             observe(request_id, None)
+        self._wake(request_id)
         return message
 
     def _wake(self, request_id: str) -> None:
