@@ -26,6 +26,7 @@ from lorafleet.api.tinker.checkpoints import (
 )
 from lorafleet.api.tinker.futures import FutureTable
 from lorafleet.api.tinker.rest import RestQueries
+from lorafleet.api.tinker.run_metrics import RunMetrics
 from lorafleet.api.tinker.submitted import Submitted
 from lorafleet.api.tinker.sampling import SamplingCalls
 from lorafleet.api.tinker.store import TinkerStore, now
@@ -73,6 +74,8 @@ class TinkerService(SamplingCalls, RestQueries):
         self.store = store
         self.futures = futures
         self.checkpoints = checkpoints
+        self.run_metrics = RunMetrics(store)  # per-step loss curves for the console
+        futures.observers.append(self.run_metrics.done)
 
     # ------------------------------------------------------------------ helpers
 
@@ -140,9 +143,11 @@ class TinkerService(SamplingCalls, RestQueries):
         request_id, created = self.futures.submit(op.tenant, op.kind, fingerprint, scope, seq_id, idem)
         if created:
             op.request_id = request_id
+            self.run_metrics.watch(op)
             try:
                 runner.submit(op)
             except Exception:
+                self.run_metrics.forget(request_id)
                 self.futures.forget(request_id)
                 raise
         return Submitted(request_id, model_id=op.model_id)
