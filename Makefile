@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv clean sdk-venvs
+.PHONY: run test venv clean sdk-venvs chromium
 
 venv: $(STAMP)
 
@@ -42,7 +42,13 @@ SDK_VERSIONS := 0.26.2 0.22.7
 
 sdk-venvs: $(foreach v,$(SDK_VERSIONS),.venv-tinker-$(v)/.installed)
 
-test: venv sdk-venvs
+# The console's browser tests (tests/ui) drive Debian's chromium through Playwright (a pip
+# package, in the dev extras); no browser download. Without chromium those tests skip and say so.
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq chromium) || echo "chromium could not be installed: tests/ui will skip"
+
+test: venv sdk-venvs chromium
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
 clean:

@@ -189,6 +189,9 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
                        max_body_bytes=cfg.max_body_bytes, max_json_bytes=cfg.max_json_bytes)
     app.middleware("http")(_log_requests)
     app.include_router(tinker_router)
+    from lorafleet.api.routes.console import mount as mount_console
+
+    mount_console(app)  # the web console at /ui (api/ui/) and its /admin/v1 routes
     if catalog is not None:
         from lorafleet.api.openai.routes import router as openai_router
         from lorafleet.api.openai.service import OpenAIService

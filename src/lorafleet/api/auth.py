@@ -28,8 +28,9 @@ from lorafleet.catalog.service import Catalog
 from lorafleet.errors import Forbidden, Unauthorized
 
 AUTH_MODES = ("none", "keys")
-# Reachable without a key under `--auth keys` (prefixes of request paths).
-PUBLIC = ("/healthz", "/readyz", "/metrics", "/api/v1/healthz", "/api/v1/files/")
+# Reachable without a key under `--auth keys` (prefixes of request paths). /ui holds the
+# console's static assets only; its data calls go to the keyed APIs (api/routes/console.py).
+PUBLIC = ("/healthz", "/readyz", "/metrics", "/api/v1/healthz", "/api/v1/files/", "/ui")
 LOCAL_ADMIN = Principal(LOCAL_TENANT, admin=True)
 
 KeyLookup = Callable[[str], Principal]  # raises Unauthorized for an unknown key

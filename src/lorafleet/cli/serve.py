@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     announce = lambda port: log.info(  # noqa: E731
-        "serving %s on http://%s:%d (auth %s)", cfg.bases, args.host, port, args.auth)
+        "serving %s on http://%s:%d (auth %s; console at http://%s:%d/ui)", cfg.bases, args.host,
+        port, args.auth, args.host, port)
     bound_server(config, announce, on_shutdown=lambda: begin_shutdown(app)).run()
     return 0
 

@@ -23,6 +23,7 @@ import asyncio
 import json
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,10 @@ class FutureTable:
         self._events: dict[str, asyncio.Event] = {}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # called with (request_id, payload) when a future completes, payload None when it
+        # fails (api/tinker/run_metrics.py); on the completing thread, before polls wake, and
+        # must not raise
+        self.observers: list[Callable[[str, bytes | None], None]] = []
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Remember the event loop so the engine thread can wake polls."""
@@ -142,6 +147,8 @@ class FutureTable:
             "futures", "request_id", request_id,
             state=DONE, payload=payload, content_type=content_type, completed=now(),
         )
+        for observe in self.observers:  # before the wake: a client that has the result sees it
+            observe(request_id, payload)
         self._wake(request_id)
 
     def complete_json(self, request_id: str, result: Any) -> None:
@@ -165,6 +172,8 @@ class FutureTable:
             "futures", "request_id", request_id,
             state=FAILED, error=message, category=category, completed=now(),
         )
+        for observe in self.observers:
+            observe(request_id, None)
         self._wake(request_id)
         return message
 

@@ -30,6 +30,7 @@ from lorafleet.api.tinker.checkpoints import (
 from lorafleet.api.tinker.futures import FutureTable
 from lorafleet.api.tinker.jobs import Ticket, TinkerSink, fwdbwd_payload
 from lorafleet.api.tinker.rest import RestQueries
+from lorafleet.api.tinker.run_metrics import RunMetrics
 from lorafleet.api.tinker.submitted import Submitted
 from lorafleet.api.tinker.sampling import SamplingCalls
 from lorafleet.api.tinker.store import TinkerStore, now
@@ -93,6 +94,8 @@ class TinkerService(SamplingCalls, RestQueries):
         self.checkpoints = checkpoints
         self.sinks = {name: TinkerSink(futures, store, checkpoints, r.base, r, catalog)
                       for name, r in runners.items()}
+        self.run_metrics = RunMetrics(store)  # per-step loss curves for the console
+        futures.observers.append(self.run_metrics.done)
 
     # ------------------------------------------------------------------ helpers
 
@@ -169,8 +172,10 @@ class TinkerService(SamplingCalls, RestQueries):
             job = None
             try:
                 job = build(Ticket(request_id, call))
+                self.run_metrics.watch(request_id, job)
                 runner.submit(job)
             except Exception:
+                self.run_metrics.forget(request_id)
                 self.futures.forget(request_id)
                 lease = getattr(job.payload, "lease", None) if job is not None else None
                 if lease is not None:
