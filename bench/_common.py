@@ -97,3 +97,55 @@ def emit(record: dict) -> None:
 def note(msg: str) -> None:
     """Progress on stderr, so stdout stays one JSON line."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def serve(paths, state: Path, **cfg):
+    """A real lorafleet server on loopback (uvicorn in a thread): (app, server, url)."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from lorafleet.api.app import ServeConfig, create_app
+
+    app = create_app(ServeConfig(bases=[SMOL], paths=paths, state_dir=state, **cfg))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           access_log=False))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return app, server, f"http://127.0.0.1:{port}"
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """The q-quantile (0..1) by nearest rank; nan for no data."""
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+async def stream_completion(client, url: str, body: dict, t_sent: float) -> dict:
+    """One streaming /v1/completions call: TTFT, inter-token gaps, tokens (SSE text chunks)."""
+    import json as _json
+
+    first, last, gaps, tokens = None, None, [], 0
+    async with client.stream("POST", f"{url}/v1/completions", json={**body, "stream": True},
+                             headers={"X-API-Key": "tml-bench"}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            if not _json.loads(line[6:])["choices"][0].get("text"):
+                continue
+            now = time.perf_counter()
+            if first is None:
+                first = now - t_sent
+            else:
+                gaps.append(now - last)
+            last, tokens = now, tokens + 1
+    return {"ttft": first if first is not None else float("nan"), "gaps": gaps, "tokens": tokens,
+            "end": last or time.perf_counter()}

@@ -78,7 +78,7 @@ def main() -> None:
                              loss_fn_inputs={"target_tokens": t[1:].astype(np.int64),
                                              "weights": np.ones(seq, np.float32)}) for t in toks]
     adam = types.AdamParams(learning_rate=1e-4)
-    handle = engine.create_adapter(app.state.tinker.runners[SMOL].models[tc.model_id].spec, seed=0)
+    handle = engine.create_adapter(app.state.tinker.runners[SMOL].runs[tc.model_id].spec, seed=0)
     direct_batch = [Datum(torch.from_numpy(t[:-1].copy()),
                           {"target_tokens": torch.from_numpy(t[1:].copy()),
                            "weights": torch.ones(seq)}) for t in toks]

@@ -93,7 +93,7 @@ def main() -> None:
 
     for rank in RANKS:
         tc = service.create_lora_training_client(base_model=SMOL, rank=rank, seed=0).result()
-        live = runner.models[tc.model_id]
+        live = runner.runs[tc.model_id]
         sampler_slot = engine.create_adapter(live.spec, seed=0)  # the engine path's sampler slot
         times: dict[str, list[float]] = {"sdk": [], "engine": [], "merged": []}
         parts: dict[str, list[float]] = {"merge": [], "save": [], "load": [], "first_token": []}

@@ -63,3 +63,7 @@ def assert_fused_equals_separate(engine, handles, reqs, rtol: float, atol: float
             torch.testing.assert_close(o_f["logprobs"], o_a["logprobs"], rtol=1e-4, atol=1e-4)
         engine.discard_grads(h)
     return fused, fused_grads
+
+
+# the devices present: tests that must hold on every device are parametrized over these
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -45,6 +45,10 @@ class Expired(LorafleetError, LookupError):
     """The thing existed but its retention ran out (HTTP 410)."""
 
 
+class Cancelled(InvalidRequest):
+    """The client withdrew the request (it disconnected); its engine work was dropped."""
+
+
 class NoCapacity(LorafleetError, RuntimeError):
     """Transient: no free slot, a full queue, or the loader is busy (HTTP 429 + Retry-After)."""
 

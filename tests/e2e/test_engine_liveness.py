@@ -29,9 +29,8 @@ PROMPT_S = 30.0  # what "quickly" means on a shared 2-core machine: far below an
 class FaultyEngine(Engine):
     """The real engine on its own tiny-llama, with two switches a test can throw.
 
-    drop_results: the next `sample` returns no results (a bug the runner cannot catch where it
-        calls the engine: it surfaces later in the turn).
-    gate: while cleared, every decode step waits on it (a stuck engine).
+    drop_results: the next decoder forward raises (a bug inside the scheduler's decode step).
+    gate: while cleared, every decoder forward waits on it (a stuck engine).
     """
 
     def __init__(self, base):
@@ -39,20 +38,16 @@ class FaultyEngine(Engine):
         self.drop_results = False
         self.gate = threading.Event()
         self.gate.set()
-        self.blocked = threading.Event()  # set once a decode step waits on the gate
+        self.blocked = threading.Event()  # set once a decoder forward waits on the gate
 
-    def sample(self, reqs, on_token=None):
-        def step(*args):
-            if not self.gate.is_set():
-                self.blocked.set()
-                self.gate.wait()
-            return on_token(*args) if on_token is not None else None
-
-        results = super().sample(reqs, on_token=step)
+    def decode_forward(self, **inputs):
+        if not self.gate.is_set():
+            self.blocked.set()
+            self.gate.wait()
         if self.drop_results:
             self.drop_results = False
-            return []
-        return results
+            raise RuntimeError("injected engine bug")
+        return super().decode_forward(**inputs)
 
 
 @pytest.fixture(scope="module")

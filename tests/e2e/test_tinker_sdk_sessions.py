@@ -35,11 +35,11 @@ def test_finish_frees_adapters_and_ends_heartbeats(server):
         tc = sc.create_lora_training_client(base_model=TINY, rank=4).result()
         tc.forward_backward(BATCH, "cross_entropy").result()
         session_id = tc.model_id.split(":")[0]
-        assert tc.model_id in runner.models
+        assert tc.model_id in runner.runs
     deadline = time.time() + 5
-    while tc.model_id in runner.models and time.time() < deadline:
+    while tc.model_id in runner.runs and time.time() < deadline:
         time.sleep(0.05)
-    assert tc.model_id not in runner.models
+    assert tc.model_id not in runner.runs
     r = httpx.post(f"{server.url}/api/v1/session_heartbeat",
                    json={"session_id": session_id, "type": "session_heartbeat"}, headers=H)
     assert r.status_code == 410
@@ -53,7 +53,7 @@ def test_silent_sessions_expire(server, service_client):
     assert server.service.expire_sessions(timeout_s=3600) == 0
     assert server.service.expire_sessions(timeout_s=-1) >= 1
     deadline = time.time() + 5
-    while tc.model_id in runner.models and time.time() < deadline:
+    while tc.model_id in runner.runs and time.time() < deadline:
         time.sleep(0.05)
     with pytest.raises(tinker.NotFoundError, match="not loaded"):
         tc.forward_backward(BATCH, "cross_entropy").result()

@@ -11,7 +11,7 @@ from lorafleet.engine.residency import NotResident, Residency, Tier
 from lorafleet.errors import NoCapacity
 from lorafleet.lora.io import parse_peft_files, peft_files
 from lorafleet.lora.spec import LoraSpec
-from tests.helpers import random_adapter
+from tests.helpers import DEVICES, random_adapter
 
 PROMPT = [1, 504, 2823, 314]
 GREEDY = SamplingParams(max_tokens=6, temperature=0, stop_token_ids=())
@@ -35,8 +35,12 @@ class BlobFetch:
 
 
 def _sample(res, key):
-    handles = res.activate([key])
-    (out,) = res.engine.sample([SampleRequest(handles[key], PROMPT, 1, GREEDY)])
+    """Greedy tokens of the adapter in `key`'s slot (read back from the slot buffers)."""
+    slot = res.activate([key])[key]
+    w = res.table.read(slot)
+    handle = res.engine.create_adapter(w.spec, weights=w)
+    (out,) = res.engine.sample([SampleRequest(handle, PROMPT, 1, GREEDY)])
+    res.engine.remove_adapter(handle)
     return out.sequences[0].tokens
 
 
@@ -52,7 +56,7 @@ def test_tiers_replay(tiny_engine):
     res.activate(["rev0", "rev1"])
     assert (res.tier("rev0"), res.tier("rev1"), res.tier("rev2")) == (Tier.SLOT, Tier.SLOT, Tier.HOST)
     res.activate(["rev2"])  # evicts rev0 (LRU) from the slots
-    assert res.tier("rev0") is Tier.HOST and tiny_engine.adapter_count == 2
+    assert res.tier("rev0") is Tier.HOST and res.counts()["slot"] == 2
     with pytest.raises(NoCapacity):
         res.activate(["rev0", "rev1", "rev2"])  # three distinct adapters, two slots
     res.ensure_host("rev3").result(10)  # host holds 3: evicts the LRU host entry
@@ -73,9 +77,10 @@ def test_evicted_adapter_reloads_bit_identical(tiny_engine):
     res.ensure_host("rev0").result(10)
     assert _sample(res, "rev0") == first
     w_before = parse_peft_files(fetch.files["rev0"]).weights
-    h = res.activate(["rev0"])["rev0"]
-    for p, (a, b) in tiny_engine.get_weights(h).pairs.items():
-        assert torch.equal(a, w_before.pairs[p][0]) and torch.equal(b, w_before.pairs[p][1])
+    slot = res.activate(["rev0"])["rev0"]
+    for p, (a, b) in res.table.read(slot).pairs.items():
+        assert torch.equal(a, w_before.pairs[p][0])
+        torch.testing.assert_close(b, w_before.pairs[p][1])  # stored scaled, read back unscaled
 
 
 def test_identical_misses_share_one_load_and_distinct_misses_batch(tiny_engine):
@@ -160,3 +165,28 @@ def test_holds_keep_host_weights_and_pins_keep_slots(tiny_engine):
     res.unpin("rev3")
     assert not res.is_pinned("rev3") and res.free_slots_for_batch() == 2
     res.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_slot_operands_equal_the_stacked_reference(tiny_engine, device):
+    """Rows gather their operands from the preallocated slot buffers; the numbers equal the
+    pure per-batch stacking (`row_operands`), mixed ranks and targets, slot 0 = the base."""
+    from lorafleet.engine.batch import row_operands
+    from lorafleet.engine.slots import SlotTable
+
+    specs = [LoraSpec(rank=2, alpha=32), LoraSpec(rank=8, alpha=16, target_modules=("q_proj", "up_proj"))]
+    ws = [random_adapter(tiny_engine.info, s, seed=i, b_scale=0.5) for i, s in enumerate(specs)]
+    table = SlotTable(4, torch.float32, device)
+    table.load(3, ws[0])
+    table.load(1, ws[1])
+    got = table.operands(torch.tensor([3, 0, 1, 3]))
+    want = row_operands([ws[0], None, ws[1]], torch.tensor([0, 1, 2, 0]), torch.float32)
+    assert set(got) == set(want)
+    for path, (a, b) in want.items():
+        ga, gb = got[path]
+        r = a.shape[-1]  # the buffers may be wider (zero columns add nothing)
+        torch.testing.assert_close(ga[..., :r].cpu(), a, rtol=0, atol=0)
+        torch.testing.assert_close(gb[:, :r].cpu(), b, rtol=0, atol=0)
+        assert not ga[..., r:].any() and not gb[:, r:].any()
+    table.load(3, ws[1])  # a reload replaces the slot, stale modules are cleared
+    assert set(table.operands(torch.tensor([3]))) == {p for p in ws[1].pairs}

@@ -1,9 +1,10 @@
 """The FastAPI application: wiring, lifespan, error mapping, request logging.
 
-`create_app(config)` loads the base models, starts one engine thread (`Runner`) per base and
-mounts the Tinker API under `/api/v1` plus `/healthz` (503 when an engine thread is dead or
-stalled) and `/readyz` (503 until the engines run and the app serves, and again once shutdown
-begins). Handlers stay async and thin; the engines run in their own threads.
+`create_app(config)` loads the base models, starts one engine scheduler per base
+(engine/scheduler.py: a compute thread and an I/O worker) and mounts the Tinker API under
+`/api/v1` plus `/healthz` (503 when an engine thread is dead or stalled) and `/readyz` (503
+until the engines run and the app serves, and again once shutdown begins). Handlers stay
+async and thin; the engines run in their own threads.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from fastapi import FastAPI, Request, Response
 
 from lorafleet.api.edge import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_BYTES, Edge
 from lorafleet.api.errors import install as install_errors
-from lorafleet.api.runner import Runner
 from lorafleet.api.tinker.catalog_bridge import CatalogBridge
 from lorafleet.api.tinker.checkpoints import Checkpoints
 from lorafleet.api.tinker.futures import FutureTable
@@ -30,6 +30,8 @@ from lorafleet.api.tinker.routes import router as tinker_router
 from lorafleet.api.tinker.service import TinkerService
 from lorafleet.api.tinker.store import TinkerStore
 from lorafleet.config import Paths
+from lorafleet.engine.decode import Budgets
+from lorafleet.engine.scheduler import Scheduler
 
 log = logging.getLogger("lorafleet.api")
 # after SIGTERM, how long uvicorn waits for open responses (Tinker long polls, streams that are
@@ -53,6 +55,9 @@ class ServeConfig:
         max_body_bytes: the largest body of forward_backward and adapter uploads (413 beyond it).
         max_json_bytes: the largest body of every other route (see api/edge.py).
         dtype: base model dtype ('float32' or 'bfloat16').
+        device: where the engines compute ('cpu', 'cuda', 'cuda:1').
+        max_num_seqs / max_num_batched_tokens / kv_cache_bytes: sampling budgets per engine
+            (engine/decode.py `Budgets`); micro_batch_tokens: training tokens per iteration.
         hold_s: how long retrieve_future holds a poll before answering try_again (SDK: 45 s timeout).
         gap_timeout_s: how long a missing seq_id blocks its model before it is skipped.
         state_dir: where the Tinker service keeps tinker.db and checkpoints (default home/tinker).
@@ -67,6 +72,7 @@ class ServeConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
     dtype: str = "float32"
+    device: str = "cpu"
     hold_s: float = 30.0
     gap_timeout_s: float = 30.0
     state_dir: Path | None = None
@@ -80,6 +86,11 @@ class ServeConfig:
     max_host_bytes: int | None = None  # ... and/or in bytes
     load_queue: int = 64  # cold loads waiting or running at most; more misses get 429
     load_batch: int = 8  # cold loads fetched together
+    max_num_seqs: int = 64  # rows decoding at once per engine
+    max_num_batched_tokens: int = 1024  # tokens per decode step (decode rows + prefill chunks)
+    kv_cache_bytes: int = 2 << 30  # KV cache of one engine's running batch; more preempts rows
+    micro_batch_tokens: int = 1024  # training tokens per scheduler iteration (between decode steps)
+    boundary_only: bool = False  # admit sampling work only at batch boundaries (benchmark baseline)
     engines: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # name -> (base, engine)
 
 
@@ -96,13 +107,15 @@ def build_service(cfg: ServeConfig, metrics: Any = None) -> TinkerService:
         from lorafleet.catalog.service import Catalog
 
         bridge = CatalogBridge(Catalog.open(cfg.paths.database_url, cfg.paths.store_url))
-    runners: dict[str, Runner] = {}
+    runners: dict[str, Scheduler] = {}
+    budgets = Budgets(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                      kv_cache_bytes=cfg.kv_cache_bytes, boundary_only=cfg.boundary_only)
     for name in cfg.bases:
         base, engine = cfg.engines.get(name) or _load(name, cfg)
-        runners[name] = Runner(engine, base, futures, store, checkpoints,
-                               gap_timeout_s=cfg.gap_timeout_s,
-                               max_sample_queue=cfg.max_sample_queue, catalog=bridge,
-                               residency=_residency(engine, bridge, metrics, cfg), metrics=metrics)
+        runners[name] = Scheduler(engine, base, residency=_residency(engine, bridge, metrics, cfg),
+                                  budgets=budgets, gap_timeout_s=cfg.gap_timeout_s,
+                                  max_sample_queue=cfg.max_sample_queue,
+                                  micro_batch_tokens=cfg.micro_batch_tokens, metrics=metrics)
     return TinkerService(runners, store, futures, checkpoints, catalog=bridge)
 
 
@@ -132,7 +145,7 @@ def _load(name: str, cfg: ServeConfig) -> tuple[Any, Any]:
     from lorafleet.engine import Engine
     from lorafleet.model import load_base
 
-    base = load_base(name, cfg.paths, dtype=cfg.dtype)
+    base = load_base(name, cfg.paths, dtype=cfg.dtype, device=cfg.device)
     return base, Engine(base)
 
 

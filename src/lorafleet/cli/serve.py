@@ -30,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default 64 MiB)")
     p.add_argument("--max-json-bytes", type=int, default=None, metavar="N",
                    help="largest body of every other route (default 16 MiB)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="base model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="folder of the Tinker service's database and checkpoints "
@@ -45,6 +47,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--load-queue", type=int, default=64,
                    help="cold loads queued or running at most; more misses get 429 + Retry-After")
     g.add_argument("--load-batch", type=int, default=8, help="cold loads fetched together")
+    s = p.add_argument_group("engine scheduler")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="rows decoding at once (default 64)")
+    s.add_argument("--max-num-batched-tokens", type=int, default=1024,
+                   help="tokens per decode step, decode rows + chunked prefill (default 1024)")
+    s.add_argument("--kv-cache-bytes", type=int, default=2 << 30,
+                   help="KV cache budget of the running batch; past it rows are preempted (default 2 GiB)")
+    s.add_argument("--micro-batch-tokens", type=int, default=1024,
+                   help="training tokens per scheduler iteration, between decode steps (default 1024)")
     p.set_defaults(func=run)
 
 
@@ -69,6 +79,14 @@ def check_auth(auth: str, host: str) -> None:
         )
 
 
+def check_device(device: str) -> None:
+    import torch
+
+    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
+        raise InvalidRequest(f"--device {device!r}: use cpu, or cuda / cuda:N on a machine with CUDA "
+                             f"(CUDA available: {torch.cuda.is_available()})")
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -77,12 +95,16 @@ def run(args: argparse.Namespace) -> int:
     from lorafleet.model.registry import canonical_name
 
     check_auth(args.auth, args.host)
+    check_device(args.device)
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     bases = list(dict.fromkeys(canonical_name(b) for b in args.bases or [DEFAULT_BASE]))  # paths made absolute
     cfg = ServeConfig(bases=bases, paths=paths_from_env(), auth=args.auth,
-                      dtype=args.dtype, threads=args.threads, state_dir=args.state_dir,
+                      dtype=dtype, device=args.device, threads=args.threads, state_dir=args.state_dir,
                       max_slots=args.max_slots, max_host_adapters=args.max_host_adapters or None,
                       max_host_bytes=args.max_host_bytes, load_queue=args.load_queue,
-                      load_batch=args.load_batch)
+                      load_batch=args.load_batch, max_num_seqs=args.max_num_seqs,
+                      max_num_batched_tokens=args.max_num_batched_tokens,
+                      kv_cache_bytes=args.kv_cache_bytes, micro_batch_tokens=args.micro_batch_tokens)
     if args.max_body_bytes is not None:
         cfg.max_body_bytes = args.max_body_bytes
     if args.max_json_bytes is not None:

@@ -1,7 +1,8 @@
 """Engine: one resident base model executing training and sampling for many adapters.
 
-Synchronous and single-threaded by design: the API runs it in one worker thread and feeds
-it batches. Adapters are addressed by engine-assigned integer handles; adding or removing
+Synchronous and single-threaded by design: the scheduler (engine/scheduler.py) drives it from
+one compute thread. `sample` is the whole-batch reference path (engine/generate.py); serving
+decodes through engine/decode.py, which joins and retires rows every step. Adapters are addressed by engine-assigned integer handles; adding or removing
 one never touches the base weights (the LoRA layers read the batch's adapters from the
 runtime, see lora/layers.py).
 """
@@ -58,11 +59,11 @@ class _Live:
         self._opt = state
 
 
-def _leaves(weights: LoraWeights) -> tuple[LoraWeights, list[Tensor], list[str]]:
+def _leaves(weights: LoraWeights, device: torch.device) -> tuple[LoraWeights, list[Tensor], list[str]]:
     pairs, params, names = {}, [], []
     for path, (a, b) in weights.pairs.items():
-        a = a.detach().to(torch.float32).clone().requires_grad_(True)
-        b = b.detach().to(torch.float32).clone().requires_grad_(True)
+        a = a.detach().to(device, torch.float32, copy=True).requires_grad_(True)
+        b = b.detach().to(device, torch.float32, copy=True).requires_grad_(True)
         pairs[path] = (a, b)
         params += [a, b]
         names += [f"{path}.lora_A", f"{path}.lora_B"]
@@ -75,6 +76,7 @@ class Engine:
     def __init__(self, base: LoadedBase) -> None:
         self.base = base
         self.info = base.info
+        self.device = next(base.model.parameters()).device
         self.runtime = inject(base.model, base.info.lora_modules)
         # MoE routers in layer order: the first axis of recorded / replayed routes
         self.router_paths = [m.path for m in base.model.modules() if isinstance(m, MultiLoraRouter)]
@@ -89,7 +91,7 @@ class Engine:
             weights = LoraWeights.init(self.info, spec, seed)
         elif weights.spec != spec:
             raise InvalidRequest("weights.spec differs from spec")
-        live_w, params, names = _leaves(weights.checked(self.info))
+        live_w, params, names = _leaves(weights.checked(self.info), self.device)
         handle = self._next_handle
         self._next_handle += 1
         self._adapters[handle] = _Live(live_w, params, names)
@@ -115,7 +117,7 @@ class Engine:
         live = self._live(handle)
         if weights.spec != live.weights.spec:
             raise InvalidRequest(f"weights have spec {weights.spec}, adapter has {live.weights.spec}")
-        live.weights, live.params, live.names = _leaves(weights.checked(self.info))
+        live.weights, live.params, live.names = _leaves(weights.checked(self.info), self.device)
         if reset_optimizer:
             live.opt = None  # fresh zeros on first use
 
@@ -199,9 +201,10 @@ class Engine:
         # one slot per request: forward-only requests see detached weights (no gradient)
         slots = [self._slot_weights(r) for r in reqs]
         rows = [(ri, d) for ri, r in enumerate(reqs) for d in r.data]
-        slot_B = torch.tensor([ri for ri, _ in rows])
-        tokens_BT = right_pad([d.tokens.to(torch.int64) for _, d in rows], pad=0)
-        targets_BT = right_pad([d.loss_inputs["target_tokens"].to(torch.int64) for _, d in rows], pad=0)
+        dev = self.device
+        slot_B = torch.tensor([ri for ri, _ in rows], device=dev)
+        tokens_BT = right_pad([d.tokens.to(torch.int64) for _, d in rows], pad=0).to(dev)
+        targets_BT = right_pad([d.loss_inputs["target_tokens"].to(torch.int64) for _, d in rows], pad=0).to(dev)
         with torch.set_grad_enabled(train):
             operands = row_operands(slots, slot_B, self.base.dtype)
             replay = self._replay(reqs, rows, tokens_BT.shape[1])
@@ -215,7 +218,8 @@ class Engine:
             sums: list[Tensor] = [lp_BT.new_zeros(()) for _ in reqs]
             for b, (ri, d) in enumerate(rows):
                 n = d.tokens.shape[0]
-                loss_N = losses.elementwise_loss(reqs[ri].loss_fn, lp_BT[b, :n], d.loss_inputs, configs[ri])
+                inputs = {k: v.to(dev) for k, v in d.loss_inputs.items()}
+                loss_N = losses.elementwise_loss(reqs[ri].loss_fn, lp_BT[b, :n], inputs, configs[ri])
                 sums[ri] = sums[ri] + loss_N.sum()
                 outputs[ri].append({"logprobs": lp_BT[b, :n].detach().clone(), "elementwise_loss": loss_N.detach().clone()})
             total = sum((s for s, r in zip(sums, reqs) if not r.forward_only), lp_BT.new_zeros(()))
@@ -237,7 +241,7 @@ class Engine:
             ids_BTk = torch.full((len(rows), width, k), -1, dtype=torch.int64)
             for b, routes in want:
                 ids_BTk[b, : routes.shape[1]] = routes[layer].to(torch.int64)
-            replay[path] = ids_BTk.view(-1, k)
+            replay[path] = ids_BTk.view(-1, k).to(self.device)
         return replay
 
     def _slot_weights(self, req: FwdBwdRequest) -> LoraWeights:
@@ -295,13 +299,18 @@ class Engine:
         """
         for req in reqs:
             self.validate_sample(req)
-        adapters = [self._slot_weights_for_sampling(r.adapter) for r in reqs]
+        adapters = [self.sampling_weights(r.adapter) for r in reqs]
         return generate(
             self.base.model, self.runtime, self.base.tokenizer, self.base.eos_token_id, reqs, adapters,
             router_paths=self.router_paths, on_token=on_token,
         )
 
-    def _slot_weights_for_sampling(self, handle: int | None) -> LoraWeights | None:
+    def decode_forward(self, **inputs):
+        """One model forward of the continuous decoder (a prefill chunk or a decode step)."""
+        return self.base.model(**inputs)
+
+    def sampling_weights(self, handle: int | None) -> LoraWeights | None:
+        """The weights sampling rows of `handle` use (None: the base alone)."""
         if handle is None:
             return None
         return self._live(handle).weights

@@ -53,7 +53,7 @@ def _hit_stop_string(tokenizer, row: _Row, stops: tuple[str, ...]) -> bool:
 def _prompt_logprobs(logits_TV: Tensor, prompt: list[int]) -> list[float | None]:
     """log p(prompt[i] | prompt[:i]) for i >= 1; `logits_TV` are the prompt's last len(prompt) positions."""
     lp = torch.log_softmax(logits_TV[:-1].float(), dim=-1)
-    targets = torch.tensor(prompt[1:], dtype=torch.int64)
+    targets = torch.tensor(prompt[1:], dtype=torch.int64, device=lp.device)
     values = lp.gather(1, targets[:, None])[:, 0].tolist()
     return [None, *values]
 
@@ -79,8 +79,9 @@ def generate(
     its sequences carry the experts chosen at every position fed to the model.
     """
     record = {} if router_paths and any(r.record_routes for r in requests) else None
-    dtype = next(model.parameters()).dtype
+    dtype, dev = next(model.parameters()).dtype, next(model.parameters()).device
     ids, mask = left_pad([r.prompt for r in requests], pad=eos_id)
+    ids, mask = ids.to(dev), mask.to(dev)
     # one slot per distinct adapter object, plus a zero slot for the base
     slots: list[LoraWeights | None] = []
     slot_of: dict[int, int] = {}
@@ -89,7 +90,7 @@ def generate(
         if key not in slot_of:
             slot_of[key] = len(slots)
             slots.append(w)
-    req_slot = torch.tensor([slot_of[id(w) if w is not None else 0] for w in adapters])
+    req_slot = torch.tensor([slot_of[id(w) if w is not None else 0] for w in adapters], device=dev)
     operands = row_operands(slots, req_slot, dtype) if any(w is not None for w in slots) else {}
 
     want_prompt_lp = any(r.prompt_logprobs for r in requests)
@@ -107,7 +108,7 @@ def generate(
     ]
 
     # expand each request's row into its samples
-    expand = torch.tensor([i for i, r in enumerate(requests) for _ in range(r.num_samples)])
+    expand = torch.tensor([i for i, r in enumerate(requests) for _ in range(r.num_samples)], device=dev)
     rows = [
         _Row(
             request=i,
@@ -157,15 +158,15 @@ def generate(
         if not keep:
             break
         if len(keep) < len(live):
-            keep_t = torch.tensor(keep)
+            keep_t = torch.tensor(keep, device=dev)
             cache.batch_select_indices(keep_t)
-            mask, next_pos, tokens = mask[keep_t], next_pos[keep_t], tokens[keep_t]
+            mask, next_pos, tokens = mask[keep_t], next_pos[keep_t], tokens.to(dev)[keep_t]
             operands = select_rows(operands, keep_t)
             live = [live[b] for b in keep]
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
         with runtime.use(operands), runtime.routes(record=record):
             out = model(
-                input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                input_ids=tokens.to(dev)[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                 cache=cache, use_cache=True,
             )
         step_routes = _routes_now(record, router_paths, len(live))
@@ -182,7 +183,7 @@ def generate(
         seqs = [
             SampledSequence(
                 tokens=row.tokens, logprobs=row.logprobs, stop_reason=row.stop_reason or "length",
-                routes=torch.cat(row.routes, dim=1) if row.routes else None,
+                routes=torch.cat(row.routes, dim=1).cpu() if row.routes else None,
             )
             for row in rows
             if row.request == i

@@ -1,7 +1,8 @@
 """Residency: where each adapter revision's tensors are, and the only code that moves them.
 
 Three tiers, from fastest to largest:
-  slot  - live in the engine (an adapter handle), at most `max_slots`, LRU with pinning;
+  slot  - copied into a slot of the preallocated `SlotTable` (engine/slots.py) that sampling
+          rows index, at most `max_slots`, LRU with pinning;
   host  - LoraWeights in CPU memory, at most `max_host_adapters` / `max_host_bytes`, LRU;
   store - the durable blob store behind `fetch_many` (the catalog), unbounded.
 
@@ -10,21 +11,28 @@ miss is queued on the ColdLoader and the request waits without blocking resident
 Keys are immutable revision ids, so the same key always means the same bytes, and an evicted
 adapter reloaded later gives bit-identical outputs.
 
-Threading: `activate`/`release_slots` run on the engine thread only; everything else is
-safe from any thread (the host tier has a lock).
+Admission is one protocol, acquire -> lease -> release: the service calls `acquire(key)`
+when it admits a request (a counted host hold taken *before* the load is asked for, so a
+loaded adapter can never be evicted before its job runs); the scheduler calls
+`lease.activate()` when the job's rows join the batch (a slot, pinned while the rows run) and
+`lease.release()` when the job ends (slot pin and host hold dropped, exactly once).
+
+Threading: `activate` and `Lease.activate` run on the engine thread only; everything else is
+safe from any thread (the tiers share one lock).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future
 from enum import StrEnum
 
 from lorafleet.engine.engine import Engine
 from lorafleet.engine.loader import ColdLoader, FetchMany
 from lorafleet.engine.lru import PinnedLRU
+from lorafleet.engine.slots import SlotTable
 from lorafleet.errors import InvalidRequest, NoCapacity
 from lorafleet.lora.weights import LoraWeights
 from lorafleet.metrics import Metrics
@@ -40,6 +48,38 @@ class Tier(StrEnum):
 
 class NotResident(LookupError):
     """`activate` was asked for a key that is not in host memory yet (an engine-thread bug)."""
+
+
+class Lease:
+    """One job's hold on an adapter version, from admission to the end of the job.
+
+    `loaded` resolves once the weights are in host memory. Released exactly once.
+    """
+
+    def __init__(self, residency: Residency, key: Hashable, loaded: Future) -> None:
+        self.residency = residency
+        self.key = key
+        self.loaded = loaded
+        self._slot = False
+        self._released = False
+
+    def activate(self) -> int:
+        """Engine thread: the adapter's slot index, pinned until `release`."""
+        handle = self.residency.activate([self.key])[self.key]
+        if not self._slot:
+            with self.residency._lock:
+                self.residency._slots.pin(self.key)
+            self._slot = True
+        return handle
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        with self.residency._lock:
+            if self._slot and self.key in self.residency._slots:
+                self.residency._slots.unpin(self.key)
+        self.residency.release(self.key)
 
 
 class Residency:
@@ -70,6 +110,9 @@ class Residency:
         self.engine = engine
         self.metrics = metrics or Metrics()
         self._lock = threading.RLock()
+        device = next(engine.base.model.parameters()).device
+        self.table = SlotTable(max_slots, engine.base.dtype, device)
+        self._free = list(range(max_slots, 0, -1))  # slot indices not in use
         self._slots: PinnedLRU[Hashable, int] = PinnedLRU(max_entries=max_slots, on_evict=self._evict_slot)
         self._host: PinnedLRU[Hashable, LoraWeights] = PinnedLRU(
             max_entries=max_host_adapters, max_bytes=max_host_bytes, size=lambda w: w.nbytes,
@@ -104,6 +147,29 @@ class Residency:
             return done
         self.metrics.tier_misses.labels(Tier.HOST).inc()
         return self.loader.request(key)
+
+    def acquire(self, key: Hashable, load: Callable[[], LoraWeights] | None = None) -> Lease:
+        """Admit a request for `key`: hold it in host memory until the lease is released.
+
+        The hold comes first, so the weights cannot be evicted between their load and the job.
+        A miss is loaded by `load()` (called here, e.g. a Tinker checkpoint read) or else by
+        the cold loader (`lease.loaded` resolves when it lands; NoCapacity when its queue is
+        full).
+        """
+        self.hold(key)
+        try:
+            if load is not None and not self.has_host(key):
+                self.add_host(key, load())
+            loaded = self.ensure_host(key)
+        except BaseException:
+            self.release(key)
+            raise
+        return Lease(self, key, loaded)
+
+    def can_activate(self, key: Hashable) -> bool:
+        """Whether `key` has a slot or one can be made now (without evicting pinned slots)."""
+        with self._lock:
+            return key in self._slots or self._slots.can_admit()
 
     def add_host(self, key: Hashable, weights: LoraWeights) -> None:
         """Put weights the caller already has (e.g. fresh from training) into the host tier."""
@@ -180,7 +246,7 @@ class Residency:
     # ---- engine thread ----------------------------------------------------------------------
 
     def activate(self, keys: Iterable[Hashable]) -> dict[Hashable, int]:
-        """Engine handles for `keys` (all must be host- or slot-resident), loading slots as needed.
+        """Slot indices for `keys` (all must be host- or slot-resident), loading slots as needed.
 
         Slots of the keys asked for together are never evicted for one another. Raises
         NoCapacity if they do not all fit (more distinct adapters than slots that aren't pinned).
@@ -200,16 +266,20 @@ class Residency:
                     raise NotResident(f"{key!r} is not in host memory; call ensure_host first")
                 if not self._slots.can_admit(protected=wanted):
                     raise NoCapacity(f"all {self._slots.max_entries} adapter slots are pinned or in use")
-                handle = self.engine.create_adapter(weights.spec, weights=weights)
+                weights = weights.checked(self.engine.info)
+                self._slots.put(key, 0, protected=wanted)  # evicts the LRU slot if all are taken
+                handle = self._free.pop()
                 self._slots.put(key, handle, protected=wanted)
+                self.table.load(handle, weights)  # the one copy: host tier -> slot buffers
                 if key in self._user_pins:
                     self._slots.pin(key)
                 handles[key] = handle
             self._publish_counts()
         return handles
 
-    def _evict_slot(self, key: Hashable, handle: int) -> None:
-        self.engine.remove_adapter(handle)
+    def _evict_slot(self, key: Hashable, slot: int) -> None:
+        if slot:  # 0: the placeholder of an activation in progress
+            self._free.append(slot)  # overwritten by the next load into it
         self._count_evict(Tier.SLOT)
 
     # ---- internals --------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def choose_tokens(
     filtering): the quantity forward_backward computes for the same token, which RL
     importance ratios compare against.
     """
-    logits_BV = logits_BV.float()
+    logits_BV = logits_BV.float().cpu()  # per-row CPU generators: the same draws on every device
     logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
     tokens = torch.empty(logits_BV.shape[0], dtype=torch.int64)
     for row in range(logits_BV.shape[0]):

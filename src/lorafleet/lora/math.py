@@ -30,12 +30,13 @@ def stack_table(
     present = [p for p in pairs if p is not None]
     rank = max(a.shape[0] for a, _ in present)
     k_in, d_out = present[0][0].shape[1], present[0][1].shape[0]
+    device = present[0][0].device
     a_rows: list[Tensor] = []
     b_rows: list[Tensor] = []
     for pair, scale in zip(pairs, scales):
         if pair is None:
-            a_rows.append(torch.zeros(rank, k_in, dtype=dtype))
-            b_rows.append(torch.zeros(d_out, rank, dtype=dtype))
+            a_rows.append(torch.zeros(rank, k_in, dtype=dtype, device=device))
+            b_rows.append(torch.zeros(d_out, rank, dtype=dtype, device=device))
             continue
         a, b = pair
         r = a.shape[0]
@@ -59,12 +60,13 @@ def stack_expert_table(
     present = [p for p in pairs if p is not None]
     n_exp, k_in, d_out = present[0][0].shape[0], present[0][0].shape[2], present[0][1].shape[1]
     rank = max(a.shape[1] for a, _ in present)
+    device = present[0][0].device
     a_rows: list[Tensor] = []
     b_rows: list[Tensor] = []
     for pair, scale in zip(pairs, scales):
         if pair is None:
-            a_rows.append(torch.zeros(n_exp, rank, k_in, dtype=dtype))
-            b_rows.append(torch.zeros(n_exp, d_out, rank, dtype=dtype))
+            a_rows.append(torch.zeros(n_exp, rank, k_in, dtype=dtype, device=device))
+            b_rows.append(torch.zeros(n_exp, d_out, rank, dtype=dtype, device=device))
             continue
         a, b = pair[0].to(dtype), pair[1].to(dtype) * scale
         r = a.shape[1]

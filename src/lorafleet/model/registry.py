@@ -313,8 +313,9 @@ def folder_digest(folder: Path, memo_dir: Path | None = None) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def load_base(name: str, paths: Paths, dtype: torch.dtype | str = torch.float32) -> LoadedBase:
-    """Load a base model (see `resolve`), frozen, in eval mode, in `dtype` (fp32 or bf16)."""
+def load_base(name: str, paths: Paths, dtype: torch.dtype | str = torch.float32,
+              device: torch.device | str = "cpu") -> LoadedBase:
+    """Load a base model (see `resolve`), frozen, in eval mode, in `dtype` (fp32 or bf16), on `device`."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UnknownBaseModel(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
@@ -334,9 +335,10 @@ def load_base(name: str, paths: Paths, dtype: torch.dtype | str = torch.float32)
         model = _load_folder(tok_dir, dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     digest = base_digest(name, paths)
+    model = model.to(device)
     model.eval()
     model.requires_grad_(False)
-    log.info("loaded base %s (%s, %s, digest %s)", info.name, info.arch, dtype, digest[:12])
+    log.info("loaded base %s (%s, %s on %s, digest %s)", info.name, info.arch, dtype, device, digest[:12])
     return LoadedBase(name=info.name, digest=digest, model=model, tokenizer=tokenizer, tokenizer_dir=tok_dir, info=info)
 
 

@@ -49,6 +49,8 @@ class AdamState:
         for name, p, m, v in zip(names, params, exp_avg, exp_avg_sq):
             if m.shape != p.shape or v.shape != p.shape:
                 raise InvalidRequest(f"optimizer state of {name} does not match the adapter's shape {tuple(p.shape)}")
+        exp_avg = [m.to(p.device, p.dtype) for m, p in zip(exp_avg, params)]
+        exp_avg_sq = [v.to(p.device, p.dtype) for v, p in zip(exp_avg_sq, params)]
         return cls(step, exp_avg, exp_avg_sq)
 
 

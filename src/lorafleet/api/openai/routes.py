@@ -239,7 +239,7 @@ async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingPara
             yield b"data: [DONE]\n\n"
         finally:  # also when the client went away: cancelling the wait cancels the job
             task.cancel()
-            admitted.future.cancel()
+            admitted.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -3,26 +3,29 @@
 A request's adapter reference (`owner/name`, `owner/name:alias`, `owner/name@rev`,
 `tinker://...`) resolves to one immutable revision at admission; the request then runs on
 that revision even if the alias moves meanwhile. A cold revision is loaded by the residency
-manager's scheduler while the request waits (without holding up resident work); a full load
-queue answers 429 + Retry-After.
+manager's cold loader while the request waits (without holding up resident work); a full load
+queue answers 429 + Retry-After. Requests become typed sample jobs on the base's scheduler,
+in the same fair queue as Tinker samples; their results come back through a `Reply` sink.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import TypeVar
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from lorafleet.catalog.records import Principal
 from lorafleet.catalog.refs import RefKind, parse_ref
 from lorafleet.catalog.service import Catalog
+from lorafleet.engine.jobs import Job, Sample, WorkKind
+from lorafleet.engine.residency import Lease
 from lorafleet.engine.types import SampleRequest, SampleResult, SamplingParams
-from lorafleet.engine.residency import Tier
-from lorafleet.errors import InvalidRequest, NoCapacity, NotFound
+from lorafleet.errors import InvalidRequest, NotFound
 from lorafleet.metrics import Metrics
 from lorafleet.model.registry import check_base_digest
 
@@ -44,8 +47,8 @@ class OpenAIService:
     """Glue between the /v1 routes, the catalog and the engines' serving queues.
 
     Args:
-        runners: base name -> the runner that owns that base's engine (see api/runner.py):
-            `.residency`, `.base` (tokenizer, info) and `.submit_serving(...)`.
+        runners: base name -> the engine scheduler of that base (engine/scheduler.py):
+            `.residency`, `.base` (tokenizer, info) and `.submit(job)`.
     """
 
     def __init__(self, runners: dict, catalog: Catalog, metrics: Metrics) -> None:
@@ -105,29 +108,22 @@ class OpenAIService:
                 f"exceeds the context length of {target.base}: {limit} tokens"
             )
 
-    # ---- residency: admission holds, warm-up and pins -----------------------------------
+    # ---- residency: admission leases, warm-up and pins ----------------------------------
 
-    async def hold(self, target: Target) -> None:
-        """Make the target's revision host-resident and pin it there until `release`.
-
-        A miss waits for its cold load (queued, shared with identical misses) without holding
-        up resident work; a full load queue raises NoCapacity (429). The pin keeps the weights
-        in host memory until the engine has put them into a slot, however busy the cache is.
-        """
+    async def acquire(self, target: Target) -> Lease | None:
+        """A residency lease on the target's revision, its weights in host memory (None: the
+        base alone). A miss waits for its cold load (queued, shared with identical misses)
+        without holding up resident work; a full load queue raises NoCapacity (429). The
+        lease holds the weights from now until the engine releases it when the job ends."""
         if target.revision_id is None:
-            return
-        residency = self.runners[target.base].residency
-        for _ in range(8):
-            await asyncio.wrap_future(residency.ensure_host(target.revision_id))
-            residency.hold(target.revision_id)
-            if residency.tier(target.revision_id) != Tier.STORE:
-                return
-            residency.release(target.revision_id)  # evicted between load and hold: load again
-        raise NoCapacity("the adapter cache is too busy to keep this adapter; retry shortly")
-
-    def release(self, target: Target) -> None:
-        if target.revision_id is not None:
-            self.runners[target.base].residency.release(target.revision_id)
+            return None
+        lease = self.runners[target.base].residency.acquire(target.revision_id)
+        try:  # shielded: the load is shared, a client that leaves must not cancel it for others
+            await asyncio.shield(asyncio.wrap_future(lease.loaded))
+        except BaseException:
+            lease.release()
+            raise
+        return lease
 
     def warm(self, ref: str, who: Principal, tier: str = "slot", timeout_s: float = 120.0) -> dict:
         """Blocking (call from a worker thread): load `ref` into host memory, and into an engine
@@ -138,15 +134,18 @@ class OpenAIService:
         if target.revision_id is None:
             return self._where(target)
         runner = self.runners[target.base]
-        runner.residency.ensure_host(target.revision_id).result(timeout_s)
-        if tier == "slot":
-            runner.residency.hold(target.revision_id)
-            try:
-                if runner.residency.tier(target.revision_id) == Tier.STORE:  # evicted meanwhile
-                    raise NoCapacity("the adapter cache is too busy to warm this adapter; retry shortly")
-                runner.submit_serving(target.revision_id, []).result(timeout_s)
-            finally:
-                runner.residency.release(target.revision_id)
+        lease = runner.residency.acquire(target.revision_id)
+        try:
+            lease.loaded.result(timeout_s)
+        except BaseException:
+            lease.release()
+            raise
+        if tier == "host":
+            lease.release()
+            return self._where(target)
+        reply = Reply()  # a job without requests: the engine puts the adapter into a slot
+        self._submit(runner, Job(WorkKind.SAMPLE, Sample([], lease), reply))
+        reply.future.result(timeout_s)
         return self._where(target)
 
     def pin(self, ref: str, who: Principal, timeout_s: float = 120.0) -> dict:
@@ -181,12 +180,12 @@ class OpenAIService:
         n: int,
         on_token: TokenCallback | None = None,
     ) -> Admitted:
-        """Admission: hold the target's revision in host memory (see `hold`) and queue the job.
+        """Admission: a residency lease on the target's revision (see `acquire`), then a typed
+        sample job on the base's scheduler.
 
-        Raises NoCapacity (429) when the cold-load or serving queue is full, so a caller can
-        answer before it sends anything (a stream's status line). The hold is released when the
-        job's future is done (answered, failed, or cancelled by the client), even if nobody
-        awaits it.
+        Raises NoCapacity (429) when the cold-load or sample queue is full, so a caller can
+        answer before it sends anything (a stream's status line). The engine releases the
+        lease when the job ends (answered, failed, or cancelled by the client).
         """
         runner = self.runners[target.base]
         admitted = Admitted(prompts, n, time.perf_counter())
@@ -197,19 +196,29 @@ class OpenAIService:
             if on_token is not None:
                 on_token(i, k, token, logprob)
 
-        await self.hold(target)
-        try:
-            requests = [SampleRequest(None, p, n, params) for p in prompts]
-            admitted.future = runner.submit_serving(target.revision_id, requests, count)
-        except BaseException:
-            self.release(target)
-            raise
-        admitted.future.add_done_callback(lambda _: self.release(target))
+        lease = await self.acquire(target)
+        admitted.reply = Reply(count)
+        requests = [SampleRequest(None, p, n, params) for p in prompts]
+        admitted.job = Job(WorkKind.SAMPLE, Sample(requests, lease), admitted.reply)
+        self._submit(runner, admitted.job)
         return admitted
 
+    def _submit(self, runner, job: Job) -> None:
+        try:
+            runner.submit(job)  # NoCapacity (429) when the sample queue is full or draining
+        except BaseException:
+            if job.payload.lease is not None:
+                job.payload.lease.release()
+            raise
+
     async def result(self, admitted: Admitted) -> list[SampleResult]:
-        """Wait for an admitted job; cancelling this wait cancels the job (its rows stop)."""
-        results = await asyncio.wrap_future(admitted.future)
+        """Wait for an admitted job; cancelling this wait cancels the job (its rows leave the
+        batch at the engine's next step)."""
+        try:
+            results = await asyncio.wrap_future(admitted.reply.future)
+        except BaseException:
+            admitted.job.cancel()
+            raise
         m = self.metrics
         m.request_latency.labels("openai").observe(time.perf_counter() - admitted.t0)
         if admitted.first_token_at is not None:
@@ -232,10 +241,42 @@ class OpenAIService:
 
 @dataclass(slots=True)
 class Admitted:
-    """A serving job that passed admission: its revision is held and it is queued."""
+    """A sample job that passed admission: its revision is leased and the job is queued."""
 
     prompts: list[list[int]]
     n: int
     t0: float
-    future: Future = field(default_factory=Future)
+    job: Job | None = None
+    reply: Reply | None = None
     first_token_at: float | None = None
+
+    def cancel(self) -> None:
+        """The client went away: the engine drops the job (its rows leave at the next step)."""
+        if self.job is not None:
+            self.job.cancel()
+        if self.reply is not None:
+            self.reply.future.cancel()
+
+
+class Reply:
+    """The sink of one OpenAI-API job: a concurrent future for its results, tokens to a callback.
+
+    The awaiting side may have cancelled the future (the client left): a late result is dropped,
+    nothing is ever set on a cancelled future.
+    """
+
+    def __init__(self, on_token: TokenCallback | None = None) -> None:
+        self.future: Future = Future()
+        self._on_token = on_token
+
+    def done(self, job: Job, result: Any) -> None:
+        with contextlib.suppress(InvalidStateError):
+            self.future.set_result(result)
+
+    def failed(self, job: Job, error: Exception) -> None:
+        with contextlib.suppress(InvalidStateError):
+            self.future.set_exception(error)
+
+    def on_token(self, job: Job, request: int, sample: int, token: int, logprob: float) -> None:
+        if self._on_token is not None:
+            self._on_token(request, sample, token, logprob)

@@ -8,7 +8,7 @@ optimizer step its gradients go into (the run's step count when it finished); a 
 call is recorded as "eval". Rewards are computed by the client, never sent: the server only
 shows what it sees.
 
-Flow: `TinkerService._enqueue` calls `watch(op)` before the op reaches the engine, and the
+Flow: `TinkerService._enqueue` calls `watch(job)` before the job reaches the engine, and the
 `FutureTable` calls `done(request_id, payload)` when the future completes (payload None when
 it failed), so no completion can race its registration.
 """
@@ -19,7 +19,7 @@ import logging
 import threading
 
 from lorafleet.api.tinker.store import TinkerStore, now
-from lorafleet.api.work import FWDBWD, Op
+from lorafleet.engine.jobs import Job, WorkKind
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,12 @@ class RunMetrics:
         self._watched: dict[str, tuple[str, str]] = {}  # request_id -> (model_id, kind)
         self._lock = threading.Lock()
 
-    def watch(self, op: Op) -> None:
-        """Remember a forward_backward op so its result's metrics are recorded."""
-        if op.kind == FWDBWD and op.model_id is not None:
-            kind = "eval" if getattr(op.payload, "forward_only", False) else "train"
+    def watch(self, request_id: str, job: Job) -> None:
+        """Remember a forward_backward job so its result's metrics are recorded."""
+        if job.kind is WorkKind.FORWARD_BACKWARD and job.run_id is not None:
+            kind = "eval" if getattr(job.payload, "forward_only", False) else "train"
             with self._lock:
-                self._watched[op.request_id] = (op.model_id, kind)
+                self._watched[request_id] = (job.run_id, kind)
 
     def done(self, request_id: str, payload: bytes | None) -> None:
         """A future finished (payload None: it failed); record a watched one's metrics."""

@@ -1,20 +1,26 @@
 """Sampling calls of the Tinker API: sampling sessions, samplers and `asample`.
 
 A mixin of `TinkerService` (its state lives there). Validates sampling requests against the
-base model (vocabulary, context length) and queues them on the base's runner.
+base model (vocabulary, context length), takes a residency lease on the sampler's weights
+(reading them back from their checkpoint when they left host memory) and queues a typed
+sample job on the base's scheduler, the same fair queue OpenAI requests use.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from lorafleet.api.runner import Op, Runner
 from lorafleet.api.tinker import schemas as s
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.checkpoints import parse_path
+from lorafleet.api.tinker.jobs import Ticket
 from lorafleet.api.tinker.store import now
 from lorafleet.api.tinker.submitted import Submitted
+from lorafleet.engine.jobs import Job, Sample, WorkKind
+from lorafleet.engine.scheduler import Scheduler
+from lorafleet.engine.types import SampleRequest, SamplingParams
 from lorafleet.errors import BadTokens, Conflict, InvalidRequest, NotFound
+from lorafleet.lora import io as lora_io
 
 MAX_SAMPLES = 128
 DEFAULT_MAX_TOKENS = 256
@@ -57,15 +63,25 @@ class SamplingCalls:
         key, base, ckpt, base_only = self._sampler_target(tenant, req)
         runner = self.runner(base)
         prompt = wire.model_input_tokens(req.prompt)
-        payload = self._sample_payload(runner, req, prompt)
-        payload.update(sampler_key=key, checkpoint=ckpt, base_only=base_only)
+        request = self._sample_request(runner, req, prompt)
         scope = req.sampling_session_id if req.seq_id is not None else None
-        op = Op("", "sample", tenant, payload)
-        sub = self._enqueue(runner, op, req.model_dump_json(), scope and f"sample:{scope}",
-                            req.seq_id, idem)
+
+        def build(t: Ticket) -> Job:
+            lease = None if base_only else runner.residency.acquire(key, self._sampler_loader(key, ckpt))
+            return self.job(runner, WorkKind.SAMPLE, Sample([request], lease), tenant, t)
+
+        sub = self._enqueue(runner, tenant, "sample", build, req.model_dump_json(),
+                            scope and f"sample:{scope}", req.seq_id, idem)
         sub.sample_sequence_ids = [f"{sub.request_id}:{i}" for i in range(req.num_samples)]
-        sub.model_id = None
         return sub
+
+    def _sampler_loader(self, key: str, ckpt: dict[str, Any] | None):
+        """Reads a sampler version back from its checkpoint when it left host memory."""
+        def load():
+            if ckpt is None:
+                raise NotFound(f"sampler weights for {key} are no longer available")
+            return lora_io.parse_peft_files(self.checkpoints.read_files(ckpt)).weights
+        return load
 
     def _sampler_target(self, tenant: str, req: s.SampleRequest):
         """(sampler key, base model, checkpoint row to load or None, base-model-only?)."""
@@ -86,7 +102,7 @@ class SamplingCalls:
             return f"base:{req.base_model}", req.base_model, None, True
         raise InvalidRequest("asample needs sampling_session_id, model_path or base_model")
 
-    def _sample_payload(self, runner: Runner, req: s.SampleRequest, prompt: list[int]) -> dict[str, Any]:
+    def _sample_request(self, runner: Scheduler, req: s.SampleRequest, prompt: list[int]) -> SampleRequest:
         unsupported = {
             "topk_prompt_logprobs": req.topk_prompt_logprobs, "topk_sample_logprobs": req.topk_sample_logprobs,
             "prompt_alt_tokens_k": req.prompt_alt_tokens_k,
@@ -127,9 +143,8 @@ class SamplingCalls:
             if bad:
                 raise BadTokens(f"stop token ids {bad[:8]} are outside the vocabulary "
                                 f"({info.vocab_size}) of {runner.base.name}")
-        return {
-            "prompt": prompt, "num_samples": req.num_samples, "prompt_logprobs": bool(req.prompt_logprobs),
-            "params": {"max_tokens": max_tokens, "temperature": sp.temperature, "top_p": sp.top_p,
-                       "top_k": sp.top_k, "seed": sp.seed, "stop_strings": stop_strings,
-                       "stop_token_ids": stop_ids},
-        }
+        params = SamplingParams(max_tokens=max_tokens, temperature=sp.temperature, top_p=sp.top_p,
+                                top_k=sp.top_k, seed=sp.seed, stop_strings=stop_strings,
+                                stop_token_ids=stop_ids)
+        return SampleRequest(None, prompt, req.num_samples, params,
+                             prompt_logprobs=bool(req.prompt_logprobs))

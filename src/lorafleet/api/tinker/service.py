@@ -1,9 +1,11 @@
-"""The Tinker service: validates requests, records them, and hands work to the runners.
+"""The Tinker service: validates requests, records them, and hands typed jobs to the engines.
 
 Called by the thin HTTP routes in `routes.py`; returns plain dicts (the JSON answers) and
-raises `lorafleet.errors` types. Never calls the engine: compute goes to a `Runner` as an
-`Op` and comes back through a future. (Loss inputs are wrapped zero-copy as tensors only to
-reuse the engine's own input checks, so bad input is refused before it is queued.)
+raises `lorafleet.errors` types. Never calls the engine: compute goes to the base's engine
+`Scheduler` as a typed `Job` (engine/jobs.py) and comes back through `TinkerSink` into a
+future (api/tinker/jobs.py). Checkpoints to load are read and parsed here, so the engine only
+sees tensors. (Loss inputs are wrapped zero-copy as tensors only to reuse the engine's own
+input checks, so bad input is refused before it is queued.)
 """
 
 from __future__ import annotations
@@ -11,25 +13,39 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
-from lorafleet.api.runner import FWDBWD, Op, Runner
 from lorafleet.api.tinker import schemas as s
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.catalog_bridge import inherited_metadata, run_policy_name
 from lorafleet.api.tinker.checkpoints import (
     META_NAME,
+    OPTIMIZER_NAME,
     Checkpoints,
     TinkerPath,
     check_name,
     parse_path,
 )
 from lorafleet.api.tinker.futures import FutureTable
+from lorafleet.api.tinker.jobs import Ticket, TinkerSink, fwdbwd_payload
 from lorafleet.api.tinker.rest import RestQueries
 from lorafleet.api.tinker.run_metrics import RunMetrics
 from lorafleet.api.tinker.submitted import Submitted
 from lorafleet.api.tinker.sampling import SamplingCalls
 from lorafleet.api.tinker.store import TinkerStore, now
+from lorafleet.engine.jobs import (
+    CreateRun,
+    Job,
+    LoadRun,
+    LoadWeights,
+    OptimStep,
+    Payload,
+    Save,
+    UnloadRun,
+    WorkKind,
+)
+from lorafleet.engine.scheduler import Scheduler
 from lorafleet.errors import (
     BadTokens,
     Conflict,
@@ -39,8 +55,10 @@ from lorafleet.errors import (
     NotFound,
     UnknownBaseModel,
 )
+from lorafleet.lora import io as lora_io
 from lorafleet.lora.spec import ATTN_MODULES, MLP_MODULES, LoraSpec
 from lorafleet.model.registry import check_base_digest
+from lorafleet.train.types import AdamParams
 
 log = logging.getLogger("lorafleet.tinker")
 
@@ -63,23 +81,25 @@ class TinkerService(SamplingCalls, RestQueries):
 
     def __init__(
         self,
-        runners: dict[str, Runner],
+        runners: dict[str, Scheduler],
         store: TinkerStore,
         futures: FutureTable,
         checkpoints: Checkpoints,
         catalog: Any = None,
     ) -> None:
         self.catalog = catalog  # CatalogBridge or None
-        self.runners = runners
+        self.runners = runners  # base name -> the engine scheduler of that base
         self.store = store
         self.futures = futures
         self.checkpoints = checkpoints
+        self.sinks = {name: TinkerSink(futures, store, checkpoints, r.base, r, catalog)
+                      for name, r in runners.items()}
         self.run_metrics = RunMetrics(store)  # per-step loss curves for the console
         futures.observers.append(self.run_metrics.done)
 
     # ------------------------------------------------------------------ helpers
 
-    def runner(self, base_model: str) -> Runner:
+    def runner(self, base_model: str) -> Scheduler:
         r = self.runners.get(base_model)
         if r is None:
             raise UnknownBaseModel(
@@ -87,7 +107,7 @@ class TinkerService(SamplingCalls, RestQueries):
             )
         return r
 
-    def checkpoint_runner(self, ckpt: dict[str, Any], default_base: str | None = None) -> Runner:
+    def checkpoint_runner(self, ckpt: dict[str, Any], default_base: str | None = None) -> Scheduler:
         """The runner of a checkpoint's base; refused when the checkpoint was trained on other
         weights published under the same base name (its recorded digest differs)."""
         meta = ckpt.get("meta") or {}
@@ -101,10 +121,10 @@ class TinkerService(SamplingCalls, RestQueries):
             raise NotFound(f"training run {model_id} not found")
         return row
 
-    def live_run(self, tenant: str, model_id: str) -> tuple[dict[str, Any], Runner]:
+    def live_run(self, tenant: str, model_id: str) -> tuple[dict[str, Any], Scheduler]:
         row = self.run_row(tenant, model_id)
         runner = self.runner(row["base_model"])
-        if not runner.knows_model(model_id):
+        if not runner.knows_run(model_id):
             raise NotFound(
                 f"training run {model_id} is not loaded (the server restarted or its session "
                 "ended); create a training client from one of its checkpoints"
@@ -138,19 +158,30 @@ class TinkerService(SamplingCalls, RestQueries):
             pass
         return self.checkpoints.find(tenant, path)
 
-    def _enqueue(self, runner: Runner, op: Op, fingerprint: str, scope: str | None,
-                 seq_id: int | None, idem: str | None) -> Submitted:
-        request_id, created = self.futures.submit(op.tenant, op.kind, fingerprint, scope, seq_id, idem)
+    def job(self, runner: Scheduler, kind: WorkKind, payload: Payload, tenant: str, ticket: Ticket,
+            run_id: str | None = None, seq_id: int | None = None) -> Job:
+        sink = self.sinks[runner.base.name]
+        return Job(kind, payload, sink, run_id=run_id, seq_id=seq_id, tenant=tenant, tag=ticket)
+
+    def _enqueue(self, runner: Scheduler, tenant: str, call: str, build: Callable[[Ticket], Job],
+                 fingerprint: str, scope: str | None, seq_id: int | None, idem: str | None,
+                 model_id: str | None = None) -> Submitted:
+        """Record the future (idempotent), then build and queue the job once, for a new one."""
+        request_id, created = self.futures.submit(tenant, call, fingerprint, scope, seq_id, idem)
         if created:
-            op.request_id = request_id
-            self.run_metrics.watch(op)
+            job = None
             try:
-                runner.submit(op)
+                job = build(Ticket(request_id, call))
+                self.run_metrics.watch(request_id, job)
+                runner.submit(job)
             except Exception:
                 self.run_metrics.forget(request_id)
                 self.futures.forget(request_id)
+                lease = getattr(job.payload, "lease", None) if job is not None else None
+                if lease is not None:
+                    lease.release()
                 raise
-        return Submitted(request_id, model_id=op.model_id)
+        return Submitted(request_id, model_id=model_id)
 
     # ------------------------------------------------------------------ sessions
 
@@ -180,9 +211,9 @@ class TinkerService(SamplingCalls, RestQueries):
     def _unload_session(self, session_id: str, reason: str) -> None:
         for row in self.store.select("SELECT * FROM runs WHERE session_id = ?", session_id):
             runner = self.runners.get(row["base_model"])
-            if runner is not None and runner.knows_model(row["model_id"]):
-                runner.submit(Op("", "unload", row["tenant"],
-                                 {"model_id": row["model_id"], "reason": reason}))
+            if runner is not None and runner.knows_run(row["model_id"]):
+                runner.submit(self.job(runner, WorkKind.UNLOAD_RUN, UnloadRun(reason), row["tenant"],
+                                       Ticket("", "unload"), run_id=row["model_id"]))
 
     def expire_sessions(self, timeout_s: float) -> int:
         """End sessions whose heartbeats stopped (the SDK sends one every 10 s)."""
@@ -217,10 +248,9 @@ class TinkerService(SamplingCalls, RestQueries):
         )
         if created:
             self._insert_run(tenant, req.session_id, model_id, req.base_model, flags, req.user_metadata)
-            runner.submit(Op(request_id, "create_model", tenant, {
-                "model_id": model_id, "spec": spec, "seed": lora.seed, "lora_flags": flags,
-                "user_metadata": req.user_metadata,
-            }, model_id=model_id))
+            ticket = Ticket(request_id, "create_model", {"spec": spec, "user_metadata": req.user_metadata})
+            runner.submit(self.job(runner, WorkKind.CREATE_RUN, CreateRun(spec, lora.seed), tenant,
+                                   ticket, run_id=model_id))
         return Submitted(request_id, model_id=model_id)
 
     def _insert_run(self, tenant, session_id, model_id, base, flags, user_metadata) -> None:
@@ -256,11 +286,14 @@ class TinkerService(SamplingCalls, RestQueries):
         self._check_loss(call, runner)
         if call.seq_id <= 0:
             raise InvalidRequest("seq_id must be >= 1")
-        op = Op("", FWDBWD, tenant, call, model_id=call.model_id, seq_id=call.seq_id)
         self._touch(call.model_id)
-        return self._enqueue(runner, op, call.fingerprint, call.model_id, call.seq_id, idem)
+        return self._enqueue(
+            runner, tenant, "forward_backward",
+            lambda t: self.job(runner, WorkKind.FORWARD_BACKWARD, fwdbwd_payload(call), tenant, t,
+                               call.model_id, call.seq_id),
+            call.fingerprint, call.model_id, call.seq_id, idem, model_id=call.model_id)
 
-    def _check_loss(self, call: wire.FwdBwdCall, runner: Runner) -> None:
+    def _check_loss(self, call: wire.FwdBwdCall, runner: Scheduler) -> None:
         """Refuse at submit what would fail in the engine: unknown loss, inputs, token ids."""
         import torch
 
@@ -284,14 +317,19 @@ class TinkerService(SamplingCalls, RestQueries):
     def _touch(self, model_id: str) -> None:
         self.store.update("runs", "model_id", model_id, last_request=now())
 
-    def _ordered(self, tenant: str, kind: str, model_id: str, seq_id: int | None,
-                 payload: Any, fingerprint: str, idem: str | None) -> Submitted:
+    def _ordered(self, tenant: str, call: str, kind: WorkKind, model_id: str, seq_id: int | None,
+                 payload: Payload, info: dict[str, Any], fingerprint: str, idem: str | None) -> Submitted:
         _, runner = self.live_run(tenant, model_id)
         if seq_id is None or seq_id <= 0:
             raise InvalidRequest("seq_id must be >= 1")
         self._touch(model_id)
-        op = Op("", kind, tenant, payload, model_id=model_id, seq_id=seq_id)
-        return self._enqueue(runner, op, fingerprint, model_id, seq_id, idem)
+
+        def build(t: Ticket) -> Job:
+            t.info = info
+            return self.job(runner, kind, payload, tenant, t, model_id, seq_id)
+
+        return self._enqueue(runner, tenant, call, build, fingerprint, model_id, seq_id, idem,
+                             model_id=model_id)
 
     def optim_step(self, tenant: str, req: s.OptimStepRequest, idem: str | None) -> Submitted:
         if req.optimizer_params is not None and req.adam_params is None:
@@ -299,15 +337,16 @@ class TinkerService(SamplingCalls, RestQueries):
                 f"optimizer {req.optimizer_params.get('type')!r} is not supported; use AdamParams"
             )
         adam = (req.adam_params or s.AdamParams()).model_dump()  # ranges checked by the schema
-        return self._ordered(tenant, "optim_step", req.model_id, req.seq_id, adam,
-                             req.model_dump_json(), idem)
+        return self._ordered(tenant, "optim_step", WorkKind.OPTIM_STEP, req.model_id, req.seq_id,
+                             OptimStep(AdamParams(**adam)), {}, req.model_dump_json(), idem)
 
     def save_weights(self, tenant: str, req: s.SaveWeightsRequest, idem: str | None) -> Submitted:
         name = check_name(req.path or f"step-{req.seq_id or 0:06d}")
         path = TinkerPath(req.model_id, "training", name)
         self._refuse_existing(tenant, path, req.model_dump_json(), req.model_id, req.seq_id)
-        payload = {"name": name, "ttl_seconds": req.ttl_seconds, "user_metadata": req.user_metadata}
-        return self._ordered(tenant, "save_weights", req.model_id, req.seq_id, payload,
+        info = {"name": name, "ttl_seconds": req.ttl_seconds, "user_metadata": req.user_metadata}
+        return self._ordered(tenant, "save_weights", WorkKind.SAVE, req.model_id, req.seq_id,
+                             Save(with_optimizer=True, parent=str(path)), info,
                              req.model_dump_json(), idem)
 
     def _refuse_existing(self, tenant, path, fingerprint, model_id, seq_id) -> None:
@@ -325,21 +364,23 @@ class TinkerService(SamplingCalls, RestQueries):
         self, tenant: str, req: s.SaveWeightsForSamplerRequest, idem: str | None
     ) -> Submitted:
         row = self.run_row(tenant, req.model_id)
-        payload: dict[str, Any] = {"ttl_seconds": req.ttl_seconds, "user_metadata": req.user_metadata}
+        info: dict[str, Any] = {"ttl_seconds": req.ttl_seconds, "user_metadata": req.user_metadata}
+        parent = None
         if req.path:
-            payload["name"] = check_name(req.path)
-            path = TinkerPath(req.model_id, "sampler", payload["name"])
+            info["name"] = check_name(req.path)
+            path = TinkerPath(req.model_id, "sampler", info["name"])
             self._refuse_existing(tenant, path, req.model_dump_json(), req.model_id, req.seq_id)
+            parent = str(path)
         else:
             n = req.sampling_session_seq_id
             sampler_id = f"{row['session_id']}:sample:{n}" if n is not None else (
                 f"{row['session_id']}:sample:e{uuid.uuid4().hex[:8]}")
-            payload["sampler_id"] = sampler_id
-        sub = self._ordered(tenant, "save_weights_for_sampler", req.model_id, req.seq_id,
-                            payload, req.model_dump_json(), idem)
-        if "sampler_id" in payload and self.store.get("samplers", "sampler_id", payload["sampler_id"]) is None:
+            info["sampler_id"] = sampler_id
+        sub = self._ordered(tenant, "save_weights_for_sampler", WorkKind.SAVE, req.model_id,
+                            req.seq_id, Save(parent=parent), info, req.model_dump_json(), idem)
+        if "sampler_id" in info and self.store.get("samplers", "sampler_id", info["sampler_id"]) is None:
             self.store.insert("samplers", {
-                "sampler_id": payload["sampler_id"], "tenant": tenant,
+                "sampler_id": info["sampler_id"], "tenant": tenant,
                 "session_id": row["session_id"], "base_model": row["base_model"],
                 "model_path": None, "source_model_id": req.model_id, "created": now(),
             })
@@ -356,23 +397,25 @@ class TinkerService(SamplingCalls, RestQueries):
         name = check_name(req.path or f"export-{req.seq_id or 0:06d}")
         path = TinkerPath(req.model_id, "external", name)
         self._refuse_existing(tenant, path, req.model_dump_json(), req.model_id, req.seq_id)
-        payload = {"name": name, "ttl_seconds": req.ttl_seconds, "user_metadata": req.user_metadata}
-        return self._ordered(tenant, "save_weights_external", req.model_id, req.seq_id, payload,
-                             req.model_dump_json(), idem)
+        info = {"name": name, "ttl_seconds": req.ttl_seconds, "user_metadata": req.user_metadata}
+        return self._ordered(tenant, "save_weights_external", WorkKind.SAVE, req.model_id,
+                             req.seq_id, Save(parent=str(path)), info, req.model_dump_json(), idem)
 
     def load_weights(self, tenant: str, req: s.LoadWeightsRequest, idem: str | None) -> Submitted:
         ckpt = self.find_checkpoint(tenant, parse_path(req.path))
         if req.optimizer and ckpt["kind"] != "training":
             raise InvalidRequest(f"{req.path} holds no optimizer state; load a weights/ checkpoint")
-        payload = {"row": ckpt, "optimizer": req.optimizer}
         fingerprint = req.model_dump_json()
+        meta = ckpt.get("meta") or {}
+        path = ckpt["tinker_path"]
         if req.model_id:  # legacy: load into an existing run, in sequence
-            return self._ordered(tenant, "load_weights", req.model_id, req.seq_id, payload,
-                                 fingerprint, idem)
+            weights, optimizer = self._read_checkpoint(ckpt, req.optimizer)
+            payload = LoadWeights(weights, optimizer, step=meta.get("step"), parent=path)
+            return self._ordered(tenant, "load_weights", WorkKind.LOAD_WEIGHTS, req.model_id,
+                                 req.seq_id, payload, {"path": path}, fingerprint, idem)
         if req.session_id is None or req.model_seq_id is None:
             raise InvalidRequest("load_weights needs model_id, or session_id and model_seq_id")
         self.session_row(tenant, req.session_id)
-        meta = ckpt.get("meta") or {}
         runner = self.checkpoint_runner(ckpt, req.base_model)
         base = runner.base.name
         model_id = f"{req.session_id}:train:{req.model_seq_id}"
@@ -382,12 +425,30 @@ class TinkerService(SamplingCalls, RestQueries):
             tenant, "load_create", fingerprint, f"{req.session_id}:models", req.model_seq_id, idem
         )
         if created:
+            try:
+                weights, optimizer = self._read_checkpoint(ckpt, req.optimizer)
+            except Exception:
+                self.futures.forget(request_id)
+                raise
             self._insert_run(tenant, req.session_id, model_id, base, meta.get("lora_flags") or
                              {"rank": 0}, user_metadata)
-            payload["model_id"] = model_id
-            payload["user_metadata"] = user_metadata
-            runner.submit(Op(request_id, "load_create", tenant, payload, model_id=model_id))
+            ticket = Ticket(request_id, "load_create", {"path": path, "spec": weights.spec,
+                                                        "user_metadata": user_metadata})
+            payload = LoadRun(weights, optimizer, step=int(meta.get("step", 0)), parent=path)
+            runner.submit(self.job(runner, WorkKind.LOAD_RUN, payload, tenant, ticket, run_id=model_id))
         return Submitted(request_id, model_id=model_id)
+
+    def _read_checkpoint(self, ckpt: dict[str, Any], optimizer: bool) -> tuple[Any, Any]:
+        """A checkpoint's weights (and Adam state), read and parsed before any job is queued."""
+        files = self.checkpoints.read_files(ckpt)
+        weights = lora_io.parse_peft_files(files).weights
+        if not optimizer:
+            return weights, None
+        if OPTIMIZER_NAME not in files:
+            raise InvalidRequest("this checkpoint holds no optimizer state")
+        from safetensors.torch import load as st_load
+
+        return weights, st_load(files[OPTIMIZER_NAME])
 
     def _source_metadata(self, ckpt: dict[str, Any]) -> dict[str, Any] | None:
         src = self.store.get("runs", "model_id", ckpt["model_id"])
