@@ -88,7 +88,8 @@ BODIES: dict[tuple[str, str], list[dict]] = {
 }
 # Collections: bob gets 200 without a trace of alice's private objects.
 LISTINGS = {("GET", "/api/v1/training_runs"), ("GET", "/api/v1/checkpoints"),
-            ("GET", "/api/v1/sessions"), ("GET", "/v1/models"), ("GET", "/catalog/v1/policies")}
+            ("GET", "/api/v1/sessions"), ("GET", "/v1/models"), ("GET", "/catalog/v1/policies"),
+            ("GET", "/catalog/v1/audit")}
 # Routes about no tenant's object (bootstrap, health, admin, the signed URLs tested below).
 NO_OBJECT = {("POST", "/api/v1/client/config"), ("POST", "/api/v1/client/dynamic_config"),
              ("POST", "/api/v1/create_session"), ("POST", "/api/v1/telemetry"),

@@ -139,6 +139,32 @@ class Alias:
     updated_at: datetime
 
 
+class AuditAction(StrEnum):
+    ALIAS_SET = "alias.set"
+    ALIAS_ROLLBACK = "alias.rollback"
+    POLICY_DELETE = "policy.delete"
+    REVISION_DELETE = "revision.delete"
+    KEY_CREATE = "key.create"
+    KEY_REVOKE = "key.revoke"
+    TENANT_DELETE = "tenant.delete"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One recorded change (append-only): who did what to which object of `tenant`, when, and
+    from what to what (alias moves: revision ids; keys: the key's prefix)."""
+
+    id: int
+    at: datetime
+    actor: str
+    tenant: str
+    action: str  # an AuditAction
+    target: str  # owner/name:alias, owner/name, owner/name@rev_..., key_..., tenant name
+    from_value: str | None
+    to_value: str | None
+    reason: str | None
+
+
 @dataclass(frozen=True, slots=True)
 class AliasEvent:
     """One move of an alias; the history is append-only."""

@@ -20,6 +20,7 @@ from lorafleet.catalog.records import (
     Alias,
     AliasEvent,
     ApiKey,
+    AuditEvent,
     Evaluation,
     LoraConfig,
     Policy,
@@ -511,3 +512,26 @@ def list_evaluations(conn: Connection, revision_id: str) -> list[Evaluation]:
     rows = conn.execute(select(t.evaluations).where(e.revision_id == revision_id).order_by(e.id))
     return [Evaluation(r.id, r.revision_id, r.suite, dict(r.metrics), dict(r.details), r.created_by,
                        utc(r.created_at)) for r in rows]  # type: ignore[arg-type]
+
+
+# ---- audit log --------------------------------------------------------------------------
+
+
+def audit(conn: Connection, now: datetime, actor: str, tenant: str, action: str, target: str, *,
+          from_value: str | None = None, to_value: str | None = None, reason: str | None = None) -> None:
+    """Append one audit event, in the caller's transaction (so it commits with the change)."""
+    conn.execute(insert(t.audit_events).values(at=now, actor=actor, tenant=tenant, action=str(action),
+                                               target=target, from_value=from_value,
+                                               to_value=to_value, reason=reason))
+
+
+def list_audit(conn: Connection, tenant: str | None, limit: int, before_id: int | None) -> list[AuditEvent]:
+    """Newest first; `tenant` None: every tenant's events."""
+    e = t.audit_events.c
+    q = select(t.audit_events).order_by(e.id.desc()).limit(limit)
+    if tenant is not None:
+        q = q.where(e.tenant == tenant)
+    if before_id is not None:
+        q = q.where(e.id < before_id)
+    return [AuditEvent(r.id, utc(r.at), r.actor, r.tenant, r.action, r.target, r.from_value,  # type: ignore[arg-type]
+                       r.to_value, r.reason) for r in conn.execute(q)]

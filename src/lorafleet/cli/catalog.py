@@ -1,5 +1,5 @@
 """Catalog commands: `adapters`, `alias`, `rollback`, `eval`, `lineage`, `gc`, `fsck`, `keys`,
-`tenants`.
+`tenants`, `audit`.
 
 `fsck` also checks the Tinker service's checkpoint rows against their folders on disk.
 
@@ -103,6 +103,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = _cmd(tenants, "delete", _tenants_delete,
              "revoke every key of a tenant and mark it deleted (its data stays, for gc)")
     p.add_argument("tenant")
+
+    p = _cmd(sub, "audit", _audit, "list the audit log (alias moves, rollbacks, deletions, keys), newest first")
+    p.add_argument("--tenant", help="only events about this tenant's objects")
+    p.add_argument("--limit", type=int, default=50)
 
 
 def _cmd(sub: Any, name: str, fn: Callable[[Catalog, argparse.Namespace], Any], help: str) -> argparse.ArgumentParser:
@@ -291,6 +295,13 @@ def _keys_revoke(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
     key, now = cat.revoke_key(a.key)
     state = "revoked" if now else f"already revoked at {_when(key.revoked_at)}"
     return key, f"{key.id} ({key.prefix or 'no prefix'}) of tenant {key.tenant}: {state}"
+
+
+def _audit(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
+    events = list(cat.list_audit(ADMIN, tenant=a.tenant, limit=a.limit).items)
+    rows = [[_when(e.at), e.actor, e.action, e.target, e.from_value or "-", e.to_value or "-", e.reason or ""]
+            for e in events]
+    return events, _table(["WHEN", "WHO", "ACTION", "TARGET", "FROM", "TO", "REASON"], rows)
 
 
 def _tenants_ls(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
