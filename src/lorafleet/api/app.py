@@ -77,6 +77,10 @@ class ServeConfig:
     max_host_bytes: int | None = None  # ... and/or in bytes
     load_queue: int = 64  # cold loads waiting or running at most; more misses get 429
     load_batch: int = 8  # cold loads fetched together
+    # per-tenant quota defaults (None: unlimited); a tenant's own values win (keys create --max-*)
+    max_runs: int | None = None
+    max_queued: int | None = None
+    max_adapters: int | None = None
     engines: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # name -> (base, engine)
 
 
@@ -88,11 +92,16 @@ def build_service(cfg: ServeConfig, metrics: Any = None) -> TinkerService:
     if lost:
         log.warning("%d futures were lost by the last shutdown; they now report an error", lost)
     checkpoints = Checkpoints(store, state_dir / "checkpoints")
-    bridge = None
+    from lorafleet.catalog.records import Quotas
+
+    defaults = Quotas(cfg.max_runs, cfg.max_queued, cfg.max_adapters)
+    bridge, quotas = None, lambda tenant: defaults
     if cfg.use_catalog:
         from lorafleet.catalog.service import Catalog
 
         bridge = CatalogBridge(Catalog.open(cfg.paths.database_url, cfg.paths.store_url))
+        bridge.catalog.default_quotas = defaults
+        quotas = bridge.catalog.quotas_for
     runners: dict[str, Runner] = {}
     for name in cfg.bases:
         base, engine = cfg.engines.get(name) or _load(name, cfg)
@@ -100,7 +109,7 @@ def build_service(cfg: ServeConfig, metrics: Any = None) -> TinkerService:
                                gap_timeout_s=cfg.gap_timeout_s,
                                max_sample_queue=cfg.max_sample_queue, catalog=bridge,
                                residency=_residency(engine, bridge, metrics, cfg), metrics=metrics)
-    return TinkerService(runners, store, futures, checkpoints, catalog=bridge)
+    return TinkerService(runners, store, futures, checkpoints, catalog=bridge, quotas=quotas)
 
 
 def _residency(engine: Any, bridge: CatalogBridge | None, metrics: Any, cfg: ServeConfig) -> Any:

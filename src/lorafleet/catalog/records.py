@@ -139,6 +139,23 @@ class Alias:
     updated_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """Per-tenant limits; None: unlimited. A tenant's own values (`lorafleet keys create
+    --max-runs ...`) win over the server's defaults (`lorafleet serve --max-runs ...`)."""
+
+    max_runs: int | None = None  # training runs in open sessions (hard cap: 403)
+    max_queued: int | None = None  # Tinker requests pending at once (429 + Retry-After)
+    max_adapters: int | None = None  # catalog policies owned (hard cap: 403)
+
+    def over(self, defaults: Quotas) -> Quotas:
+        return Quotas(*(mine if mine is not None else theirs
+                        for mine, theirs in zip(self.astuple(), defaults.astuple(), strict=True)))
+
+    def astuple(self) -> tuple[int | None, int | None, int | None]:
+        return (self.max_runs, self.max_queued, self.max_adapters)
+
+
 class AuditAction(StrEnum):
     ALIAS_SET = "alias.set"
     ALIAS_ROLLBACK = "alias.rollback"

@@ -27,6 +27,7 @@ from lorafleet.catalog.records import (
     PolicyId,
     Principal,
     Provenance,
+    Quotas,
     Revision,
     RevisionId,
     RevisionKind,
@@ -76,6 +77,22 @@ def get_tenant(conn: Connection, name: str) -> Tenant | None:
 
 def list_tenants(conn: Connection) -> list[Tenant]:
     return [to_tenant(r) for r in conn.execute(select(t.tenants, _ACTIVE_KEYS).order_by(t.tenants.c.name))]
+
+
+def tenant_quotas(conn: Connection, name: str) -> Quotas:
+    c = t.tenants.c
+    row = conn.execute(select(c.max_runs, c.max_queued, c.max_adapters).where(c.name == name)).first()
+    return Quotas() if row is None else Quotas(row.max_runs, row.max_queued, row.max_adapters)
+
+
+def set_tenant_quotas(conn: Connection, name: str, values: Mapping[str, int | None]) -> None:
+    conn.execute(update(t.tenants).where(t.tenants.c.name == name).values(**values))
+
+
+def count_policies(conn: Connection, owner: str) -> int:
+    p = t.policies.c
+    return conn.execute(select(func.count()).select_from(t.policies).where(
+        p.owner == owner, p.deleted_at.is_(None))).scalar_one()
 
 
 def mark_tenant_deleted(conn: Connection, name: str, now: datetime) -> None:

@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from lorafleet.catalog import maintenance, repo, validate
 from lorafleet.catalog.records import (
     LOCAL_TENANT, Alias, AliasEvent, ApiKey, AuditAction, AuditEvent, CheckReport, Comparison, Evaluation, GcReport, Lineage,
-    LoraConfig, MetricDelta, Page, Policy, PolicyId, Principal, Provenance, Revision, RevisionId,
+    LoraConfig, MetricDelta, Page, Policy, PolicyId, Principal, Provenance, Quotas, Revision, RevisionId,
     RevisionKind, Tenant,
 )
 from lorafleet.catalog.refs import (
@@ -34,7 +34,9 @@ from lorafleet.catalog.refs import (
     parse_gate, parse_policy_name, parse_ref, parse_tinker_path,
 )
 from lorafleet.db import Database, open_database, upgrade
-from lorafleet.errors import Conflict, Corrupt, Expired, IncompatibleAdapter, InvalidRequest, NotFound, Unauthorized
+from lorafleet.errors import (
+    Conflict, Corrupt, Expired, IncompatibleAdapter, InvalidRequest, NotFound, QuotaExceeded, Unauthorized,
+)
 from lorafleet.lora.spec import LoraSpec
 from lorafleet.store.blobs import BlobStore, open_store
 from lorafleet.store.manifest import Manifest
@@ -65,6 +67,7 @@ class Catalog:
         self.db = db
         self.store = store
         self.clock = clock
+        self.default_quotas = Quotas()  # the server's (lorafleet serve --max-runs ...)
 
     @classmethod
     def open(cls, database_url: str, store_url: str, *, migrate: bool = True) -> Catalog:
@@ -154,6 +157,26 @@ class Catalog:
                                  "give more characters")
         return hits[0]
 
+    def set_quotas(self, tenant: str, **limits: int | None) -> Quotas:
+        """Set some of `tenant`'s quotas (max_runs, max_queued, max_adapters: a count >= 0, or
+        None for the server's default); returns the tenant's own values."""
+        unknown = set(limits) - set(Quotas.__slots__)
+        if unknown:
+            raise InvalidRequest(f"unknown quotas {sorted(unknown)}; known: {list(Quotas.__slots__)}")
+        for name, value in limits.items():
+            if value is not None and not 0 <= value < 1 << 31:
+                raise InvalidRequest(f"{name} must be in 0..{(1 << 31) - 1}, got {value}")
+        with self.db.write() as conn:
+            if repo.get_tenant(conn, tenant) is None:
+                raise NotFound(f"no tenant {tenant!r}")
+            repo.set_tenant_quotas(conn, tenant, limits)
+            return repo.tenant_quotas(conn, tenant)
+
+    def quotas_for(self, tenant: str) -> Quotas:
+        """The limits in force for `tenant`: its own values over the server's defaults."""
+        with self.db.read() as conn:
+            return repo.tenant_quotas(conn, tenant).over(self.default_quotas)
+
     def list_tenants(self) -> list[Tenant]:
         with self.db.read() as conn:
             return repo.list_tenants(conn)
@@ -208,6 +231,12 @@ class Catalog:
         try:
             with self.db.write() as conn:
                 repo.ensure_tenant(conn, owner, policy.created_at)
+                limit = repo.tenant_quotas(conn, owner).over(self.default_quotas).max_adapters
+                if limit is not None:
+                    used = repo.count_policies(conn, owner)
+                    if used >= limit:
+                        raise QuotaExceeded(f"quota max_adapters={limit} of tenant {owner!r} is reached: it "
+                                            f"owns {used} adapters (policies); delete one or raise the quota")
                 repo.insert_policy(conn, policy)
         except IntegrityError as e:
             raise Conflict(f"policy {name} already exists (or tinker run {tinker_run_id!r} is taken)") from e

@@ -92,6 +92,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
     p = _cmd(keys, "create", _keys_create, "create an API key for a tenant (printed once)")
     p.add_argument("--tenant", required=True)
+    for quota, what in (("runs", "training runs in open sessions"), ("queued", "Tinker requests pending"),
+                        ("adapters", "catalog policies owned")):
+        p.add_argument(f"--max-{quota}", type=int, default=None, metavar="N",
+                       help=f"the tenant's quota: {what} (default: the server's)")
     p.add_argument("--label")
     p = _cmd(keys, "ls", _keys_ls, "list API keys (ids and prefixes, never secrets)")
     p.add_argument("--tenant", help="only this tenant's keys")
@@ -279,6 +283,10 @@ def _fsck(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str] | int:
 
 
 def _keys_create(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
+    limits = {f"max_{q}": getattr(a, f"max_{q}") for q in ("runs", "queued", "adapters")}
+    if any(v is not None for v in limits.values()):  # before the key: a bad value makes no key
+        cat.create_tenant(a.tenant)
+        cat.set_quotas(a.tenant, **{k: v for k, v in limits.items() if v is not None})
     key = cat.create_key(a.tenant, a.label)
     print("store this key now; it is not shown again", file=sys.stderr)
     return {"tenant": a.tenant, "key": key}, key
