@@ -63,10 +63,10 @@ class Servers:
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
         self.pid = 0
 
-    def start(self) -> str:
+    def start(self, *extra: str) -> str:
         port = free_port()
         self.zygote.stdin.write(f"serve --base {TINY} --port {port} --state-dir {self.home / 'tinker'} "
-                                "--threads 1\n")
+                                f"--threads 1 {' '.join(extra)}\n")
         self.zygote.stdin.flush()
         self.pid = int(self.zygote.stdout.readline())
         url = f"http://127.0.0.1:{port}"
