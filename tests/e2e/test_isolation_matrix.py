@@ -14,7 +14,7 @@ import base64
 import json
 import re
 import time
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 import pytest
@@ -295,3 +295,33 @@ def test_signed_urls_expire_and_refuse_tampering(world):
     past = int(time.time()) - 1
     expired_sig = sign(live.app.state.url_secret, f"{token}/{past}/{filename}")
     assert get(e=str(past), s=expired_sig) == 404
+
+
+BAD_NAMES = ["..", "a/../b", "a\x00b", "x" * 200, "caf\u00e9", "\u202eevil", "a\u200bb", "ａｂｃ", ""]
+
+
+def test_bad_names_are_refused_at_the_edge(world):
+    """Policy, alias and checkpoint names with '..', '/', NUL, over-long or odd unicode: 400
+    at the edge (a '/' in a path parameter is another route: 404), nothing is created."""
+    live, alice, bob, values, _ = world
+    wrong = []
+    for bad in BAD_NAMES:
+        r = alice.post("/catalog/v1/policies", json={
+            "name": f"alice/{bad}", "base_model": TINY,
+            "lora": {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}})
+        if r.status_code != 400:
+            wrong.append(f"policy {bad!r}: {r.status_code}")
+        if bad:
+            r = alice.put(f"/catalog/v1/policies/alice/iso/aliases/{quote(bad, safe='')}",
+                          json={"ref": values[REF]})
+            another_route = "/" in bad or bad == ".."  # the client resolves '..' itself
+            if r.status_code != 400 and not (another_route and r.status_code in (404, 405)):
+                wrong.append(f"alias {bad!r}: {r.status_code} {r.text[:100]}")
+        if not bad:
+            continue  # an empty checkpoint path means "name it for me", as in the SDK
+        r = alice.post("/api/v1/save_weights", json={"model_id": values[RUN], "seq_id": 99, "path": bad})
+        if r.status_code != 400:
+            wrong.append(f"checkpoint {bad!r}: {r.status_code} {r.text[:100]}")
+    assert not wrong, wrong
+    names = [p["name"] for p in alice.get("/catalog/v1/policies", params={"limit": 1000}).json()["items"]]
+    assert {n for n in names if not n.startswith("alice/tinker-")} == {"alice/iso"}  # nothing new
