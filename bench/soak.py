@@ -104,8 +104,9 @@ class Load:
                 "session_id": session, "base_model": TINY, "lora_config": {"rank": 4}})
             if run is None:
                 return
-            seq = 0
+            seq = step = 0
             while time.time() < self.until:
+                step += 1
                 seq += 1
                 await self.call(http, "forward_backward", "/api/v1/forward_backward",
                                 {"model_id": run["model_id"], "seq_id": seq, "forward_backward_input": FWD})
@@ -113,7 +114,7 @@ class Load:
                 await self.call(http, "optim_step", "/api/v1/optim_step",
                                 {"model_id": run["model_id"], "seq_id": seq,
                                  "adam_params": {"learning_rate": 1e-4}})
-                if seq % 10 == 0:
+                if step % 5 == 0:
                     seq += 1
                     await self.call(http, "save_weights_for_sampler", "/api/v1/save_weights_for_sampler",
                                     {"model_id": run["model_id"], "seq_id": seq, "path": f"w{seq}"})

@@ -21,7 +21,7 @@ import hypothesis  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 
 EXAMPLES = int(os.environ.get("LORAFLEET_FUZZ_EXAMPLES", "6"))
-BUDGET_S = float(os.environ.get("LORAFLEET_FUZZ_BUDGET_S", "45"))  # per auth mode
+BUDGET_S = float(os.environ.get("LORAFLEET_FUZZ_BUDGET_S", "30"))  # per auth mode
 pytestmark = pytest.mark.slow
 
 
