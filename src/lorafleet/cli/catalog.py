@@ -274,7 +274,8 @@ def _fsck(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str] | int:
     lines = [*r.problems, text]
     if t is not None:
         lines += [*t.problems, f"{t.checkpoints_checked} Tinker checkpoints checked, "
-                  f"{len(t.problems)} problems, {t.tmp_folders} temporary folders"]
+                  f"{len(t.problems)} problems, {t.tmp_folders} temporary folders, "
+                  f"{t.orphan_folders} folders without a row (interrupted writes)"]
     if a.json:
         print(json.dumps(_plain(r) | {"ok": ok, "tinker": _plain(t)}, indent=2))
     else:
