@@ -146,7 +146,8 @@ class Load:
                         self._error(f"stream: {r.status_code} {(await r.aread()).decode()}")
                         continue
                     lines = [line async for line in r.aiter_lines() if line.startswith("data:")]
-                if not lines or lines[-1].strip() != "data: [DONE]" or any('"error"' in x for x in lines):
+                events = [json.loads(x[5:]) for x in lines[:-1]] if lines else []
+                if not lines or lines[-1].strip() != "data: [DONE]" or any("error" in e for e in events):
                     self._error(f"stream ended badly: {lines[-2:]}")
                     continue
                 self.stats["streams"] += 1
