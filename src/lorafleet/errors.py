@@ -37,6 +37,11 @@ class Forbidden(Unauthorized):
     rebinding) or a non-loopback `Origin` (a cross-site page) (HTTP 403)."""
 
 
+class QuotaExceeded(LorafleetError, PermissionError):
+    """A hard per-tenant cap is reached (HTTP 403); the message names the limit, its value and
+    the current usage. A full per-tenant queue is `NoCapacity` instead (429, retry later)."""
+
+
 class TooLarge(InvalidRequest):
     """The request body is larger than the server's `--max-body-bytes` (HTTP 413)."""
 

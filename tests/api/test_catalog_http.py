@@ -167,3 +167,23 @@ def test_error_map_and_openapi(catalog):
     assert r.status_code == 429 and r.headers["retry-after"] == "3"
     paths = client.get("/openapi.json").json()["paths"]
     assert "/catalog/v1/resolve" in paths and "/catalog/v1/policies/{owner}/{name}/aliases/{alias}/rollback" in paths
+
+
+def test_audit_log_is_tenant_scoped(clients):
+    admin, alice, bob, _ = clients
+    _policy(alice)
+    r1 = alice.post("/catalog/v1/policies/alice/chat/revisions", json={"files": _files(b"1")}).json()
+    r2 = alice.post("/catalog/v1/policies/alice/chat/revisions", json={"files": _files(b"2")}).json()
+    alice.put("/catalog/v1/policies/alice/chat/aliases/prod", json={"ref": r1["id"]}).raise_for_status()
+    alice.put("/catalog/v1/policies/alice/chat/aliases/prod", json={"ref": r2["id"]}).raise_for_status()
+    alice.post("/catalog/v1/policies/alice/chat/aliases/prod/rollback", json={"reason": "regressed"}
+               ).raise_for_status()
+    mine = alice.get("/catalog/v1/audit").json()["items"]
+    assert [(e["action"], e["from_value"], e["to_value"]) for e in mine[:3]] == [
+        ("alias.rollback", r2["id"], r1["id"]), ("alias.set", r1["id"], r2["id"]), ("alias.set", None, r1["id"])]
+    assert mine[0]["actor"] == "alice" and mine[0]["reason"] == "regressed" and mine[-1]["action"] == "key.create"
+    assert {e["tenant"] for e in bob.get("/catalog/v1/audit").json()["items"]} == {"bob"}
+    assert bob.get("/catalog/v1/audit", params={"tenant": "alice"}).status_code == 404
+    every = admin.get("/catalog/v1/audit", params={"limit": 1000}).json()["items"]
+    assert {e["tenant"] for e in every} == {"alice", "bob"}
+    assert admin.get("/catalog/v1/audit", params={"cursor": str(1 << 70)}).status_code == 400

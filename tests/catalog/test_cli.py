@@ -112,6 +112,9 @@ def test_keys_and_tenants_commands(cli):
     assert not tenants["alice"]["deleted_at"] and "deleted" in cli("tenants", "ls")[1]
     code, _, err = cli("keys", "create", "--tenant", "bob", ok=False)
     assert code == 2 and "never reused" in err
+    audit = cli("audit")[1]  # newest first: who, what, which
+    assert audit.index("tenant.delete") < audit.index("key.revoke") < audit.index("key.create")
+    assert [e["action"] for e in _json(cli, "audit", "--tenant", "alice")] == ["key.revoke", "key.create"]
 
 def test_cli_reports_bad_input_clearly(cli, peft_dir, tmp_path):
     code, _, err = cli("adapters", "show", "alice/math:Prod", ok=False)

@@ -25,7 +25,7 @@ def test_migrated_schema_matches_tables(db_url):
     upgrade(db)  # a second open is a no-op
     with db.writer.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
-        assert MigrationContext.configure(conn).get_current_revision() == "0002"
+        assert MigrationContext.configure(conn).get_current_revision() == "0003"
     db.dispose()
     assert diff == []
 
@@ -91,6 +91,20 @@ def test_0002_downgrades_and_upgrades_again(db_url):
     _migrate(db, "0001", down=True)
     with db.writer.connect() as conn:
         assert MigrationContext.configure(conn).get_current_revision() == "0001"
+    upgrade(db)
+    with db.writer.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    db.dispose()
+    assert diff == []
+
+
+def test_0003_downgrades_and_upgrades_again(db_url):
+    """0003 (audit log, quota columns) comes off and goes back on an existing catalog."""
+    db = open_database(db_url)
+    upgrade(db)
+    _migrate(db, "0002", down=True)
+    with db.writer.connect() as conn:
+        assert MigrationContext.configure(conn).get_current_revision() == "0002"
     upgrade(db)
     with db.writer.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)

@@ -91,6 +91,10 @@ class ServeConfig:
     kv_cache_bytes: int = 2 << 30  # KV cache of one engine's running batch; more preempts rows
     micro_batch_tokens: int = 1024  # training tokens per scheduler iteration (between decode steps)
     boundary_only: bool = False  # admit sampling work only at batch boundaries (benchmark baseline)
+    # per-tenant quota defaults (None: unlimited); a tenant's own values win (keys create --max-*)
+    max_runs: int | None = None
+    max_queued: int | None = None
+    max_adapters: int | None = None
     engines: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # name -> (base, engine)
 
 
@@ -102,11 +106,16 @@ def build_service(cfg: ServeConfig, metrics: Any = None) -> TinkerService:
     if lost:
         log.warning("%d futures were lost by the last shutdown; they now report an error", lost)
     checkpoints = Checkpoints(store, state_dir / "checkpoints")
-    bridge = None
+    from lorafleet.catalog.records import Quotas
+
+    defaults = Quotas(cfg.max_runs, cfg.max_queued, cfg.max_adapters)
+    bridge, quotas = None, lambda tenant: defaults
     if cfg.use_catalog:
         from lorafleet.catalog.service import Catalog
 
         bridge = CatalogBridge(Catalog.open(cfg.paths.database_url, cfg.paths.store_url))
+        bridge.catalog.default_quotas = defaults
+        quotas = bridge.catalog.quotas_for
     runners: dict[str, Scheduler] = {}
     budgets = Budgets(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                       kv_cache_bytes=cfg.kv_cache_bytes, boundary_only=cfg.boundary_only)
@@ -116,7 +125,7 @@ def build_service(cfg: ServeConfig, metrics: Any = None) -> TinkerService:
                                   budgets=budgets, gap_timeout_s=cfg.gap_timeout_s,
                                   max_sample_queue=cfg.max_sample_queue,
                                   micro_batch_tokens=cfg.micro_batch_tokens, metrics=metrics)
-    return TinkerService(runners, store, futures, checkpoints, catalog=bridge)
+    return TinkerService(runners, store, futures, checkpoints, catalog=bridge, quotas=quotas)
 
 
 def _residency(engine: Any, bridge: CatalogBridge | None, metrics: Any, cfg: ServeConfig) -> Any:

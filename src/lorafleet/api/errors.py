@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 
 from lorafleet.errors import (
     Conflict, Corrupt, Expired, Forbidden, InvalidRequest, LorafleetError, NoCapacity, NotFound,
-    TooLarge, Unauthorized,
+    QuotaExceeded, TooLarge, Unauthorized,
 )
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ STATUS: dict[type[LorafleetError], int] = {
     InvalidRequest: 400,
     Unauthorized: 401,
     Forbidden: 403,
+    QuotaExceeded: 403,
     TooLarge: 413,
     NotFound: 404,
     Expired: 410,

@@ -140,6 +140,49 @@ class Alias:
 
 
 @dataclass(frozen=True, slots=True)
+class Quotas:
+    """Per-tenant limits; None: unlimited. A tenant's own values (`lorafleet keys create
+    --max-runs ...`) win over the server's defaults (`lorafleet serve --max-runs ...`)."""
+
+    max_runs: int | None = None  # training runs in open sessions (hard cap: 403)
+    max_queued: int | None = None  # Tinker requests pending at once (429 + Retry-After)
+    max_adapters: int | None = None  # catalog policies owned (hard cap: 403)
+
+    def over(self, defaults: Quotas) -> Quotas:
+        return Quotas(*(mine if mine is not None else theirs
+                        for mine, theirs in zip(self.astuple(), defaults.astuple(), strict=True)))
+
+    def astuple(self) -> tuple[int | None, int | None, int | None]:
+        return (self.max_runs, self.max_queued, self.max_adapters)
+
+
+class AuditAction(StrEnum):
+    ALIAS_SET = "alias.set"
+    ALIAS_ROLLBACK = "alias.rollback"
+    POLICY_DELETE = "policy.delete"
+    REVISION_DELETE = "revision.delete"
+    KEY_CREATE = "key.create"
+    KEY_REVOKE = "key.revoke"
+    TENANT_DELETE = "tenant.delete"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One recorded change (append-only): who did what to which object of `tenant`, when, and
+    from what to what (alias moves: revision ids; keys: the key's prefix)."""
+
+    id: int
+    at: datetime
+    actor: str
+    tenant: str
+    action: str  # an AuditAction
+    target: str  # owner/name:alias, owner/name, owner/name@rev_..., key_..., tenant name
+    from_value: str | None
+    to_value: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class AliasEvent:
     """One move of an alias; the history is append-only."""
 

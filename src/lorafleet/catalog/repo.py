@@ -20,12 +20,14 @@ from lorafleet.catalog.records import (
     Alias,
     AliasEvent,
     ApiKey,
+    AuditEvent,
     Evaluation,
     LoraConfig,
     Policy,
     PolicyId,
     Principal,
     Provenance,
+    Quotas,
     Revision,
     RevisionId,
     RevisionKind,
@@ -75,6 +77,22 @@ def get_tenant(conn: Connection, name: str) -> Tenant | None:
 
 def list_tenants(conn: Connection) -> list[Tenant]:
     return [to_tenant(r) for r in conn.execute(select(t.tenants, _ACTIVE_KEYS).order_by(t.tenants.c.name))]
+
+
+def tenant_quotas(conn: Connection, name: str) -> Quotas:
+    c = t.tenants.c
+    row = conn.execute(select(c.max_runs, c.max_queued, c.max_adapters).where(c.name == name)).first()
+    return Quotas() if row is None else Quotas(row.max_runs, row.max_queued, row.max_adapters)
+
+
+def set_tenant_quotas(conn: Connection, name: str, values: Mapping[str, int | None]) -> None:
+    conn.execute(update(t.tenants).where(t.tenants.c.name == name).values(**values))
+
+
+def count_policies(conn: Connection, owner: str) -> int:
+    p = t.policies.c
+    return conn.execute(select(func.count()).select_from(t.policies).where(
+        p.owner == owner, p.deleted_at.is_(None))).scalar_one()
 
 
 def mark_tenant_deleted(conn: Connection, name: str, now: datetime) -> None:
@@ -515,3 +533,26 @@ def list_evaluations(conn: Connection, revision_id: str) -> list[Evaluation]:
     rows = conn.execute(select(t.evaluations).where(e.revision_id == revision_id).order_by(e.id))
     return [Evaluation(r.id, r.revision_id, r.suite, dict(r.metrics), dict(r.details), r.created_by,
                        utc(r.created_at)) for r in rows]  # type: ignore[arg-type]
+
+
+# ---- audit log --------------------------------------------------------------------------
+
+
+def audit(conn: Connection, now: datetime, actor: str, tenant: str, action: str, target: str, *,
+          from_value: str | None = None, to_value: str | None = None, reason: str | None = None) -> None:
+    """Append one audit event, in the caller's transaction (so it commits with the change)."""
+    conn.execute(insert(t.audit_events).values(at=now, actor=actor, tenant=tenant, action=str(action),
+                                               target=target, from_value=from_value,
+                                               to_value=to_value, reason=reason))
+
+
+def list_audit(conn: Connection, tenant: str | None, limit: int, before_id: int | None) -> list[AuditEvent]:
+    """Newest first; `tenant` None: every tenant's events."""
+    e = t.audit_events.c
+    q = select(t.audit_events).order_by(e.id.desc()).limit(limit)
+    if tenant is not None:
+        q = q.where(e.tenant == tenant)
+    if before_id is not None:
+        q = q.where(e.id < before_id)
+    return [AuditEvent(r.id, utc(r.at), r.actor, r.tenant, r.action, r.target, r.from_value,  # type: ignore[arg-type]
+                       r.to_value, r.reason) for r in conn.execute(q)]

@@ -25,8 +25,8 @@ from sqlalchemy.exc import IntegrityError
 
 from lorafleet.catalog import maintenance, repo, validate
 from lorafleet.catalog.records import (
-    LOCAL_TENANT, Alias, AliasEvent, ApiKey, CheckReport, Comparison, Evaluation, GcReport, Lineage,
-    LoraConfig, MetricDelta, Page, Policy, PolicyId, Principal, Provenance, Revision, RevisionId,
+    LOCAL_TENANT, Alias, AliasEvent, ApiKey, AuditAction, AuditEvent, CheckReport, Comparison, Evaluation, GcReport, Lineage,
+    LoraConfig, MetricDelta, Page, Policy, PolicyId, Principal, Provenance, Quotas, Revision, RevisionId,
     RevisionKind, Tenant,
 )
 from lorafleet.catalog.refs import (
@@ -34,7 +34,9 @@ from lorafleet.catalog.refs import (
     parse_gate, parse_policy_name, parse_ref, parse_tinker_path,
 )
 from lorafleet.db import Database, open_database, upgrade
-from lorafleet.errors import Conflict, Corrupt, Expired, IncompatibleAdapter, InvalidRequest, NotFound, Unauthorized
+from lorafleet.errors import (
+    Conflict, Corrupt, Expired, IncompatibleAdapter, InvalidRequest, NotFound, QuotaExceeded, Unauthorized,
+)
 from lorafleet.lora.spec import LoraSpec
 from lorafleet.store.blobs import BlobStore, open_store
 from lorafleet.store.manifest import Manifest
@@ -65,6 +67,7 @@ class Catalog:
         self.db = db
         self.store = store
         self.clock = clock
+        self.default_quotas = Quotas()  # the server's (lorafleet serve --max-runs ...)
 
     @classmethod
     def open(cls, database_url: str, store_url: str, *, migrate: bool = True) -> Catalog:
@@ -94,12 +97,15 @@ class Catalog:
         if tenant is not None and tenant.deleted_at is not None:
             raise Conflict(f"tenant {name!r} was deleted; tenant names are never reused")
 
-    def create_key(self, tenant: str, label: str | None = None) -> str:
+    def create_key(self, tenant: str, label: str | None = None, *, actor: str = LOCAL_TENANT) -> str:
         """A new API key for `tenant` (created if missing). The plaintext is returned once only."""
         self.create_tenant(tenant)
         key = KEY_PREFIX + secrets.token_urlsafe(32)
+        now, key_hash = self.clock(), hash_key(key)
         with self.db.write() as conn:
-            repo.insert_key(conn, hash_key(key), key[:PREFIX_LEN], tenant, label, self.clock())
+            repo.insert_key(conn, key_hash, key[:PREFIX_LEN], tenant, label, now)
+            repo.audit(conn, now, actor, tenant, AuditAction.KEY_CREATE, repo.KEY_ID + key_hash[:repo.KEY_ID_HEX],
+                       to_value=key[:PREFIX_LEN], reason=label)
         return key
 
     def principal_for_key(self, key: str) -> Principal:
@@ -117,7 +123,7 @@ class Catalog:
                 raise NotFound(f"no tenant {tenant!r}")
             return repo.list_keys(conn, tenant)
 
-    def revoke_key(self, ref: str) -> tuple[ApiKey, bool]:
+    def revoke_key(self, ref: str, *, actor: str = LOCAL_TENANT) -> tuple[ApiKey, bool]:
         """Revoke one key, named by its id (`key_...` as `list_keys` shows, or a unique leading
         part of it), its shown prefix (`tml-...`), or the key itself. Idempotent: returns the key
         and whether this call revoked it (False: it already was)."""
@@ -127,6 +133,7 @@ class Catalog:
             if key.revoked_at is not None:
                 return key, False
             repo.revoke_keys(conn, now, key_id=key.id)
+            repo.audit(conn, now, actor, key.tenant, AuditAction.KEY_REVOKE, key.id, from_value=key.prefix)
         return dataclasses.replace(key, revoked_at=now), True
 
     def _one_key(self, conn: Connection, ref: str) -> ApiKey:
@@ -150,6 +157,26 @@ class Catalog:
                                  "give more characters")
         return hits[0]
 
+    def set_quotas(self, tenant: str, **limits: int | None) -> Quotas:
+        """Set some of `tenant`'s quotas (max_runs, max_queued, max_adapters: a count >= 0, or
+        None for the server's default); returns the tenant's own values."""
+        unknown = set(limits) - set(Quotas.__slots__)
+        if unknown:
+            raise InvalidRequest(f"unknown quotas {sorted(unknown)}; known: {list(Quotas.__slots__)}")
+        for name, value in limits.items():
+            if value is not None and not 0 <= value < 1 << 31:
+                raise InvalidRequest(f"{name} must be in 0..{(1 << 31) - 1}, got {value}")
+        with self.db.write() as conn:
+            if repo.get_tenant(conn, tenant) is None:
+                raise NotFound(f"no tenant {tenant!r}")
+            repo.set_tenant_quotas(conn, tenant, limits)
+            return repo.tenant_quotas(conn, tenant)
+
+    def quotas_for(self, tenant: str) -> Quotas:
+        """The limits in force for `tenant`: its own values over the server's defaults."""
+        with self.db.read() as conn:
+            return repo.tenant_quotas(conn, tenant).over(self.default_quotas)
+
     def list_tenants(self) -> list[Tenant]:
         with self.db.read() as conn:
             return repo.list_tenants(conn)
@@ -161,7 +188,7 @@ class Catalog:
             raise NotFound(f"no tenant {name!r}")
         return tenant
 
-    def delete_tenant(self, name: str) -> Tenant:
+    def delete_tenant(self, name: str, *, actor: str = LOCAL_TENANT) -> Tenant:
         """Revoke every key of `name` and mark it deleted, in one transaction: it can no longer
         authenticate. Its policies, revisions and Tinker state stay (for an operator to gc).
         Idempotent; the built-in `local` tenant cannot be deleted."""
@@ -169,10 +196,14 @@ class Catalog:
             raise InvalidRequest(f"the built-in tenant {LOCAL_TENANT!r} cannot be deleted")
         now = self.clock()
         with self.db.write() as conn:
-            if repo.get_tenant(conn, name) is None:
+            before = repo.get_tenant(conn, name)
+            if before is None:
                 raise NotFound(f"no tenant {name!r}")
-            repo.revoke_keys(conn, now, tenant=name)
-            repo.mark_tenant_deleted(conn, name, now)
+            if before.deleted_at is None:
+                revoked = repo.revoke_keys(conn, now, tenant=name)
+                repo.mark_tenant_deleted(conn, name, now)
+                repo.audit(conn, now, actor, name, AuditAction.TENANT_DELETE, name,
+                           reason=f"{revoked} keys revoked")
             return repo.get_tenant(conn, name)  # type: ignore[return-value]
 
     # ---- policies -----------------------------------------------------------------------
@@ -200,6 +231,12 @@ class Catalog:
         try:
             with self.db.write() as conn:
                 repo.ensure_tenant(conn, owner, policy.created_at)
+                limit = repo.tenant_quotas(conn, owner).over(self.default_quotas).max_adapters
+                if limit is not None:
+                    used = repo.count_policies(conn, owner)
+                    if used >= limit:
+                        raise QuotaExceeded(f"quota max_adapters={limit} of tenant {owner!r} is reached: it "
+                                            f"owns {used} adapters (policies); delete one or raise the quota")
                 repo.insert_policy(conn, policy)
         except IntegrityError as e:
             raise Conflict(f"policy {name} already exists (or tinker run {tinker_run_id!r} is taken)") from e
@@ -256,8 +293,10 @@ class Catalog:
     def delete_policy(self, who: Principal, name: str) -> None:
         """Soft delete: the policy and its revisions stop resolving; names are never reused."""
         p = self._writable_policy(who, name)
+        now = self.clock()
         with self.db.write() as conn:
-            repo.soft_delete_policy(conn, p.id, self.clock())
+            repo.soft_delete_policy(conn, p.id, now)
+            repo.audit(conn, now, who.tenant, p.owner, AuditAction.POLICY_DELETE, p.full_name)
 
     # ---- publishing ---------------------------------------------------------------------
 
@@ -310,8 +349,9 @@ class Catalog:
                 )
                 repo.insert_revision(conn, rev, manifest)
                 for a in aliases:
-                    repo.move_alias(conn, p, a, rev.id, action="set", actor=who.tenant,
-                                    reason=reason or "publish", now=now)
+                    _audit_alias(conn, p, repo.move_alias(conn, p, a, rev.id, action="set", actor=who.tenant,
+                                                          reason=reason or "publish", now=now),
+                                 AuditAction.ALIAS_SET)
         except IntegrityError as e:
             if tinker_path:
                 raise Conflict(f"tinker path {tinker_path} already names a revision") from e
@@ -424,6 +464,8 @@ class Catalog:
             if pointing:
                 raise Conflict(f"revision {rev.id} is the target of alias(es) {pointing}; move them first")
             repo.delete_revision(conn, rev.id)
+            repo.audit(conn, self.clock(), who.tenant, rev.policy.partition("/")[0],
+                       AuditAction.REVISION_DELETE, f"{rev.policy}@{rev.id}", from_value=rev.sha256)
 
     # ---- aliases ------------------------------------------------------------------------
 
@@ -438,8 +480,10 @@ class Catalog:
             repo.lock_policy(conn, p.id)
             if gate is not None:
                 validate.check_gate(gate, rev.id, repo.list_evaluations(conn, rev.id))
-            return repo.move_alias(conn, p, alias, rev.id, action="set", actor=who.tenant,
-                                   reason=reason or (f"gate {gate}" if gate else None), now=self.clock())
+            event = repo.move_alias(conn, p, alias, rev.id, action="set", actor=who.tenant,
+                                    reason=reason or (f"gate {gate}" if gate else None), now=self.clock())
+            _audit_alias(conn, p, event, AuditAction.ALIAS_SET)
+            return event
 
     def list_aliases(self, who: Principal, policy: str) -> list[Alias]:
         p = self.get_policy(who, policy)
@@ -471,8 +515,25 @@ class Catalog:
             dest = target.id if target else _previous_target(conn, events)
             if dest is None:
                 raise Conflict(f"alias {alias_ref} has no earlier target to roll back to")
-            return repo.move_alias(conn, p, alias, dest, action="rollback", actor=who.tenant,
-                                   reason=reason, now=self.clock())
+            event = repo.move_alias(conn, p, alias, dest, action="rollback", actor=who.tenant,
+                                    reason=reason, now=self.clock())
+            _audit_alias(conn, p, event, AuditAction.ALIAS_ROLLBACK)
+            return event
+
+    # ---- audit log ----------------------------------------------------------------------
+
+    def list_audit(self, who: Principal, *, tenant: str | None = None, limit: int = 50,
+                   cursor: str | None = None) -> Page[AuditEvent]:
+        """Audit events, newest first: a tenant sees its own; admin every tenant's (or `tenant`'s)."""
+        limit = validate.check_limit(limit)
+        before = validate.int_cursor(cursor)
+        if not who.admin:
+            if tenant not in (None, who.tenant):
+                raise NotFound(f"no tenant {tenant!r}")
+            tenant = who.tenant
+        with self.db.read() as conn:
+            items = repo.list_audit(conn, tenant, limit, before)
+        return Page(tuple(items), str(items[-1].id) if len(items) == limit else None)
 
     def _alias_ref(self, who: Principal, alias_ref: str, write: bool) -> tuple[Policy, str]:
         r = parse_ref(alias_ref)
@@ -556,6 +617,11 @@ class Catalog:
         if not who.can_write(p.owner):
             raise NotFound(f"no policy {name} owned by tenant {who.tenant!r}")
         return p
+
+
+def _audit_alias(conn: Connection, p: Policy, e: AliasEvent, action: AuditAction) -> None:
+    repo.audit(conn, e.at, e.actor, p.owner, action, f"{p.full_name}:{e.alias}",
+               from_value=e.from_revision_id, to_value=e.to_revision_id, reason=e.reason)
 
 
 def _previous_target(conn: Connection, events: list[AliasEvent]) -> str | None:

@@ -6,6 +6,7 @@
   alias points at cannot be deleted;
 - revisions and their files are never updated, and alias history is append-only: the
   migrations add triggers that abort any such UPDATE/DELETE (see migrations/versions/0001);
+- alias history and the audit log are append-only (triggers, migrations 0001 and 0003);
 - tenants and keys are never deleted, only marked (`deleted_at`, `revoked_at`), so a name or
   key once issued can never come back to life by being created again.
 
@@ -45,6 +46,10 @@ tenants = Table(
     Column("name", NAME, primary_key=True),
     Column("created_at", TS, nullable=False),
     Column("deleted_at", TS),  # set once: the tenant can no longer authenticate
+    # quotas (NULL: the server's default; see api/quotas.py)
+    Column("max_runs", Integer),
+    Column("max_queued", Integer),
+    Column("max_adapters", Integer),
 )
 
 api_keys = Table(
@@ -160,3 +165,17 @@ evaluations = Table(
     Column("created_at", TS, nullable=False),
 )
 Index("ix_evaluations_revision", evaluations.c.revision_id)
+
+audit_events = Table(
+    "audit_events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", TS, nullable=False),
+    Column("actor", NAME, nullable=False),  # the tenant (or admin) who did it
+    Column("tenant", NAME, nullable=False),  # whose object it was: who may read the event
+    Column("action", String(32), nullable=False),  # see records.AuditEvent
+    Column("target", String(512), nullable=False),
+    Column("from_value", String(512)),
+    Column("to_value", String(512)),
+    Column("reason", Text),
+)
+Index("ix_audit_events_tenant", audit_events.c.tenant, audit_events.c.id)

@@ -93,9 +93,12 @@ def int_cursor(cursor: str | None) -> int | None:
     if cursor is None:
         return None
     try:
-        return int(cursor)
+        value = int(cursor)
     except ValueError:
         raise InvalidRequest(f"invalid cursor {cursor!r}") from None
+    if not 0 <= value < 1 << 63:  # a database integer: larger values overflow the driver
+        raise InvalidRequest(f"invalid cursor {cursor!r}: out of range")
+    return value
 
 
 def check_gate(gate: Gate, rid: str, evals: list[Evaluation]) -> None:

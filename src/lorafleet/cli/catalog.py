@@ -1,5 +1,5 @@
 """Catalog commands: `adapters` (import, export, rename, ...), `alias`, `rollback`, `eval`,
-`lineage`, `gc`, `fsck`, `keys`, `tenants`.
+`lineage`, `gc`, `fsck`, `keys`, `tenants`, `audit`.
 
 `fsck` also checks the Tinker service's checkpoint rows against their folders on disk.
 
@@ -103,6 +103,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
     p = _cmd(keys, "create", _keys_create, "create an API key for a tenant (printed once)")
     p.add_argument("--tenant", required=True)
+    for quota, what in (("runs", "training runs in open sessions"), ("queued", "Tinker requests pending"),
+                        ("adapters", "catalog policies owned")):
+        p.add_argument(f"--max-{quota}", type=int, default=None, metavar="N",
+                       help=f"the tenant's quota: {what} (default: the server's)")
     p.add_argument("--label")
     p = _cmd(keys, "ls", _keys_ls, "list API keys (ids and prefixes, never secrets)")
     p.add_argument("--tenant", help="only this tenant's keys")
@@ -114,6 +118,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = _cmd(tenants, "delete", _tenants_delete,
              "revoke every key of a tenant and mark it deleted (its data stays, for gc)")
     p.add_argument("tenant")
+
+    p = _cmd(sub, "audit", _audit, "list the audit log (alias moves, rollbacks, deletions, keys), newest first")
+    p.add_argument("--tenant", help="only events about this tenant's objects")
+    p.add_argument("--limit", type=int, default=50)
 
 
 def _cmd(sub: Any, name: str, fn: Callable[[Catalog, argparse.Namespace], Any], help: str) -> argparse.ArgumentParser:
@@ -302,7 +310,8 @@ def _fsck(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str] | int:
     lines = [*r.problems, text]
     if t is not None:
         lines += [*t.problems, f"{t.checkpoints_checked} Tinker checkpoints checked, "
-                  f"{len(t.problems)} problems, {t.tmp_folders} temporary folders"]
+                  f"{len(t.problems)} problems, {t.tmp_folders} temporary folders, "
+                  f"{t.orphan_folders} folders without a row (interrupted writes)"]
     if a.json:
         print(json.dumps(_plain(r) | {"ok": ok, "tinker": _plain(t)}, indent=2))
     else:
@@ -311,6 +320,10 @@ def _fsck(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str] | int:
 
 
 def _keys_create(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
+    limits = {f"max_{q}": getattr(a, f"max_{q}") for q in ("runs", "queued", "adapters")}
+    if any(v is not None for v in limits.values()):  # before the key: a bad value makes no key
+        cat.create_tenant(a.tenant)
+        cat.set_quotas(a.tenant, **{k: v for k, v in limits.items() if v is not None})
     key = cat.create_key(a.tenant, a.label)
     print("store this key now; it is not shown again", file=sys.stderr)
     return {"tenant": a.tenant, "key": key}, key
@@ -327,6 +340,13 @@ def _keys_revoke(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
     key, now = cat.revoke_key(a.key)
     state = "revoked" if now else f"already revoked at {_when(key.revoked_at)}"
     return key, f"{key.id} ({key.prefix or 'no prefix'}) of tenant {key.tenant}: {state}"
+
+
+def _audit(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
+    events = list(cat.list_audit(ADMIN, tenant=a.tenant, limit=a.limit).items)
+    rows = [[_when(e.at), e.actor, e.action, e.target, e.from_value or "-", e.to_value or "-", e.reason or ""]
+            for e in events]
+    return events, _table(["WHEN", "WHO", "ACTION", "TARGET", "FROM", "TO", "REASON"], rows)
 
 
 def _tenants_ls(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:

@@ -37,6 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", type=Path, default=None,
                    help="folder of the Tinker service's database and checkpoints "
                         "(default: <lorafleet home>/tinker)")
+    g = p.add_argument_group("per-tenant quota defaults (a tenant's own, from keys create, win)")
+    g.add_argument("--max-runs", type=int, default=None, metavar="N",
+                   help="training runs in open sessions (over it: 403)")
+    g.add_argument("--max-queued", type=int, default=None, metavar="N",
+                   help="Tinker requests pending at once (over it: 429 + Retry-After)")
+    g.add_argument("--max-adapters", type=int, default=None, metavar="N",
+                   help="catalog policies owned (over it: 403)")
     g = p.add_argument_group("adapter residency (serving)")
     g.add_argument("--max-slots", type=int, default=64,
                    help="live adapters per engine, the slot tier (default 64)")
@@ -104,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
                       max_host_bytes=args.max_host_bytes, load_queue=args.load_queue,
                       load_batch=args.load_batch, max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_num_batched_tokens,
-                      kv_cache_bytes=args.kv_cache_bytes, micro_batch_tokens=args.micro_batch_tokens)
+                      kv_cache_bytes=args.kv_cache_bytes, micro_batch_tokens=args.micro_batch_tokens,
+                      max_runs=args.max_runs, max_queued=args.max_queued, max_adapters=args.max_adapters)
     if args.max_body_bytes is not None:
         cfg.max_body_bytes = args.max_body_bytes
     if args.max_json_bytes is not None:

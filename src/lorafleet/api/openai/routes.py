@@ -56,7 +56,13 @@ def _params(req: s._Request, max_tokens: int) -> SamplingParams:
                           top_k=req.top_k, seed=req.seed, stop_strings=tuple(stops))
 
 
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (each x n choices)
+
+
 def _completion_prompts(tokenizer, prompt) -> list[list[int]]:
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) > MAX_PROMPTS:
+        # before tokenizing: a long list of strings costs time even when it will be refused
+        raise InvalidRequest(f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}")
     if isinstance(prompt, str):
         prompts = [tokenizer.encode(prompt)]
     elif prompt and all(isinstance(x, int) for x in prompt):
@@ -67,8 +73,6 @@ def _completion_prompts(tokenizer, prompt) -> list[list[int]]:
         prompts = [list(x) for x in prompt]
     else:
         raise InvalidRequest("prompt must be a string, a list of strings, or token ids")
-    if len(prompts) > 64:
-        raise InvalidRequest(f"at most 64 prompts per request, got {len(prompts)}")
     if any(not p for p in prompts):
         raise InvalidRequest("prompt is empty")
     return prompts

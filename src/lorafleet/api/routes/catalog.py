@@ -22,7 +22,7 @@ from pydantic import ConfigDict, Field
 from lorafleet.api.auth import get_catalog, get_tenant, require_admin
 from lorafleet.api.checks import Checked, refuse_nul_params
 from lorafleet.catalog.records import (
-    Alias, AliasEvent, Comparison, Evaluation, GcReport, Lineage, LoraConfig, Policy, Principal,
+    Alias, AliasEvent, AuditEvent, Comparison, Evaluation, GcReport, Lineage, LoraConfig, Policy, Principal,
     Provenance, Revision,
 )
 from lorafleet.catalog.refs import check_alias
@@ -218,6 +218,23 @@ class KeyIn(_Wire):
 class KeyOut(_Wire):
     tenant: str
     key: str
+
+
+class AuditEventOut(_Wire):
+    id: int
+    at: datetime
+    actor: str
+    tenant: str
+    action: str
+    target: str
+    from_value: str | None
+    to_value: str | None
+    reason: str | None
+
+
+class AuditList(_Wire):
+    items: list[AuditEventOut]
+    next_cursor: str | None
 
 
 class GcOut(_Wire):
@@ -445,7 +462,20 @@ def lineage(ref: str, catalog: Cat, who: Who) -> LineageOut:
 
 @router.post("/keys", response_model=KeyOut, status_code=201)
 def create_key(body: KeyIn, catalog: Cat, _: Annotated[Principal, Depends(require_admin)]) -> KeyOut:
-    return KeyOut(tenant=body.tenant, key=catalog.create_key(body.tenant, body.label))
+    return KeyOut(tenant=body.tenant, key=catalog.create_key(body.tenant, body.label, actor=_.tenant))
+
+
+@router.get("/audit", response_model=AuditList)
+def audit(catalog: Cat, who: Who, tenant: str | None = None,
+          limit: Annotated[int, Query(ge=1, le=1000)] = 50, cursor: str | None = None) -> AuditList:
+    """Alias moves, rollbacks, deletions, key creation and revocation, tenant deletion: newest
+    first. A tenant sees the events about its own objects; the admin every tenant's."""
+    page = catalog.list_audit(who, tenant=tenant, limit=limit, cursor=cursor)
+    return AuditList(items=[AuditEventOut(**_fields(e)) for e in page.items], next_cursor=page.next_cursor)
+
+
+def _fields(e: AuditEvent) -> dict:
+    return {f: getattr(e, f) for f in AuditEventOut.model_fields}
 
 
 @router.post("/gc", response_model=GcOut)

@@ -29,7 +29,7 @@ from typing import Any
 
 from lorafleet.api.errors import client_message
 from lorafleet.api.tinker.store import TinkerStore, now
-from lorafleet.errors import Conflict, Expired, InvalidRequest, LorafleetError, NotFound
+from lorafleet.errors import Conflict, Expired, InvalidRequest, LorafleetError, NoCapacity, NotFound
 
 PENDING, DONE, FAILED, EXPIRED = "pending", "done", "failed", "expired"
 JSON_TYPE, PROTO_TYPE = "application/json", "application/x-protobuf"
@@ -73,6 +73,8 @@ class FutureTable:
         # fails (api/tinker/run_metrics.py); on the completing thread, before polls wake, and
         # must not raise
         self.observers: list[Callable[[str, bytes | None], None]] = []
+        # a tenant's max_queued quota (None: unlimited); set by api/app.py from the catalog
+        self.queue_limit: Callable[[str], int | None] = lambda tenant: None
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Remember the event loop so the engine thread can wake polls."""
@@ -103,6 +105,7 @@ class FutureTable:
         Raises:
             Conflict: same (scope, seq_id) or idempotency key but different content.
         """
+        limit = self.queue_limit(tenant)
         with self._lock:
             dup = self._find_duplicate(tenant, scope, seq_id, idem_key)
             if dup is not None:
@@ -113,6 +116,12 @@ class FutureTable:
                         f"(request {dup['request_id']}); a retry must resend the same content"
                     )
                 return dup["request_id"], False
+            if limit is not None:
+                queued = self.store.select("SELECT COUNT(*) AS n FROM futures WHERE tenant = ? AND state = ?",
+                                           tenant, PENDING)[0]["n"]
+                if queued >= limit:
+                    raise NoCapacity(f"quota max_queued={limit} of tenant {tenant!r} is reached: {queued} "
+                                     "requests are queued; retry once some complete", retry_after_s=1.0)
             request_id = f"req-{uuid.uuid4().hex}"
             self.store.insert("futures", {
                 "request_id": request_id, "tenant": tenant, "kind": kind, "scope": scope,

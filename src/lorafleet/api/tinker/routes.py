@@ -68,6 +68,43 @@ def _checkpoint_kinds(request: Request) -> set[str]:
     return kinds
 
 
+def _doc(model: type[s.Wire] | None) -> dict:
+    """OpenAPI of a body these routes read themselves (so FastAPI cannot see it): the model's
+    JSON schema with its definitions inlined, or (None) any JSON object."""
+    schema = {"type": "object"} if model is None else _inline(model.model_json_schema())
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _inline(schema: dict) -> dict:
+    defs = schema.pop("$defs", {})
+
+    def walk(x):
+        if isinstance(x, dict):
+            if "$ref" in x:
+                return walk(defs[x["$ref"].rsplit("/", 1)[-1]])
+            return {k: walk(v) for k, v in x.items()}
+        return [walk(v) for v in x] if isinstance(x, list) else x
+
+    return walk(schema)
+
+
+_TENSOR = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "array", "items": {"type": "number"}},
+    "dtype": {"enum": ["float32", "int64"]}, "shape": {"type": "array", "items": {"type": "integer"}}}}
+_FWDBWD_JSON = {"type": "object", "required": ["model_id", "seq_id", "forward_backward_input"], "properties": {
+    "model_id": {"type": "string"}, "seq_id": {"type": "integer", "minimum": 1},
+    "forward_backward_input": {"type": "object", "required": ["data"], "properties": {
+        "loss_fn": {"type": "string"},
+        "loss_fn_config": {"type": "object", "additionalProperties": {"type": "number"}},
+        "data": {"type": "array", "items": {"type": "object", "properties": {
+            "model_input": {"type": "object"},
+            "loss_fn_inputs": {"type": "object", "additionalProperties": _TENSOR}}}}}}}}
+# forward_backward and forward take the JSON form or the SDK's protobuf (api/tinker/wire.py)
+FWDBWD_DOC = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": _FWDBWD_JSON},
+    PROTO_TYPE: {"schema": {"type": "string", "format": "binary"}}}}}
+
+
 async def _body(request: Request, model: type[s.M]) -> s.M:
     """The body as `model`, parsed in a worker thread: up to --max-body-bytes of JSON must not
     hold up the event loop."""
@@ -77,7 +114,7 @@ async def _body(request: Request, model: type[s.M]) -> s.M:
 # ---------------------------------------------------------------------- bootstrap
 
 
-@router.post("/client/config")
+@router.post("/client/config", openapi_extra=_doc(s.ClientConfigRequest))
 async def client_config(request: Request) -> dict:
     await _body(request, s.ClientConfigRequest)
     _tenant(request)
@@ -89,19 +126,19 @@ async def dynamic_config(request: Request) -> dict:
     return {"refresh_interval_sec": 300, "sample_cancel_enabled": False}
 
 
-@router.post("/create_session")
+@router.post("/create_session", openapi_extra=_doc(s.CreateSessionRequest))
 async def create_session(request: Request) -> dict:
     req = await _body(request, s.CreateSessionRequest)
     return _svc(request).create_session(_tenant(request), req)
 
 
-@router.post("/session_heartbeat")
+@router.post("/session_heartbeat", openapi_extra=_doc(s.SessionRef))
 async def session_heartbeat(request: Request) -> dict:
     req = await _body(request, s.SessionRef)
     return _svc(request).heartbeat(_tenant(request), req.session_id)
 
 
-@router.post("/sessions/{session_id}/finish")
+@router.post("/sessions/{session_id}/finish", openapi_extra=_doc(s.FinishRequest))
 async def finish_session(session_id: str, request: Request) -> dict:
     req = await _body(request, s.FinishRequest)
     reason = (req.reason or {}).get("type", "success")
@@ -109,7 +146,7 @@ async def finish_session(session_id: str, request: Request) -> dict:
     return {"type": "session_finished"}
 
 
-@router.post("/telemetry")
+@router.post("/telemetry", openapi_extra=_doc(None))
 async def telemetry(request: Request) -> dict:
     """SDK telemetry batches: accepted; client-side errors are worth a log line."""
     tenant = _tenant(request)
@@ -127,13 +164,13 @@ async def telemetry(request: Request) -> dict:
 # ---------------------------------------------------------------------- training
 
 
-@router.post("/create_model")
+@router.post("/create_model", openapi_extra=_doc(s.CreateModelRequest))
 async def create_model(request: Request) -> dict:
     req = await _body(request, s.CreateModelRequest)
     return _svc(request).create_model(_tenant(request), req, _idem(request)).to_json()
 
 
-@router.post("/get_info")
+@router.post("/get_info", openapi_extra=_doc(s.ModelRef))
 async def get_info(request: Request) -> dict:
     req = await _body(request, s.ModelRef)
     return _svc(request).get_info(_tenant(request), req.model_id)
@@ -155,41 +192,41 @@ async def _fwdbwd(request: Request, forward_only: bool | None) -> dict:
     return _svc(request).forward_backward(_tenant(request), call, _idem(request)).to_json()
 
 
-@router.post("/forward_backward")
+@router.post("/forward_backward", openapi_extra=FWDBWD_DOC)
 async def forward_backward(request: Request) -> dict:
     return await _fwdbwd(request, None)
 
 
-@router.post("/forward")
+@router.post("/forward", openapi_extra=FWDBWD_DOC)
 async def forward(request: Request) -> dict:
     return await _fwdbwd(request, True)
 
 
-@router.post("/optim_step")
+@router.post("/optim_step", openapi_extra=_doc(s.OptimStepRequest))
 async def optim_step(request: Request) -> dict:
     req = await _body(request, s.OptimStepRequest)
     return _svc(request).optim_step(_tenant(request), req, _idem(request)).to_json()
 
 
-@router.post("/save_weights")
+@router.post("/save_weights", openapi_extra=_doc(s.SaveWeightsRequest))
 async def save_weights(request: Request) -> dict:
     req = await _body(request, s.SaveWeightsRequest)
     return _svc(request).save_weights(_tenant(request), req, _idem(request)).to_json()
 
 
-@router.post("/save_weights_for_sampler")
+@router.post("/save_weights_for_sampler", openapi_extra=_doc(s.SaveWeightsForSamplerRequest))
 async def save_weights_for_sampler(request: Request) -> dict:
     req = await _body(request, s.SaveWeightsForSamplerRequest)
     return _svc(request).save_weights_for_sampler(_tenant(request), req, _idem(request)).to_json()
 
 
-@router.post("/save_weights_external")
+@router.post("/save_weights_external", openapi_extra=_doc(s.SaveWeightsExternalRequest))
 async def save_weights_external(request: Request) -> dict:
     req = await _body(request, s.SaveWeightsExternalRequest)
     return _svc(request).save_weights_external(_tenant(request), req, _idem(request)).to_json()
 
 
-@router.post("/load_weights")
+@router.post("/load_weights", openapi_extra=_doc(s.LoadWeightsRequest))
 async def load_weights(request: Request) -> dict:
     req = await _body(request, s.LoadWeightsRequest)
     return _svc(request).load_weights(_tenant(request), req, _idem(request)).to_json()
@@ -198,7 +235,7 @@ async def load_weights(request: Request) -> dict:
 # ---------------------------------------------------------------------- sampling
 
 
-@router.post("/create_sampling_session")
+@router.post("/create_sampling_session", openapi_extra=_doc(s.CreateSamplingSessionRequest))
 async def create_sampling_session(request: Request) -> dict:
     req = await _body(request, s.CreateSamplingSessionRequest)
     return _svc(request).create_sampling_session(_tenant(request), req)
@@ -209,7 +246,7 @@ async def get_sampler(sampler_id: str, request: Request) -> dict:
     return _svc(request).get_sampler(_tenant(request), sampler_id)
 
 
-@router.post("/asample")
+@router.post("/asample", openapi_extra=_doc(s.SampleRequest))
 async def asample(request: Request) -> dict:
     req = await _body(request, s.SampleRequest)
     return _svc(request).sample(_tenant(request), req, _idem(request)).to_json()
@@ -218,7 +255,7 @@ async def asample(request: Request) -> dict:
 # ---------------------------------------------------------------------- futures
 
 
-@router.post("/retrieve_future")
+@router.post("/retrieve_future", openapi_extra=_doc(s.RetrieveFutureRequest))
 async def retrieve_future(request: Request) -> Response:
     req = await _body(request, s.RetrieveFutureRequest)
     futures = _svc(request).futures
@@ -296,7 +333,7 @@ async def unpublish(model_id: str, kind: str, name: str, request: Request) -> di
     return {"public": False}
 
 
-@router.put("/training_runs/{model_id}/checkpoints/{kind}/{name}/ttl")
+@router.put("/training_runs/{model_id}/checkpoints/{kind}/{name}/ttl", openapi_extra=_doc(s.TtlRequest))
 async def set_ttl(model_id: str, kind: str, name: str, request: Request) -> dict:
     req = await _body(request, s.TtlRequest)
     svc = _svc(request)
@@ -374,7 +411,7 @@ def _tar(folder: Path) -> bytes:
     return buf.getvalue()
 
 
-@router.post("/weights_info")
+@router.post("/weights_info", openapi_extra=_doc(s.WeightsInfoRequest))
 async def weights_info(request: Request) -> dict:
     req = await _body(request, s.WeightsInfoRequest)
     return _svc(request).weights_info(_tenant(request), req.tinker_path)

@@ -53,9 +53,11 @@ from lorafleet.errors import (
     InvalidRequest,
     MissingLossInput,
     NotFound,
+    QuotaExceeded,
     UnknownBaseModel,
 )
 from lorafleet.lora import io as lora_io
+from lorafleet.catalog.records import Quotas
 from lorafleet.lora.spec import ATTN_MODULES, MLP_MODULES, LoraSpec
 from lorafleet.model.registry import check_base_digest
 from lorafleet.train.types import AdamParams
@@ -86,8 +88,11 @@ class TinkerService(SamplingCalls, RestQueries):
         futures: FutureTable,
         checkpoints: Checkpoints,
         catalog: Any = None,
+        quotas: Callable[[str], Quotas] = lambda tenant: Quotas(),
     ) -> None:
         self.catalog = catalog  # CatalogBridge or None
+        self.quotas = quotas  # a tenant's limits in force (catalog/records.py Quotas)
+        futures.queue_limit = lambda tenant: quotas(tenant).max_queued
         self.runners = runners  # base name -> the engine scheduler of that base
         self.store = store
         self.futures = futures
@@ -242,6 +247,8 @@ class TinkerService(SamplingCalls, RestQueries):
                  "target_modules": list(spec.target_modules), "lora_alpha": LORA_ALPHA}
         model_id = f"{req.session_id}:train:{req.model_seq_id}"
         run_policy_name(tenant, model_id, req.user_metadata)  # a bad name is a 400 now
+        if self.store.get("runs", "model_id", model_id) is None:
+            self._check_runs_quota(tenant)
         fingerprint = s.CreateModelRequest.model_dump_json(req)
         request_id, created = self.futures.submit(
             tenant, "create_model", fingerprint, f"{req.session_id}:models", req.model_seq_id, idem
@@ -252,6 +259,17 @@ class TinkerService(SamplingCalls, RestQueries):
             runner.submit(self.job(runner, WorkKind.CREATE_RUN, CreateRun(spec, lora.seed), tenant,
                                    ticket, run_id=model_id))
         return Submitted(request_id, model_id=model_id)
+
+    def _check_runs_quota(self, tenant: str) -> None:
+        limit = self.quotas(tenant).max_runs
+        if limit is None:
+            return
+        runs = self.store.select(
+            "SELECT COUNT(*) AS n FROM runs r JOIN sessions s ON s.session_id = r.session_id "
+            "WHERE r.tenant = ? AND s.finished IS NULL", tenant)[0]["n"]
+        if runs >= limit:
+            raise QuotaExceeded(f"quota max_runs={limit} of tenant {tenant!r} is reached: {runs} training "
+                                "runs are in open sessions; finish a session or raise the quota")
 
     def _insert_run(self, tenant, session_id, model_id, base, flags, user_metadata) -> None:
         if self.store.get("runs", "model_id", model_id) is not None:
