@@ -25,7 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=25, help="per backend")
+    ap.add_argument("--quick", action="store_true", help="3 kills per backend (same keys)")
     args = ap.parse_args()
+    if args.quick:
+        args.kills = 3
     env = {**os.environ, "LORAFLEET_CRASH_KILLS": str(args.kills), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     t0 = time.time()

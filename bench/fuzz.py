@@ -29,7 +29,10 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=100, help="examples per operation")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--budget-s", type=float, default=1800.0, help="per auth mode")
+    ap.add_argument("--quick", action="store_true", help="10 examples per operation, 60 s per mode")
     args = ap.parse_args()
+    if args.quick:
+        args.examples, args.budget_s = 10, 60.0
 
     from lorafleet.config import paths_from_env
     from lorafleet.engine import Engine

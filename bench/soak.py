@@ -10,6 +10,7 @@ of 6 requests, over the per-tenant `--max-queued 4`: overload, 429s) and an Open
 
     python bench/soak.py                    # 600 s (the benchmark; growth target <= 10 %)
     python bench/soak.py --duration-s 60    # the CI length (tests/e2e/test_soak.py)
+    python bench/soak.py --quick            # 30 s, the same keys
 """
 
 from __future__ import annotations
@@ -214,7 +215,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration-s", type=float, default=600.0)
     ap.add_argument("--max-queued", type=int, default=4, help="per-tenant queue quota (429s)")
+    ap.add_argument("--quick", action="store_true", help="30 s instead of 600 (same keys)")
     args = ap.parse_args()
+    if args.quick:
+        args.duration_s = 30.0
     print(json.dumps(run_soak(args.duration_s, args.max_queued), sort_keys=True))
 
 
