@@ -39,7 +39,7 @@ BOB_SESSION, BOB_RUN = "<bob-session>", "<bob-run>"
 
 # Path and query parameters, by name: alice's value.
 PATH_PARAMS = {"model_id": RUN, "kind": "weights", "name": "st", "session_id": SESSION,
-               "sampler_id": SAMPLER, "owner": "alice", "alias": "prod"}
+               "sampler_id": SAMPLER, "owner": "alice", "alias": "prod", "model": REF}
 CATALOG_PATH = {"owner": "alice", "name": "iso", "alias": "prod"}
 QUERY_PARAMS = {"ref": REF, "a": REF, "b": REF, "name": "adapter_model.safetensors"}
 
@@ -96,7 +96,8 @@ NO_OBJECT = {("POST", "/api/v1/client/config"), ("POST", "/api/v1/client/dynamic
              ("GET", "/api/v1/healthz"), ("GET", "/api/v1/get_server_capabilities"),
              ("GET", "/api/v1/files/{token}/{expires}/{signature}/{filename}"),
              ("POST", "/catalog/v1/keys"), ("POST", "/catalog/v1/gc"),
-             ("GET", "/metrics"), ("GET", "/healthz"), ("GET", "/readyz")}
+             ("GET", "/metrics"), ("GET", "/healthz"), ("GET", "/health"), ("GET", "/readyz"),
+             ("GET", "/admin/v1/serving")}  # fleet-wide counts, the same as /metrics
 ADMIN = {("POST", "/catalog/v1/keys"), ("POST", "/catalog/v1/gc")}
 
 
@@ -188,7 +189,7 @@ def _fill(obj, values):
 def cases(method: str, path: str, route: APIRoute, values: dict) -> list[tuple[str, dict, dict | None]]:
     """(url, query, body) of bob's requests with alice's objects on this route."""
     by_name = CATALOG_PATH if path.startswith("/catalog/") else PATH_PARAMS
-    url = re.sub(r"\{(\w+)\}", lambda m: _fill(by_name[m.group(1)], values), path)
+    url = re.sub(r"\{(\w+)(?::\w+)?\}", lambda m: _fill(by_name[m.group(1)], values), path)
     query = {p.name: _fill(QUERY_PARAMS[p.name], values) for p in route.dependant.query_params
              if p.name in QUERY_PARAMS}
     bodies = BODIES.get((method, path)) or [None]

@@ -178,7 +178,7 @@ def test_policy_provenance_lineage_evaluations_alias_move_and_rollback(page, con
     # pin and unpin the selected revision (#3) through the UI reach the engine's residency
     page.click("#pin")
     page.click("#confirm-ok")
-    page.wait_for_selector("#flash.ok")
+    page.wait_for_selector("#flash.ok:has-text(' pinned (')")  # not the rollback's flash
     residency = console.app.state.openai.runners[TINY].residency
     pinned = revs[2].id
     assert residency.is_pinned(pinned)

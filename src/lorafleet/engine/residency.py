@@ -137,7 +137,9 @@ class Residency:
         Raises NoCapacity when the cold-load queue is full.
         """
         with self._lock:
-            hit = key in self._slots or key in self._host
+            # host only: a key held in a slot but not in host memory is reloaded, since the hold
+            # (see `hold`) pins host entries and a slot alone may be evicted before the job runs
+            hit = key in self._host
             if hit:
                 self._host.get(key)
         if hit:
