@@ -59,7 +59,7 @@ class FakeSink:
         self.order.append(id(job))
         self._event(job).set()
 
-    def on_token(self, job, request, sample, token, logprob) -> None:
+    def on_token(self, job, request, sample, token, logprob, top=None) -> None:
         self.first_token.setdefault(id(job), time.monotonic())
         self.tokens.setdefault(id(job), []).append((request, sample, token))
 
