@@ -184,6 +184,12 @@ def test_echo_returns_the_prompt_and_its_logprobs(server, tiny_pair):
     streamed = c.completions.create(model=TINY, prompt=PROMPT, max_tokens=3, temperature=0, echo=True,
                                     stream=True, extra_body={"ignore_eos": True})
     assert "".join(x.choices[0].text for x in streamed) == ch.text
+    # max_tokens 0 with echo scores the prompt alone (lm-eval's loglikelihood request)
+    scored = c.completions.create(model=TINY, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1, extra_body=IDS)
+    only = scored.choices[0]
+    assert only.text == PROMPT and [tid(t) for t in only.logprobs.tokens] == prompt
+    assert only.logprobs.token_logprobs[1:] == pytest.approx(ch.logprobs.token_logprobs[1:len(prompt)], abs=1e-5)
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == len(prompt)
 
 
 def test_min_tokens_ignore_eos_and_stop_token_ids(server, tiny_pair):
@@ -246,6 +252,7 @@ def test_unsupported_parameters_are_refused_by_name(server):
         (dict(best_of=3, n=1, stream=True), "best_of"),
         (dict(best_of=1, n=2), "best_of"),
         (dict(echo=True, logprobs=1, stream=True), "echo"),
+        (dict(echo=True, max_tokens=0, stream=True), "max_tokens"),
         (dict(logprobs=21), "logprobs"),
         (dict(presence_penalty=3.0), "presence_penalty"),
         (dict(extra_body={"repetition_penalty": 0.0}), "repetition_penalty"),
@@ -256,7 +263,7 @@ def test_unsupported_parameters_are_refused_by_name(server):
     ]
     for kw, name in cases:
         with pytest.raises(openai.BadRequestError) as e:
-            c.completions.create(model=TINY, prompt="Hi", max_tokens=4, **kw)
+            c.completions.create(model=TINY, prompt="Hi", **{"max_tokens": 4, **kw})
         assert name in e.value.message, (kw, e.value.message)
     msgs = [{"role": "user", "content": "Hi"}]
     for kw, name in [(dict(top_logprobs=2), "top_logprobs"), (dict(logprobs=True, top_logprobs=25), "top_logprobs"),

@@ -128,6 +128,16 @@ def _bias_id(key: str) -> int:
     return value
 
 
+def max_tokens(req: s._Request, default: int) -> tuple[int, int]:
+    """(tokens the caller asked for, tokens the engine generates): `max_tokens: 0` with `echo`
+    scores the prompt alone (vLLM's and lm-eval's use); the engine generates one token, dropped."""
+    asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    asked = default if asked is None else asked
+    if asked == 0 and not (getattr(req, "echo", False) is True and not req.stream):
+        raise InvalidRequest("max_tokens must be >= 1 (0 only with echo, not streamed: the prompt's logprobs alone)")
+    return asked, max(asked, 1)
+
+
 def completion_logprobs(req: s.CompletionRequest) -> int | None:
     return req.logprobs
 

@@ -20,6 +20,7 @@ from lorafleet.api.openai import schemas as s
 from lorafleet.api.openai.params import (
     Output, candidates, chat_logprobs, completion_logprobs, refuse_unsupported, sampling,
 )
+from lorafleet.api.openai.params import max_tokens as max_tokens_of
 from lorafleet.api.openai.service import OpenAIService, Target
 from lorafleet.api.openai.text import IncrementalText, final_text
 from lorafleet.api.tinker.catalog_bridge import policy_name
@@ -110,7 +111,7 @@ async def completions(req: s.CompletionRequest, who: Principal = Depends(get_ten
                       svc: OpenAIService = Depends(get_service)):
     refuse_unsupported(req, chat=False)
     rows = candidates(req)
-    max_tokens = req.max_tokens or DEFAULT_MAX_TOKENS
+    asked, max_tokens = max_tokens_of(req, DEFAULT_MAX_TOKENS)
     target = svc.resolve(req.model, who)  # once: the request runs on this revision
     params, out = _setup(svc, req, target, max_tokens, completion_logprobs(req))
     tokenizer = svc.tokenizer(target)
@@ -130,6 +131,9 @@ async def completions(req: s.CompletionRequest, who: Principal = Depends(get_ten
         return await _sse(svc, target, prompts, params, out, req, req.n, chunk, echoes)
     scoring = out.logprobs if req.echo and out.logprobs is not None else None
     results = await svc.sample(target, prompts, params, rows, prompt_logprobs=scoring)
+    if asked == 0:  # echo alone: the one token the engine generated is not part of the answer
+        results = [SampleResult([SampledSequence([], [], "length", top_logprobs=[]) for _ in r.sequences],
+                                r.prompt_logprobs, r.topk_prompt_logprobs) for r in results]
     choices = []
     for pi, res in enumerate(results):
         for k, seq in enumerate(_best(res.sequences, req.n)):
@@ -155,7 +159,7 @@ def _echo_text(tokenizer, prompt: list[int], text: str | None, out) -> str:
 async def chat_completions(req: s.ChatCompletionRequest, who: Principal = Depends(get_tenant),
                            svc: OpenAIService = Depends(get_service)):
     refuse_unsupported(req, chat=True)
-    max_tokens = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS
+    _, max_tokens = max_tokens_of(req, DEFAULT_MAX_TOKENS)
     target = svc.resolve(req.model, who)  # once: the request runs on this revision
     params, out = _setup(svc, req, target, max_tokens, chat_logprobs(req))
     tokenizer = svc.tokenizer(target)

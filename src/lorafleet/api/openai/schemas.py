@@ -28,7 +28,7 @@ class _Request(Checked):  # finite numbers, no NUL in any string (api/checks.py)
     model_config = ConfigDict(extra="allow")
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=0)  # 0: only with echo (api/openai/params.py)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=-1, ge=-1, lt=1 << 31)  # vLLM extension
