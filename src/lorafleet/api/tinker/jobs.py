@@ -185,9 +185,10 @@ class TinkerSink:
     def _sample(self, job: Job, t: Ticket, results: list[Any]) -> bytes:
         res = results[0]
         out = wire.SampleOutcome(
-            sequences=[wire.SampledSeq(list(s.tokens), [float(x) for x in s.logprobs], s.stop_reason)
+            sequences=[wire.SampledSeq(list(s.tokens), [float(x) for x in s.logprobs], s.stop_reason, s.top_logprobs)
                        for s in res.sequences],
             prompt_logprobs=None if res.prompt_logprobs is None else list(res.prompt_logprobs),
+            topk_prompt=res.topk_prompt_logprobs,
         )
         return wire.encode_sample_response(out)
 
