@@ -35,13 +35,17 @@ def raw_logprobs(base, ids: list[int]) -> torch.Tensor:
 
 
 def reference_greedy(base, prompt: list[int], n: int, presence=0.0, frequency=0.0, repetition=1.0,
-                     bias=None, min_tokens=0, stop=()) -> list[int]:
-    """Greedy decoding with OpenAI's penalties, vLLM's repetition penalty and a logit bias,
-    written out per token from their definitions."""
+                     bias=None, min_tokens=0, stop=(), allowed=None) -> list[int]:
+    """Greedy decoding with OpenAI's penalties, vLLM's repetition penalty, a logit bias and
+    an allowed set, written out per token from their definitions."""
     tokens: list[int] = []
     for _ in range(n):
         with torch.no_grad():
             logits = base.model(input_ids=torch.tensor([prompt + tokens])).logits[0, -1].float().clone()
+        if allowed is not None:
+            outside = torch.ones_like(logits, dtype=torch.bool)
+            outside[allowed] = False
+            logits[outside] = float("-inf")
         for t, v in (bias or {}).items():
             logits[t] += v
         if len(tokens) < min_tokens:
@@ -131,6 +135,28 @@ def test_penalties_and_logit_bias_per_row_match_a_torch_reference(server, tiny_p
                                 repetition=kw.get("repetition_penalty", 1.0), bias=kw.get("logit_bias"))
         assert tokens == want, kw
     assert got[0] == plain and all(g != plain for g in got[1:]), "every setting should change this output"
+
+
+def test_min_p_and_allowed_token_ids(server, tiny_pair):
+    base = tiny_pair[0]
+    c = client(server)
+    prompt = base.tokenizer.encode(PROMPT)
+    greedy = reference_greedy(base, prompt, 8)
+
+    def tokens(**extra) -> list[int]:
+        r = c.completions.create(model=TINY, prompt=prompt, max_tokens=8, temperature=1.0, seed=3, logprobs=0,
+                                 extra_body={**IDS, "ignore_eos": True, **extra})
+        return [tid(t) for t in r.choices[0].logprobs.tokens]
+
+    assert tokens(min_p=1.0) == greedy  # only the most likely token survives min_p = 1
+    assert tokens() != greedy  # (sampling at temperature 1 without it does not)
+    allowed = [greedy[1], greedy[3], 42, 1000]
+    got = tokens(allowed_token_ids=allowed)
+    assert set(got) <= set(allowed)
+    r = c.completions.create(model=TINY, prompt=prompt, max_tokens=8, temperature=0, logprobs=0,
+                             extra_body={**IDS, "ignore_eos": True, "allowed_token_ids": allowed})
+    want = reference_greedy(base, prompt, 8, allowed=allowed)
+    assert [tid(t) for t in r.choices[0].logprobs.tokens] == want
 
 
 def test_best_of_returns_the_highest_cumulative_logprob(server):
@@ -243,10 +269,12 @@ def test_unsupported_parameters_are_refused_by_name(server):
     c = client(server)
     cases = [
         (dict(suffix="x"), "suffix"),
-        (dict(extra_body={"min_p": 0.1}), "min_p"),
+        (dict(extra_body={"bad_words": ["x"]}), "bad_words"),
         (dict(extra_body={"use_beam_search": True}), "use_beam_search"),
         (dict(extra_body={"prompt_logprobs": 1}), "prompt_logprobs"),
-        (dict(extra_body={"allowed_token_ids": [1, 2]}), "allowed_token_ids"),
+        (dict(extra_body={"truncate_prompt_tokens": 3}), "truncate_prompt_tokens"),
+        (dict(extra_body={"allowed_token_ids": [10**7]}), "vocabulary"),
+        (dict(extra_body={"min_p": 1.5}), "min_p"),
         (dict(stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}),
          "continuous_usage_stats"),
         (dict(best_of=3, n=1, stream=True), "best_of"),

@@ -24,6 +24,10 @@ class Row:
 
 def reference(logits: torch.Tensor, row: Row) -> torch.Tensor:
     out, p = logits.clone(), row.params
+    if p.allowed_token_ids is not None:
+        for t in range(V):
+            if t not in p.allowed_token_ids:
+                out[t] = float("-inf")
     for t, v in p.logit_bias:
         out[t] += v
     if len(row.tokens) < p.min_tokens:
@@ -45,6 +49,7 @@ ROWS = [
     SamplingParams(repetition_penalty=0.5, presence_penalty=0.3, frequency_penalty=0.4),
     SamplingParams(logit_bias=((3, 5.0), (7, -100.0), (3, 1.0))),
     SamplingParams(min_tokens=4, logit_bias=((0, 50.0),)),
+    SamplingParams(allowed_token_ids=(0, 5, 9, 17), presence_penalty=0.5),
 ]
 
 
@@ -69,6 +74,15 @@ def test_each_row_gets_its_own_settings_and_the_history_keeps_up():
     keep = torch.tensor([4, 1, 6])
     joined = history.select(keep).cat(History.of(rows[:2], V, "cpu"))
     assert torch.equal(joined.counts, History.of([rows[4], rows[1], rows[6], *rows[:2]], V, "cpu").counts)
+
+
+def test_min_p_keeps_the_tokens_near_the_top():
+    from lorafleet.engine.sampling import filter_logits
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept = filter_logits(logits, -1, 1.0, min_p=0.5) > float("-inf")
+    assert kept.tolist() == [True, True, False, False]
+    assert (filter_logits(logits, -1, 1.0, min_p=1.0) > float("-inf")).tolist() == [True, False, False, False]
 
 
 def test_rows_without_settings_are_left_alone():

@@ -282,7 +282,7 @@ class DecodeBatch:
             logits_BV, [p.temperature for p in params], [p.top_k for p in params],
             [p.top_p for p in params], [r.generator for r in rows],
             processed_BV=process_logits(logits_BV, rows, history),
-            top_n=max(p.top_logprobs for p in params),
+            top_n=max(p.top_logprobs for p in params), min_ps=[p.min_p for p in params],
         )
         tokens = chosen.tokens
         for b, row in enumerate(rows):

@@ -303,6 +303,12 @@ class Engine:
             bad = [v for _, v in p.logit_bias if not -100 <= v <= 100]
             if bad:
                 raise InvalidRequest(f"logit_bias values must be in [-100, 100], got {bad[0]}")
+        if not 0 <= p.min_p <= 1:
+            raise InvalidRequest(f"min_p must be in [0, 1], got {p.min_p}")
+        if p.allowed_token_ids is not None:
+            if not p.allowed_token_ids:
+                raise InvalidRequest("allowed_token_ids must not be empty")
+            self._check_ids(torch.tensor(p.allowed_token_ids, dtype=torch.int64), "allowed_token_ids")
         if not 0 <= p.min_tokens <= p.max_tokens:
             raise InvalidRequest(f"min_tokens must be in [0, max_tokens = {p.max_tokens}], got {p.min_tokens}")
         for name, k in (("top_logprobs", p.top_logprobs), ("topk_prompt_logprobs", req.topk_prompt_logprobs)):

@@ -158,7 +158,7 @@ def generate(
             [p.top_p for p in params],
             [rows[j].generator for j in live],
             processed_BV=process_logits(logits, [rows[j] for j in live]),  # history rebuilt per step
-            top_n=max(p.top_logprobs for p in params),
+            top_n=max(p.top_logprobs for p in params), min_ps=[p.min_p for p in params],
         )
         tokens = chosen.tokens
         keep: list[int] = []

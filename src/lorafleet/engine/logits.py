@@ -4,6 +4,7 @@ model's next-token logits before a token is chosen.
 Rows of one batch may have different settings; every step is a batched tensor op over the
 rows that use it. In vLLM's order (vllm/v1/sample/sampler.py):
 
+0. `allowed_token_ids`: every other token of the row is -inf;
 1. `logit_bias`: add each row's (token, bias) pairs;
 2. `min_tokens`: a row with fewer generated tokens than its `min_tokens` cannot choose its
    stop token ids (-inf);
@@ -11,7 +12,7 @@ rows that use it. In vLLM's order (vllm/v1/sample/sampler.py):
    repetition (tokens of the prompt or generated so far): l / r if l > 0 else l * r;
    frequency: l - f * count(generated); presence: l - p * [count(generated) > 0].
 
-Temperature, top-k and top-p come after (engine/sampling.py). The returned logprobs are of
+Temperature, min-p, top-k and top-p come after (engine/sampling.py). The returned logprobs are of
 the raw, unprocessed distribution (vLLM's default `raw_logprobs`), so this module changes
 which token is chosen, never the logprob reported for it.
 
@@ -96,13 +97,21 @@ def process_logits(logits_BV: Tensor, rows: Sequence[LogitsRow], history: Histor
         rows: the batch rows, in order (their params, prompt, tokens so far, stop ids).
         history: the batch's `History` when some row has a penalty (None: built here).
     """
+    allowed = [(b, t) for b, r in enumerate(rows) if r.params.allowed_token_ids is not None
+               for t in r.params.allowed_token_ids]
     bias = [(b, t, v) for b, r in enumerate(rows) for t, v in r.params.logit_bias]
     early = [(b, t) for b, r in enumerate(rows) if len(r.tokens) < r.params.min_tokens for t in r.stop_ids]
     penalized = needs_history(rows)
-    if not (bias or early or penalized):
+    if not (allowed or bias or early or penalized):
         return logits_BV
     out = logits_BV.float().clone()
     dev = out.device
+    if allowed:
+        keep = torch.ones_like(out, dtype=torch.bool)
+        keep[_ids(sorted({b for b, _ in allowed}), dev)] = False  # the limited rows: only theirs
+        b, t = zip(*allowed)
+        keep[_ids(b, dev), _ids(t, dev)] = True
+        out = out.masked_fill(~keep, float("-inf"))
     if bias:
         b, t, v = zip(*bias)
         out.index_put_((_ids(b, dev), _ids(t, dev)), torch.tensor(v, dtype=out.dtype, device=dev), accumulate=True)

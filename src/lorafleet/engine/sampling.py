@@ -10,9 +10,13 @@ from torch import Tensor
 from lorafleet.engine.types import TopLogprobs
 
 
-def filter_logits(logits_V: Tensor, top_k: int, top_p: float) -> Tensor:
-    """Mask (to -inf) the tokens outside the top-k and outside the top-p nucleus."""
+def filter_logits(logits_V: Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> Tensor:
+    """Mask (to -inf) the tokens below min_p times the top probability, outside the top-k
+    and outside the top-p nucleus (vLLM's order)."""
     out = logits_V
+    if min_p > 0:
+        probs = torch.softmax(out, dim=-1)
+        out = out.masked_fill(probs < min_p * probs.max(), float("-inf"))
     if 0 < top_k < out.shape[-1]:
         kth = torch.topk(out, top_k).values[-1]
         out = out.masked_fill(out < kth, float("-inf"))
@@ -51,6 +55,7 @@ def choose_tokens(
     generators: list[torch.Generator],
     processed_BV: Tensor | None = None,
     top_n: int = 0,
+    min_ps: list[float] | None = None,
 ) -> Chosen:
     """Pick one token per row from `processed_BV` (engine/logits.py; None: the raw logits).
 
@@ -59,15 +64,17 @@ def choose_tokens(
     computes for the same token, which RL importance ratios compare against (and what vLLM
     returns by default).
     """
+    unprocessed = processed_BV is None or processed_BV is logits_BV
     logits_BV = logits_BV.float().cpu()  # per-row CPU generators: the same draws on every device
-    chooser = logits_BV if processed_BV is None else processed_BV.float().cpu()
+    chooser = logits_BV if unprocessed else processed_BV.float().cpu()  # type: ignore[union-attr]
     logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
     tokens = torch.empty(logits_BV.shape[0], dtype=torch.int64)
     for row in range(logits_BV.shape[0]):
         if temperatures[row] == 0:
             tokens[row] = torch.argmax(chooser[row])
             continue
-        scaled = filter_logits(chooser[row] / temperatures[row], top_ks[row], top_ps[row])
+        scaled = filter_logits(chooser[row] / temperatures[row], top_ks[row], top_ps[row],
+                               min_ps[row] if min_ps else 0.0)
         probs = torch.softmax(scaled, dim=-1)
         tokens[row] = torch.multinomial(probs, 1, generator=generators[row])[0]
     chosen_lp = logprobs_BV.gather(1, tokens[:, None])[:, 0]

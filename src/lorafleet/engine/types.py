@@ -28,6 +28,9 @@ class SamplingParams:
         repetition_penalty: vLLM's (CTRL's): the logit of every token in the prompt or already
             generated is divided by it when positive, multiplied when negative (1 = off).
         logit_bias: (token id, bias) pairs added to those logits at every step.
+        allowed_token_ids: only these tokens can be chosen (None = all; vLLM's).
+        min_p: drop tokens whose probability (after temperature) is below min_p times the
+            most likely one's (0 = off; vLLM's).
         min_tokens: the stop token ids cannot be chosen (and stop strings do not stop) before
             this many tokens.
         top_logprobs: also return the k most likely tokens of every position, with their
@@ -50,6 +53,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None
+    min_p: float = 0.0
     min_tokens: int = 0
     top_logprobs: int = 0
 

@@ -29,11 +29,9 @@ REFUSED: dict[str, tuple] = {
     "reasoning_effort": (None,),
     "web_search_options": (None,),
     # vLLM extensions
-    "min_p": (None, 0, 0.0),
     "use_beam_search": (None, False),
     "length_penalty": (None, 1, 1.0),
     "prompt_logprobs": (None,),
-    "allowed_token_ids": (None,),
     "bad_words": (None, []),
     "truncate_prompt_tokens": (None,),
     "spaces_between_special_tokens": (None, True),
@@ -79,7 +77,9 @@ class Output:
         stops: stop strings (the text is cut before the first one, or after it with
             `include_stop`); searched after the text of the first `min_tokens` tokens.
         stop_ids: the token ids that end a completion (not in its text unless `include_stop`).
+        min_tokens: tokens before which nothing stops (the engine masks the stop ids).
         skip_special: leave special tokens out of the text.
+        include_stop: keep the stop string (or the stop token's text) in the text.
         logprobs: None = no logprobs; k >= 0 = the chosen token's logprob and the top k.
         as_ids: token strings as 'token_id:<id>' (vLLM's return_tokens_as_token_ids).
     """
@@ -102,16 +102,18 @@ def sampling(req: s._Request, max_tokens: int, eos: int, vocab: int, top: int | 
     extra = list(dict.fromkeys(req.stop_token_ids or []))
     stop_ids = tuple(extra if req.ignore_eos else dict.fromkeys([eos, *extra]))
     bias = tuple((_bias_id(k), float(v)) for k, v in (req.logit_bias or {}).items())
-    bad = [t for t in (*stop_ids, *(t for t, _ in bias)) if t >= vocab]
+    allowed = None if req.allowed_token_ids is None else tuple(dict.fromkeys(req.allowed_token_ids))
+    bad = [t for t in (*stop_ids, *(t for t, _ in bias), *(allowed or ())) if t >= vocab]
     if bad:
-        raise BadTokens(f"token id {bad[0]} (stop_token_ids / logit_bias) is outside the vocabulary ({vocab})")
+        raise BadTokens(f"token id {bad[0]} (stop_token_ids / logit_bias / allowed_token_ids) is outside "
+                        f"the vocabulary ({vocab})")
     if req.min_tokens > max_tokens:
         raise InvalidRequest(f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})")
     params = SamplingParams(
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
         stop_strings=tuple(stops), stop_token_ids=stop_ids, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty, logit_bias=bias,
-        min_tokens=req.min_tokens, top_logprobs=top or 0,
+        allowed_token_ids=allowed, min_p=req.min_p, min_tokens=req.min_tokens, top_logprobs=top or 0,
     )
     out = Output(tuple(stops), frozenset(stop_ids), req.min_tokens, req.skip_special_tokens,
                  req.include_stop_str_in_output, top, req.return_tokens_as_token_ids)

@@ -43,6 +43,8 @@ class _Request(Checked):  # finite numbers, no NUL in any string (api/checks.py)
     stream_options: StreamOptions | None = None
     # vLLM extensions
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    allowed_token_ids: list[TokenId] | None = Field(default=None, min_length=1, max_length=1 << 20)
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = Field(default=None, max_length=64)
