@@ -187,6 +187,13 @@ def test_streams_carry_usage_with_include_usage(server):
         assert all(ch.usage is None for ch in chunks[:-1])
         plain = list(make(model=TINY, max_tokens=5, temperature=0, stream=True))
         assert all(ch.choices for ch in plain) and all(ch.usage is None for ch in plain)
+        # vLLM's continuous_usage_stats: every chunk carries its choice's usage so far
+        chunks = list(make(model=TINY, max_tokens=5, temperature=0, n=2, stream=True, extra_body={"ignore_eos": True},
+                           stream_options={"include_usage": True, "continuous_usage_stats": True}))
+        assert all(ch.usage is not None for ch in chunks) and chunks[-1].usage.completion_tokens == 10
+        for i in (0, 1):
+            counts = [ch.usage.completion_tokens for ch in chunks[:-1] if ch.choices[0].index == i]
+            assert counts == sorted(counts) and counts[-1] == 5 and counts[0] >= 1
 
 
 def test_echo_returns_the_prompt_and_its_logprobs(server, tiny_pair):
@@ -275,8 +282,6 @@ def test_unsupported_parameters_are_refused_by_name(server):
         (dict(extra_body={"truncate_prompt_tokens": 3}), "truncate_prompt_tokens"),
         (dict(extra_body={"allowed_token_ids": [10**7]}), "vocabulary"),
         (dict(extra_body={"min_p": 1.5}), "min_p"),
-        (dict(stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}),
-         "continuous_usage_stats"),
         (dict(best_of=3, n=1, stream=True), "best_of"),
         (dict(best_of=1, n=2), "best_of"),
         (dict(echo=True, logprobs=1, stream=True), "echo"),

@@ -63,8 +63,6 @@ def refuse_unsupported(req: s._Request, chat: bool) -> None:
     fmt = getattr(req, "response_format", None)
     if fmt and fmt.get("type", "text") != "text":
         bad.append("response_format")
-    if req.stream_options is not None and req.stream_options.continuous_usage_stats:
-        bad.append("stream_options.continuous_usage_stats")
     if bad:
         raise InvalidRequest(f"not supported by this server: {', '.join(bad)} (leave them unset)")
 

@@ -200,7 +200,8 @@ async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingPara
     in-stream. A client that closes the stream cancels the job: its rows stop. With logprobs,
     a chunk carries the entries of the tokens its text came from (a token whose text is held
     back, a stop string's prefix or half a character, rides with the next chunk). With
-    `stream_options.include_usage`, a last chunk with no choices carries the usage.
+    `stream_options.include_usage`, a last chunk with no choices carries the usage; with
+    `continuous_usage_stats` too, every chunk carries its choice's usage so far (vLLM's).
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -209,12 +210,20 @@ async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingPara
     texts = {i: IncrementalText(tokenizer, out) for i in range(rows)}
     pending: dict[int, list[lp.Entry]] = {i: [] for i in range(rows)}
     offsets = dict.fromkeys(range(rows), 0)
+    generated = dict.fromkeys(range(rows), 0)
 
     def on_token(req_i: int, sample_k: int, token: int, logprob: float, top) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, (req_i * n + sample_k, lp.Entry(token, logprob, top)))
 
     admitted = await svc.submit(target, prompts, params, n, on_token)
     usage = req.stream_options is not None and req.stream_options.include_usage
+    continuous = usage and req.stream_options.continuous_usage_stats  # type: ignore[union-attr]
+
+    def chunk_of(i: int, delta: str | None, reason: str | None, entries: list[lp.Entry]) -> bytes:
+        chunk = make_chunk(i, delta, reason, entries, offsets[i])
+        if continuous:
+            chunk["usage"] = _usage([prompts[i // n]], generated[i]).model_dump()
+        return _event(chunk)
 
     async def run() -> None:
         try:
@@ -224,16 +233,16 @@ async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingPara
 
     def emit(i: int, delta: str | None, reason: str | None) -> bytes:
         entries, pending[i] = pending[i], []
-        chunk = make_chunk(i, delta, reason, entries, offsets[i])
+        event = chunk_of(i, delta, reason, entries)
         offsets[i] += sum(len(lp.token_str(tokenizer, e.token, out.as_ids)) for e in entries)
-        return _event(chunk)
+        return event
 
     async def events() -> AsyncIterator[bytes]:
         task = asyncio.create_task(run())
         try:
             for i in range(rows) if echoes else ():
                 if echoes[i // n]:
-                    yield _event(make_chunk(i, echoes[i // n], None, [], 0))
+                    yield chunk_of(i, echoes[i // n], None, [])
             while True:
                 item = await queue.get()
                 if item[0] == "done":
@@ -244,7 +253,7 @@ async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingPara
                             reason = "stop" if texts[i].stopped or seq.stop_reason == "stop" else "length"
                             if tail or pending[i]:
                                 yield emit(i, tail, None)
-                            yield _event(make_chunk(i, None, reason, [], offsets[i]))
+                            yield chunk_of(i, None, reason, [])
                     if usage:  # the chunks' envelope, no choices, and the usage
                         last = make_chunk(0, None, None, [], 0)
                         last["choices"], last["usage"] = [], _usage(prompts, _generated(item[1])).model_dump()
@@ -261,6 +270,7 @@ async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingPara
                 if texts[i].done:
                     continue
                 pending[i].append(entry)
+                generated[i] += 1
                 delta = texts[i].push(entry.token)
                 if delta:
                     yield emit(i, delta, None)

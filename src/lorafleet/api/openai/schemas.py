@@ -21,7 +21,7 @@ class StreamOptions(Checked):
     model_config = ConfigDict(extra="allow")
 
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM extension (refused when true)
+    continuous_usage_stats: bool = False  # vLLM extension: usage on every chunk (with include_usage)
 
 
 class _Request(Checked):  # finite numbers, no NUL in any string (api/checks.py)
