@@ -20,7 +20,7 @@ from torch import Tensor
 
 from lorafleet.engine.batch import right_pad, row_operands
 from lorafleet.engine.generate import generate
-from lorafleet.engine.types import SampleRequest, SampleResult
+from lorafleet.engine.types import MAX_TOP_LOGPROBS, SampleRequest, SampleResult, SamplingParams
 from lorafleet.errors import BadTokens, InvalidRequest, NotFound
 from lorafleet.lora.inject import inject
 from lorafleet.lora.layers import MultiLoraRouter
@@ -286,8 +286,34 @@ class Engine:
             raise InvalidRequest(f"top_k must be -1 (off) or >= 0, got {p.top_k}")
         if p.stop_token_ids is not None:
             self._check_ids(torch.tensor(list(p.stop_token_ids), dtype=torch.int64), "stop token ids")
+        self._check_logits_params(p, req)
         if req.record_routes and not self.router_paths:
             raise InvalidRequest(f"record_routes: {self.info.name} is not a mixture of experts")
+
+    def _check_logits_params(self, p: SamplingParams, req: SampleRequest) -> None:
+        """The settings of the logits pipeline (engine/logits.py) and of top-k logprobs."""
+        for name, value, lo, hi in (("presence_penalty", p.presence_penalty, -2.0, 2.0),
+                                    ("frequency_penalty", p.frequency_penalty, -2.0, 2.0)):
+            if not lo <= value <= hi:
+                raise InvalidRequest(f"{name} must be in [{lo}, {hi}], got {value}")
+        if not (0 < p.repetition_penalty <= 2.0):
+            raise InvalidRequest(f"repetition_penalty must be in (0, 2], got {p.repetition_penalty}")
+        if p.logit_bias:
+            self._check_ids(torch.tensor([t for t, _ in p.logit_bias], dtype=torch.int64), "logit_bias token ids")
+            bad = [v for _, v in p.logit_bias if not -100 <= v <= 100]
+            if bad:
+                raise InvalidRequest(f"logit_bias values must be in [-100, 100], got {bad[0]}")
+        if not 0 <= p.min_p <= 1:
+            raise InvalidRequest(f"min_p must be in [0, 1], got {p.min_p}")
+        if p.allowed_token_ids is not None:
+            if not p.allowed_token_ids:
+                raise InvalidRequest("allowed_token_ids must not be empty")
+            self._check_ids(torch.tensor(p.allowed_token_ids, dtype=torch.int64), "allowed_token_ids")
+        if not 0 <= p.min_tokens <= p.max_tokens:
+            raise InvalidRequest(f"min_tokens must be in [0, max_tokens = {p.max_tokens}], got {p.min_tokens}")
+        for name, k in (("top_logprobs", p.top_logprobs), ("topk_prompt_logprobs", req.topk_prompt_logprobs)):
+            if not 0 <= k <= MAX_TOP_LOGPROBS:
+                raise InvalidRequest(f"{name} must be in [0, {MAX_TOP_LOGPROBS}], got {k}")
 
     def sample(self, reqs: list[SampleRequest],
                on_token: Callable[[int, int, int, float], bool | None] | None = None) -> list[SampleResult]:

@@ -46,6 +46,7 @@ from lorafleet.engine.jobs import UNORDERED, Job, WorkKind
 from lorafleet.engine.queues import SampleQueue
 from lorafleet.engine.residency import Residency
 from lorafleet.engine.training import Training, fused_token_cap
+from lorafleet.engine.types import TopLogprobs
 from lorafleet.errors import Cancelled, NoCapacity, NotFound
 
 log = logging.getLogger(__name__)
@@ -341,11 +342,12 @@ class Scheduler:
             job.payload.lease.release()  # type: ignore[union-attr]
         self._report(job, outcome)
 
-    def _on_token(self, job: Job, request: int, sample: int, token: int, logprob: float) -> None:
+    def _on_token(self, job: Job, request: int, sample: int, token: int, logprob: float,
+                  top: TopLogprobs | None) -> None:
         if job.cancelled:
             return
         try:
-            job.sink.on_token(job, request, sample, token, logprob)
+            job.sink.on_token(job, request, sample, token, logprob, top)
         except Exception:  # a streaming client's callback failed: its rows leave, nobody else's
             log.exception("on_token failed; cancelling the job")
             job.cancel()

@@ -22,6 +22,7 @@ from lorafleet.api.tinker.checkpoints import OPTIMIZER_NAME, Checkpoints, Tinker
 from lorafleet.api.tinker.futures import PROTO_TYPE, FutureTable
 from lorafleet.api.tinker.store import TinkerStore, now
 from lorafleet.engine.jobs import ForwardBackward, Job, NullSink, Snapshot, UnloadRun, WorkKind
+from lorafleet.engine.types import TopLogprobs
 from lorafleet.errors import Conflict
 from lorafleet.lora import io as lora_io
 from lorafleet.train.types import Datum
@@ -79,7 +80,8 @@ class TinkerSink:
         if t.request_id:  # a non-lorafleet error is logged; its text never reaches the client
             self.futures.fail(t.request_id, error, f"{t.call} {t.request_id}")
 
-    def on_token(self, job: Job, request: int, sample: int, token: int, logprob: float) -> None:
+    def on_token(self, job: Job, request: int, sample: int, token: int, logprob: float,
+                 top: TopLogprobs | None = None) -> None:
         pass
 
     # ---- runs ---------------------------------------------------------------------------------
@@ -183,9 +185,10 @@ class TinkerSink:
     def _sample(self, job: Job, t: Ticket, results: list[Any]) -> bytes:
         res = results[0]
         out = wire.SampleOutcome(
-            sequences=[wire.SampledSeq(list(s.tokens), [float(x) for x in s.logprobs], s.stop_reason)
+            sequences=[wire.SampledSeq(list(s.tokens), [float(x) for x in s.logprobs], s.stop_reason, s.top_logprobs)
                        for s in res.sequences],
             prompt_logprobs=None if res.prompt_logprobs is None else list(res.prompt_logprobs),
+            topk_prompt=res.topk_prompt_logprobs,
         )
         return wire.encode_sample_response(out)
 

@@ -18,7 +18,7 @@ from lorafleet.api.tinker.store import now
 from lorafleet.api.tinker.submitted import Submitted
 from lorafleet.engine.jobs import Job, Sample, WorkKind
 from lorafleet.engine.scheduler import Scheduler
-from lorafleet.engine.types import SampleRequest, SamplingParams
+from lorafleet.engine.types import MAX_TOP_LOGPROBS, SampleRequest, SamplingParams
 from lorafleet.errors import BadTokens, Conflict, InvalidRequest, NotFound
 from lorafleet.lora import io as lora_io
 
@@ -104,7 +104,6 @@ class SamplingCalls:
 
     def _sample_request(self, runner: Scheduler, req: s.SampleRequest, prompt: list[int]) -> SampleRequest:
         unsupported = {
-            "topk_prompt_logprobs": req.topk_prompt_logprobs, "topk_sample_logprobs": req.topk_sample_logprobs,
             "prompt_alt_tokens_k": req.prompt_alt_tokens_k,
             "target_prompt_logprobs": req.target_prompt_logprobs is not None,
             "prompt_logprobs_last_n": req.prompt_logprobs_last_n is not None,
@@ -113,6 +112,10 @@ class SamplingCalls:
         used = [k for k, v in unsupported.items() if v]
         if used:
             raise InvalidRequest(f"not supported by lorafleet: {used}")
+        for name, k in (("topk_prompt_logprobs", req.topk_prompt_logprobs),
+                        ("topk_sample_logprobs", req.topk_sample_logprobs)):
+            if k > MAX_TOP_LOGPROBS:
+                raise InvalidRequest(f"{name} must be at most {MAX_TOP_LOGPROBS}, got {k}")
         info = runner.base.info
         if not prompt:
             raise BadTokens("the prompt is empty")
@@ -145,6 +148,6 @@ class SamplingCalls:
                                 f"({info.vocab_size}) of {runner.base.name}")
         params = SamplingParams(max_tokens=max_tokens, temperature=sp.temperature, top_p=sp.top_p,
                                 top_k=sp.top_k, seed=sp.seed, stop_strings=stop_strings,
-                                stop_token_ids=stop_ids)
-        return SampleRequest(None, prompt, req.num_samples, params,
-                             prompt_logprobs=bool(req.prompt_logprobs))
+                                stop_token_ids=stop_ids, top_logprobs=req.topk_sample_logprobs)
+        return SampleRequest(None, prompt, req.num_samples, params, prompt_logprobs=bool(req.prompt_logprobs),
+                             topk_prompt_logprobs=req.topk_prompt_logprobs)

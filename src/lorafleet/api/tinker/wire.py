@@ -69,13 +69,19 @@ class FwdBwdCall:
     fingerprint: str = ""
 
 
+TopK = list[tuple[int, float]]  # (token id, logprob), most likely first
+MASK_LOGPROB = -99999.0  # the SDK's sentinel of an empty top-k cell (tinker.types.topk_logprobs)
+
+
 @dataclass(slots=True)
 class SampledSeq:
-    """One generated sequence: tokens, one logprob per token, 'stop' or 'length'."""
+    """One generated sequence: tokens, one logprob per token, 'stop' or 'length', and with
+    topk_sample_logprobs the top k of every position."""
 
     tokens: list[int]
     logprobs: list[float]
     stop_reason: str
+    topk: list[TopK] | None = None
 
 
 @dataclass(slots=True)
@@ -84,6 +90,7 @@ class SampleOutcome:
 
     sequences: list[SampledSeq]
     prompt_logprobs: list[float | None] | None = None
+    topk_prompt: list[TopK | None] | None = None  # with topk_prompt_logprobs; None at position 0
 
 
 @dataclass(slots=True)
@@ -365,10 +372,26 @@ def encode_sample_response(out: SampleOutcome) -> bytes:
         seq.stop_reason = pb.STOP_REASON_STOP if s.stop_reason == "stop" else pb.STOP_REASON_LENGTH
         seq.tokens = np.asarray(s.tokens, dtype="<i4").tobytes()
         seq.logprobs = np.asarray(s.logprobs, dtype="<f4").tobytes()
+        if s.topk is not None:
+            _encode_topk(seq.topk_sampled_logprobs, s.topk)
     if out.prompt_logprobs is not None:
         vals = [math.nan if v is None else v for v in out.prompt_logprobs]
         msg.prompt_logprobs = np.asarray(vals, dtype="<f4").tobytes()
+    if out.topk_prompt is not None:
+        _encode_topk(msg.topk_prompt_logprobs, out.topk_prompt)
     return msg.SerializeToString()
+
+
+def _encode_topk(msg: pb.TopkLogprobs, rows: list[TopK | None]) -> None:
+    """Dense (length, k) int32 / float32 matrices; an empty cell (and a None row) is the SDK's
+    sentinel (token 0, MASK_LOGPROB)."""
+    k = max((len(r) for r in rows if r), default=0)
+    ids = np.zeros((len(rows), k), dtype="<i4")
+    lps = np.full((len(rows), k), MASK_LOGPROB, dtype="<f4")
+    for i, row in enumerate(rows):
+        for j, (t, v) in enumerate(row or []):
+            ids[i, j], lps[i, j] = t, v
+    msg.token_ids, msg.logprobs, msg.k, msg.length = ids.tobytes(), lps.tobytes(), k, len(rows)
 
 
 # ---------------------------------------------------------------- results (JSON, SDK <= 0.24)
