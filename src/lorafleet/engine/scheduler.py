@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from lorafleet.engine import scoring
 from lorafleet.engine.decode import Budgets, DecodeBatch, job_state, results
 from lorafleet.engine.jobs import UNORDERED, Job, WorkKind
 from lorafleet.engine.queues import SampleQueue
@@ -114,6 +115,7 @@ class Scheduler:
         self.samples = SampleQueue(max_jobs=max_sample_queue)
         self.decode = DecodeBatch(engine, self.residency.table, budgets or Budgets(), self._on_token)
         self._unordered: list[Job] = []
+        self._scored: dict[Job, scoring.Scored] = {}  # decoding jobs' prompt scores (engine/scoring.py)
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{base.name}", daemon=True)
@@ -275,6 +277,7 @@ class Scheduler:
 
     def _fail_decoding(self, error: Exception) -> None:
         for state in self.decode.clear():
+            self._scored.pop(state.job, None)
             if not state.failed:
                 self._end_sample(state.job, error)
 
@@ -284,11 +287,14 @@ class Scheduler:
             if job.payload.lease is not None:  # type: ignore[union-attr]
                 job.payload.lease.release()  # type: ignore[union-attr]
             if state.failed:
+                self._scored.pop(job, None)
                 continue  # reported when it failed
+            scored = self._scored.pop(job, None)
             if job.cancelled:
                 self._report(job, Cancelled("the client went away"))
             else:
-                self._report(job, results(state))
+                res = results(state)
+                self._report(job, res if scored is None else scoring.attach(res, scored))
             if self.metrics is not None:
                 self.metrics.batch_size.labels("sample").observe(sum(r.num_samples for r in state.requests))
 
@@ -333,6 +339,17 @@ class Scheduler:
         if not p.requests:  # type: ignore[union-attr]  # a warm-up: the adapter is in a slot now
             self._end_sample(job, [])
             return False
+        if scoring.wants_scores(p.requests):  # type: ignore[union-attr]  # one forward of the prompt
+            try:
+                scored = scoring.score(self.engine, p.requests, scoring.operands_for(self.residency.table, slot))  # type: ignore[union-attr]
+                if scoring.answerable(p.requests):  # type: ignore[union-attr]
+                    on_token = lambda r, k, t, lp: self._on_token(job, r, k, t, lp)  # noqa: E731
+                    self._end_sample(job, scoring.one_token_results(self.engine, p.requests, scored, on_token))  # type: ignore[union-attr]
+                    return False
+            except Exception as e:
+                self._end_sample(job, e)
+                return False
+            self._scored[job] = scored
         self.decode.admit(job_state(job, [slot] * len(p.requests)))  # type: ignore[union-attr]
         return True
 

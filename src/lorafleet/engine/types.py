@@ -7,6 +7,8 @@ from typing import Literal
 
 from torch import Tensor
 
+from lorafleet.engine.logprobs import PromptScores, PromptScoring
+
 StopReason = Literal["stop", "length", "abort"]  # abort: stopped by on_token (client gone)
 
 
@@ -44,6 +46,9 @@ class SampleRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     prompt_logprobs: bool = False
     record_routes: bool = False  # MoE bases: return the experts chosen (SampledSequence.routes)
+    # scores computed over the prompt in one forward of it (engine/logprobs.py; top-k, named
+    # targets, draws, last-n); its result is SampleResult.prompt_scores
+    scoring: PromptScoring | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,3 +68,4 @@ class SampledSequence:
 class SampleResult:
     sequences: list[SampledSequence]
     prompt_logprobs: list[float | None] | None = None  # None at index 0 (nothing predicts it)
+    prompt_scores: PromptScores | None = None  # for SampleRequest.scoring
