@@ -75,3 +75,22 @@ def test_rl_loop_importance_sampling(server, tmp_path):
                "lora_rank=4", "max_steps=2", "save_every=0")  # loss_fn: importance_sampling by default
     assert len([m for m in metrics(log) if "progress/batch" in m]) == 2
     assert server.service.runners[TINY].stats["fused_requests"] > before  # it really trained
+
+
+def test_rl_loop_gspo(server, tmp_path):
+    log = tmp_path / "gspo"
+    run_recipe(server, "rl_loop", log, "--demo-data", "loss_fn=gspo", "batch_size=2", "group_size=4",
+               "max_tokens=12", "lora_rank=4", "max_steps=1", "save_every=0")
+    assert len([m for m in metrics(log) if "progress/batch" in m]) == 1
+
+
+def test_sdft_topk_distillation(server, tmp_path):
+    """sdft with its default topk=20: the teacher's top-20 prompt logprobs, then 2-D targets."""
+    log = tmp_path / "sdft"
+    before = server.service.runners[TINY].stats["fused_requests"]
+    run_recipe(server, "sdft.train", log, "--demo-data", "groups_per_batch=2", "max_tokens=8", "lora_rank=4",
+               "max_steps=2", "save_every=0", "eval_every=0", "learning_rate=1e-3")
+    steps = [m for m in metrics(log) if "sdft/topk" in m]
+    assert len(steps) == 2 and steps[0]["sdft/topk"] == 20
+    assert all("sdft/mean_teacher_entropy" in m for m in steps)  # top-k targets were built
+    assert server.service.runners[TINY].stats["fused_requests"] > before
