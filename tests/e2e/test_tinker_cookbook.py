@@ -94,3 +94,15 @@ def test_sdft_topk_distillation(server, tmp_path):
     assert len(steps) == 2 and steps[0]["sdft/topk"] == 20
     assert all("sdft/mean_teacher_entropy" in m for m in steps)  # top-k targets were built
     assert server.service.runners[TINY].stats["fused_requests"] > before
+
+
+def test_distillation_train_off_policy(server, tmp_path, chats):
+    """The library's off-policy distillation: top-20 teacher logprobs become (N, 20) targets."""
+    log = tmp_path / "off"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TINKER_"))}
+    env |= {"LORAFLEET_HOME": str(TEST_HOME)}
+    script = Path(__file__).with_name("cookbook_off_policy.py")
+    r = subprocess.run([sys.executable, str(script), server.url, TINY, str(chats), str(log)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert [m["step"] for m in metrics(log) if "train/loss:sum" in m] == [0, 1]
