@@ -148,9 +148,12 @@ def run(recipe: str, overrides: Mapping[str, str], paths: Paths, *, renderer: st
         raise InvalidRequest(f"tinker_cookbook.recipes.{recipe} has no Config and main (or CLIConfig and "
                              "cli_main) to run")
     args = dict(overrides)
-    args.setdefault("base_url", os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000"))
-    args.setdefault("model_name", DEFAULT_BASE)
     fields = getattr(config_cls, "__chz_fields__", {})
+    base_url = args.pop("base_url", None) or os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000")
+    os.environ["TINKER_BASE_URL"] = base_url  # recipes without a base_url field (decisions.demo)
+    if "base_url" in fields:
+        args["base_url"] = base_url
+    args.setdefault("model_name", DEFAULT_BASE)
     if "loss_fn" in fields and "loss_fn" not in args:
         args["loss_fn"] = "importance_sampling"  # the default stable_reinforce is not supported here
     if "behavior_if_log_dir_exists" in fields and "behavior_if_log_dir_exists" not in args:

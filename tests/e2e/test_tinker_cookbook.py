@@ -106,3 +106,16 @@ def test_distillation_train_off_policy(server, tmp_path, chats):
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     assert [m["step"] for m in metrics(log) if "train/loss:sum" in m] == [0, 1]
+
+
+def test_decisions_demo_scores_choices_with_target_prompt_logprobs(server, tmp_path):
+    """decisions: one max_tokens=1 sample per question with sparse target_prompt_logprobs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TINKER_"))}
+    env |= {"LORAFLEET_HOME": str(TEST_HOME), "TINKER_BASE_URL": server.url}
+    r = subprocess.run([sys.executable, "-m", "lorafleet", "cookbook", "decisions.demo", f"model_name={TINY}"],
+                       input="How do I pick a learning rate for LoRA?\n\n", capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    probs = json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])
+    assert set(probs) == {"billing", "sdk", "console", "cookbook"}
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
