@@ -6,6 +6,7 @@ to do instead."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +14,11 @@ import tinker
 import torch
 from tinker import types
 
+from lorafleet.train.losses import STABLE_REINFORCE
 from tests.e2e.conftest import TINY
 from tests.e2e.test_tinker_sdk_basic import BATCH
 
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "tinker.md"
 PROMPT = [1, 5, 9, 13, 17, 21, 25, 29, 33]
 ADAM = types.AdamParams(learning_rate=1e-2, eps=1e-8)
 
@@ -221,6 +224,7 @@ def test_stable_reinforce_dimuon_and_stability_info_are_refused_with_what_to_do(
         tc.forward_backward([d], "stable_reinforce").result()
     msg = str(e.value)
     assert all(x in msg for x in ("'importance_sampling'", "'cispo'", "'gspo'", "loss_fn=importance_sampling"))
+    assert STABLE_REINFORCE in msg and STABLE_REINFORCE in DOCS.read_text()  # the page quotes it exactly
     sc = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()
     with pytest.raises(tinker.BadRequestError, match="record_stability_info is not supported.*'gspo'"):
         sc.sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2)).result()
