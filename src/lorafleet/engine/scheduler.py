@@ -116,6 +116,7 @@ class Scheduler:
         self.decode = DecodeBatch(engine, self.residency.table, budgets or Budgets(), self._on_token)
         self._unordered: list[Job] = []
         self._scored: dict[Job, scoring.Scored] = {}  # decoding jobs' prompt scores (engine/scoring.py)
+        self._scored_tokens = 0  # prompt tokens scored in the current sampling step
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{base.name}", daemon=True)
@@ -265,6 +266,7 @@ class Scheduler:
         if self._closed is not None:
             self._fail_decoding(NoCapacity(self._closed))
             return
+        self._scored_tokens = 0
         try:
             with torch.no_grad():
                 self.decode.step(self._admit_next)
@@ -299,8 +301,13 @@ class Scheduler:
                 self.metrics.batch_size.labels("sample").observe(sum(r.num_samples for r in state.requests))
 
     def _admit_next(self) -> bool:
-        """Admit the next sample job that fits (least-served adapter first); False if none."""
+        """Admit the next sample job that fits (least-served adapter first); False if none.
+
+        Prompts scored this step count against the step's token budget, so a queue of
+        scoring-only jobs (a teacher's top-k) cannot hold decoding rows for more than a step."""
         while True:
+            if self._scored_tokens >= self.decode.budgets.max_num_batched_tokens:
+                return False
             running = self._running_per_adapter()
             job = self.samples.pop(lambda key: running.get(key, 0), self._fits)
             if job is None:
@@ -340,6 +347,7 @@ class Scheduler:
             self._end_sample(job, [])
             return False
         if scoring.wants_scores(p.requests):  # type: ignore[union-attr]  # one forward of the prompt
+            self._scored_tokens += sum(len(r.prompt) for r in p.requests if r.scoring is not None)  # type: ignore[union-attr]
             try:
                 scored = scoring.score(self.engine, p.requests, scoring.operands_for(self.residency.table, slot))  # type: ignore[union-attr]
                 if scoring.answerable(p.requests):  # type: ignore[union-attr]
