@@ -6,8 +6,8 @@ a single new token (`max_tokens == 1`, how distillation recipes read a teacher's
 answered from that forward alone: the token is chosen from its last logits with the
 request's own sampling rule and seeded generator, so nothing is prefilled twice. Other jobs
 go on to the decoder and get their scores attached when they finish. The prompts scored in one
-scheduler step count against its token budget (`Budgets.max_num_batched_tokens`), so scoring
-never holds decoding rows for more than a step.
+scheduler step count against its token budget (`Budgets.max_num_batched_tokens`), so a queue of
+them holds decoding rows for about one step's budget at most (one long prompt may exceed it).
 """
 
 from __future__ import annotations
