@@ -20,10 +20,11 @@ from torch import Tensor
 
 from lorafleet.engine.batch import right_pad, row_operands
 from lorafleet.engine.generate import generate
+from lorafleet.engine.logprobs import PromptScorer, PromptScores, PromptScoring
 from lorafleet.engine.types import MAX_TOP_LOGPROBS, SampleRequest, SampleResult, SamplingParams
 from lorafleet.errors import BadTokens, InvalidRequest, NotFound
 from lorafleet.lora.inject import inject
-from lorafleet.lora.layers import MultiLoraRouter
+from lorafleet.lora.layers import MultiLoraRouter, RowOperands
 from lorafleet.lora.io import from_peft_tensors, to_peft_tensors
 from lorafleet.lora.spec import LoraSpec
 from lorafleet.lora.weights import LoraWeights
@@ -70,6 +71,32 @@ def _leaves(weights: LoraWeights, device: torch.device) -> tuple[LoraWeights, li
     return LoraWeights(weights.spec, pairs), params, names
 
 
+def target_logprobs(logits_BTV: Tensor, targets: list[Tensor]) -> list[Tensor]:
+    """log p(target) of every row from one batch of logits: [N] for 1-D targets, [N, K] for
+    2-D ones (row b's targets are `targets[b]`, N its length). Differentiable.
+
+    All-1-D batches take the fused cross-entropy kernel; a batch with 2-D targets takes one
+    logsumexp over the vocabulary and a gather of its (padded) K columns, so a distillation
+    row costs the same forward as any other.
+    """
+    dev = logits_BTV.device
+    if all(t.ndim == 1 for t in targets):
+        targets_BT = right_pad(targets, pad=0).to(dev)
+        lp_BT = -F.cross_entropy(
+            logits_BTV.float().flatten(0, 1), targets_BT.flatten(), reduction="none"
+        ).view(targets_BT.shape)
+        return [lp_BT[b, : len(t)] for b, t in enumerate(targets)]
+    k = max(t.shape[1] if t.ndim == 2 else 1 for t in targets)
+    targets_BTK = torch.zeros(len(targets), logits_BTV.shape[1], k, dtype=torch.int64)
+    for b, t in enumerate(targets):
+        t2 = t if t.ndim == 2 else t[:, None]
+        targets_BTK[b, : t2.shape[0], : t2.shape[1]] = t2
+    logits = logits_BTV.float()
+    lp_BTK = logits.gather(-1, targets_BTK.to(dev)) - torch.logsumexp(logits, dim=-1, keepdim=True)
+    return [lp_BTK[b, : len(t), : t.shape[1]] if t.ndim == 2 else lp_BTK[b, : len(t), 0]
+            for b, t in enumerate(targets)]
+
+
 class Engine:
     """Trains and samples any number of LoRA adapters over one frozen base model."""
 
@@ -77,7 +104,7 @@ class Engine:
         self.base = base
         self.info = base.info
         self.device = next(base.model.parameters()).device
-        self.runtime = inject(base.model, base.info.lora_modules)
+        self.runtime = inject(base.model, base.info.lora_modules + base.info.unembed)
         # MoE routers in layer order: the first axis of recorded / replayed routes
         self.router_paths = [m.path for m in base.model.modules() if isinstance(m, MultiLoraRouter)]
         self._adapters: dict[int, _Live] = {}
@@ -204,25 +231,22 @@ class Engine:
         dev = self.device
         slot_B = torch.tensor([ri for ri, _ in rows], device=dev)
         tokens_BT = right_pad([d.tokens.to(torch.int64) for _, d in rows], pad=0).to(dev)
-        targets_BT = right_pad([d.loss_inputs["target_tokens"].to(torch.int64) for _, d in rows], pad=0).to(dev)
+        targets = [d.loss_inputs["target_tokens"].to(torch.int64) for _, d in rows]
         with torch.set_grad_enabled(train):
             operands = row_operands(slots, slot_B, self.base.dtype)
             replay = self._replay(reqs, rows, tokens_BT.shape[1])
             # right padding needs no mask: causal attention never looks at later positions
             with self.runtime.use(operands), self.runtime.routes(replay=replay):
                 logits_BTV = self.base.model(input_ids=tokens_BT, use_cache=False).logits
-            lp_BT = -F.cross_entropy(
-                logits_BTV.float().flatten(0, 1), targets_BT.flatten(), reduction="none"
-            ).view(targets_BT.shape)
+            lp_rows = target_logprobs(logits_BTV, targets)
             outputs: list[list[dict[str, Tensor]]] = [[] for _ in reqs]
-            sums: list[Tensor] = [lp_BT.new_zeros(()) for _ in reqs]
+            sums: list[Tensor] = [lp_rows[0].new_zeros(()) for _ in reqs]
             for b, (ri, d) in enumerate(rows):
-                n = d.tokens.shape[0]
                 inputs = {k: v.to(dev) for k, v in d.loss_inputs.items()}
-                loss_N = losses.elementwise_loss(reqs[ri].loss_fn, lp_BT[b, :n], inputs, configs[ri])
+                loss_N = losses.elementwise_loss(reqs[ri].loss_fn, lp_rows[b], inputs, configs[ri])
                 sums[ri] = sums[ri] + loss_N.sum()
-                outputs[ri].append({"logprobs": lp_BT[b, :n].detach().clone(), "elementwise_loss": loss_N.detach().clone()})
-            total = sum((s for s, r in zip(sums, reqs) if not r.forward_only), lp_BT.new_zeros(()))
+                outputs[ri].append({"logprobs": lp_rows[b].detach().clone(), "elementwise_loss": loss_N.detach().clone()})
+            total = sum((s for s, r in zip(sums, reqs) if not r.forward_only), lp_rows[0].new_zeros(()))
             if train and total.requires_grad:
                 total.backward()
         return [
@@ -330,6 +354,29 @@ class Engine:
             self.base.model, self.runtime, self.base.tokenizer, self.base.eos_token_id, reqs, adapters,
             router_paths=self.router_paths, on_token=on_token,
         )
+
+    @torch.no_grad()
+    def score_prompt(self, prompt: list[int], scoring: PromptScoring, operands: RowOperands,
+                     chunk: int = 512) -> tuple[PromptScores, Tensor]:
+        """One forward of `prompt` (in chunks over a KV cache, one row, the given LoRA operands):
+        its `PromptScores` and the logits [1, V] after its last token (to sample from)."""
+        from transformers.cache_utils import DynamicCache
+
+        scorer = PromptScorer(prompt, scoring)
+        cache = DynamicCache()
+        ids = torch.tensor([prompt], dtype=torch.int64, device=self.device)
+        last = None
+        with self.runtime.use(operands):
+            for start in range(0, len(prompt), chunk):
+                end = min(start + chunk, len(prompt))
+                out = self.base.model(input_ids=ids[:, start:end], cache=cache, use_cache=True,
+                                      position_ids=torch.arange(start, end, device=self.device)[None],
+                                      logits_to_keep=0 if scoring.full_logits else 1)
+                cache = out.cache
+                if scoring.full_logits:
+                    scorer.feed(start, out.logits[0])
+                last = out.logits[:, -1]
+        return scorer.result(), last
 
     def decode_forward(self, **inputs):
         """One model forward of the continuous decoder (a prefill chunk or a decode step)."""

@@ -7,6 +7,8 @@ from typing import Literal
 
 from torch import Tensor
 
+from lorafleet.engine.logprobs import PromptScores, PromptScoring
+
 StopReason = Literal["stop", "length", "abort"]  # abort: stopped by on_token (client gone)
 
 
@@ -80,6 +82,9 @@ class SampleRequest:
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0  # the k most likely tokens at every prompt position (>= 1)
     record_routes: bool = False  # MoE bases: return the experts chosen (SampledSequence.routes)
+    # scores computed over the prompt in one forward of it (engine/logprobs.py; top-k, named
+    # targets, draws, last-n); its result is SampleResult.prompt_scores
+    scoring: PromptScoring | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,3 +107,4 @@ class SampleResult:
     sequences: list[SampledSequence]
     prompt_logprobs: list[float | None] | None = None  # None at index 0 (nothing predicts it)
     topk_prompt_logprobs: list[TopLogprobs | None] | None = None  # likewise, with topk_prompt_logprobs
+    prompt_scores: PromptScores | None = None  # for SampleRequest.scoring

@@ -45,7 +45,7 @@ def fwdbwd_payload(call: wire.FwdBwdCall) -> ForwardBackward:
     for d in call.data:
         inputs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.inputs.items()}
         if call.loss_fn == "cross_entropy" and "weights" not in inputs:
-            inputs["weights"] = torch.ones(d.tokens.size, dtype=torch.float32)
+            inputs["weights"] = torch.ones(inputs["target_tokens"].shape, dtype=torch.float32)
         data.append(Datum(tokens=torch.from_numpy(d.tokens), loss_inputs=inputs))
     return ForwardBackward(data=data, loss_fn=call.loss_fn, loss_config=dict(call.loss_config),
                            forward_only=call.forward_only, fingerprint=call.fingerprint)
@@ -188,8 +188,17 @@ class TinkerSink:
             sequences=[wire.SampledSeq(list(s.tokens), [float(x) for x in s.logprobs], s.stop_reason, s.top_logprobs)
                        for s in res.sequences],
             prompt_logprobs=None if res.prompt_logprobs is None else list(res.prompt_logprobs),
-            topk_prompt=res.topk_prompt_logprobs,
         )
+        sc = res.prompt_scores
+        if sc is not None:
+            if sc.logprobs is not None:
+                out.prompt_logprobs = list(sc.logprobs)
+            if sc.topk_ids is not None:
+                out.topk_prompt = (sc.topk_ids.numpy(), sc.topk_logprobs.numpy())
+            if sc.targets is not None:
+                out.target_prompt = (t.info["targets"], sc.targets.numpy())
+            if sc.alt_tokens is not None:
+                out.alt_tokens = (sc.alt_tokens.numpy(), sc.alt_logprobs.numpy())
         return wire.encode_sample_response(out)
 
 

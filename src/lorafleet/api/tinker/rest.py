@@ -75,7 +75,7 @@ class RestQueries:
         flags = (row.get("meta") or {}).get("lora_flags") or {}
         return {
             "base_model": (row.get("meta") or {}).get("base_model"), "is_lora": True,
-            "lora_rank": flags.get("rank"), "train_unembed": False,
+            "lora_rank": flags.get("rank"), "train_unembed": bool(flags.get("train_unembed")),
             "train_mlp": flags.get("train_mlp"), "train_attn": flags.get("train_attn"),
             "optimizer_config": {"type": "adamw"},
         }

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from lorafleet.api.tinker import schemas as s
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.checkpoints import parse_path
@@ -17,10 +19,12 @@ from lorafleet.api.tinker.jobs import Ticket
 from lorafleet.api.tinker.store import now
 from lorafleet.api.tinker.submitted import Submitted
 from lorafleet.engine.jobs import Job, Sample, WorkKind
+from lorafleet.engine.logprobs import PromptScoring
 from lorafleet.engine.scheduler import Scheduler
 from lorafleet.engine.types import MAX_TOP_LOGPROBS, SampleRequest, SamplingParams
 from lorafleet.errors import BadTokens, Conflict, InvalidRequest, NotFound
 from lorafleet.lora import io as lora_io
+from lorafleet.train.losses import STABILITY_INFO
 
 MAX_SAMPLES = 128
 DEFAULT_MAX_TOKENS = 256
@@ -63,10 +67,13 @@ class SamplingCalls:
         key, base, ckpt, base_only = self._sampler_target(tenant, req)
         runner = self.runner(base)
         prompt = wire.model_input_tokens(req.prompt)
-        request = self._sample_request(runner, req, prompt)
+        targets = None if req.target_prompt_logprobs is None or not prompt else wire.target_ids_from_json(
+            req.target_prompt_logprobs, len(prompt) - 1, runner.base.info.vocab_size)
+        request = self._sample_request(runner, req, prompt, targets)
         scope = req.sampling_session_id if req.seq_id is not None else None
 
         def build(t: Ticket) -> Job:
+            t.info["targets"] = targets  # the answer keeps the request's layout
             lease = None if base_only else runner.residency.acquire(key, self._sampler_loader(key, ckpt))
             return self.job(runner, WorkKind.SAMPLE, Sample([request], lease), tenant, t)
 
@@ -102,20 +109,13 @@ class SamplingCalls:
             return f"base:{req.base_model}", req.base_model, None, True
         raise InvalidRequest("asample needs sampling_session_id, model_path or base_model")
 
-    def _sample_request(self, runner: Scheduler, req: s.SampleRequest, prompt: list[int]) -> SampleRequest:
-        unsupported = {
-            "prompt_alt_tokens_k": req.prompt_alt_tokens_k,
-            "target_prompt_logprobs": req.target_prompt_logprobs is not None,
-            "prompt_logprobs_last_n": req.prompt_logprobs_last_n is not None,
-            "record_stability_info": bool(req.record_stability_info),
-        }
-        used = [k for k, v in unsupported.items() if v]
-        if used:
-            raise InvalidRequest(f"not supported by lorafleet: {used}")
-        for name, k in (("topk_prompt_logprobs", req.topk_prompt_logprobs),
-                        ("topk_sample_logprobs", req.topk_sample_logprobs)):
-            if k > MAX_TOP_LOGPROBS:
-                raise InvalidRequest(f"{name} must be at most {MAX_TOP_LOGPROBS}, got {k}")
+    def _sample_request(self, runner: Scheduler, req: s.SampleRequest, prompt: list[int],
+                        targets: wire.TargetIds | None = None) -> SampleRequest:
+        if req.record_stability_info:
+            raise InvalidRequest(STABILITY_INFO)
+        if req.topk_sample_logprobs > MAX_TOP_LOGPROBS:
+            raise InvalidRequest(f"topk_sample_logprobs must be at most {MAX_TOP_LOGPROBS}, "
+                                 f"got {req.topk_sample_logprobs}")
         info = runner.base.info
         if not prompt:
             raise BadTokens("the prompt is empty")
@@ -149,5 +149,32 @@ class SamplingCalls:
         params = SamplingParams(max_tokens=max_tokens, temperature=sp.temperature, top_p=sp.top_p,
                                 top_k=sp.top_k, seed=sp.seed, stop_strings=stop_strings,
                                 stop_token_ids=stop_ids, top_logprobs=req.topk_sample_logprobs)
-        return SampleRequest(None, prompt, req.num_samples, params, prompt_logprobs=bool(req.prompt_logprobs),
-                             topk_prompt_logprobs=req.topk_prompt_logprobs)
+        scoring = _scoring(req, prompt, targets)
+        return SampleRequest(None, prompt, req.num_samples, params,
+                             prompt_logprobs=bool(req.prompt_logprobs) and scoring is None,
+                             scoring=scoring)
+
+
+MAX_TOPK = 1024  # top-k prompt logprobs / alternative draws per position, at most
+
+
+def _scoring(req: s.SampleRequest, prompt: list[int], targets: wire.TargetIds | None) -> PromptScoring | None:
+    """The prompt scores a Tinker request asks for beyond plain prompt logprobs (None: none),
+    computed in one forward of the prompt (engine/scoring.py)."""
+    if not (req.topk_prompt_logprobs or req.prompt_alt_tokens_k or req.target_prompt_logprobs is not None
+            or req.prompt_logprobs_last_n is not None):
+        return None
+    for name, k in (("topk_prompt_logprobs", req.topk_prompt_logprobs), ("prompt_alt_tokens_k", req.prompt_alt_tokens_k)):
+        if k > MAX_TOPK:
+            raise InvalidRequest(f"{name} must be at most {MAX_TOPK}, got {k}")
+    last_n = req.prompt_logprobs_last_n
+    if last_n is not None:
+        if not req.prompt_logprobs:
+            raise InvalidRequest("prompt_logprobs_last_n applies to prompt logprobs; set prompt_logprobs")
+        if not 1 <= last_n <= len(prompt) - 1:
+            raise InvalidRequest(f"prompt_logprobs_last_n must be between 1 and len(prompt) - 1 = "
+                                 f"{len(prompt) - 1}, got {last_n}")
+    sp = req.sampling_params
+    return PromptScoring(logprobs=bool(req.prompt_logprobs), topk=req.topk_prompt_logprobs, last_n=last_n,
+                         targets=None if targets is None else torch.from_numpy(targets.ids),
+                         alt_k=req.prompt_alt_tokens_k, temperature=sp.temperature, seed=sp.seed)

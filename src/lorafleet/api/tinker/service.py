@@ -58,7 +58,7 @@ from lorafleet.errors import (
 )
 from lorafleet.lora import io as lora_io
 from lorafleet.catalog.records import Quotas
-from lorafleet.lora.spec import ATTN_MODULES, MLP_MODULES, LoraSpec
+from lorafleet.lora.spec import ATTN_MODULES, MLP_MODULES, UNEMBED_MODULES, LoraSpec
 from lorafleet.model.registry import check_base_digest
 from lorafleet.train.types import AdamParams
 
@@ -235,15 +235,21 @@ class TinkerService(SamplingCalls, RestQueries):
 
     def create_model(self, tenant: str, req: s.CreateModelRequest, idem: str | None) -> Submitted:
         self.session_row(tenant, req.session_id)
+        check_optimizer(req.optimizer_config)
         runner = self.runner(req.base_model)
         lora = req.lora_config or s.LoraConfig()
         targets = (ATTN_MODULES if lora.train_attn else ()) + (MLP_MODULES if lora.train_mlp else ())
         targets = tuple(m for m in targets if m in runner.base.info.lora_modules)
+        if lora.train_unembed:  # LoRA on the LM head too (the cookbook's default)
+            if not runner.base.info.unembed:
+                raise InvalidRequest(f"train_unembed: {runner.base.name} has no separate LM head to "
+                                     "put a LoRA on; pass train_unembed=False")
+            targets += runner.base.info.unembed
         if not targets:
-            raise InvalidRequest("train_attn and train_mlp are both false: nothing to train")
+            raise InvalidRequest("train_attn, train_mlp and train_unembed are all false: nothing to train")
         spec = LoraSpec(rank=lora.rank, alpha=LORA_ALPHA, target_modules=targets)
         flags = {"rank": lora.rank, "train_attn": lora.train_attn, "train_mlp": lora.train_mlp,
-                 "train_unembed": False, "requested_train_unembed": lora.train_unembed,
+                 "train_unembed": lora.train_unembed,
                  "target_modules": list(spec.target_modules), "lora_alpha": LORA_ALPHA}
         model_id = f"{req.session_id}:train:{req.model_seq_id}"
         run_policy_name(tenant, model_id, req.user_metadata)  # a bad name is a 400 now
@@ -420,6 +426,7 @@ class TinkerService(SamplingCalls, RestQueries):
                              req.seq_id, Save(parent=str(path)), info, req.model_dump_json(), idem)
 
     def load_weights(self, tenant: str, req: s.LoadWeightsRequest, idem: str | None) -> Submitted:
+        check_optimizer(req.optimizer_config)
         ckpt = self.find_checkpoint(tenant, parse_path(req.path))
         if req.optimizer and ckpt["kind"] != "training":
             raise InvalidRequest(f"{req.path} holds no optimizer state; load a weights/ checkpoint")
@@ -473,10 +480,22 @@ class TinkerService(SamplingCalls, RestQueries):
         return src["user_metadata"] if src else None
 
 
+def check_optimizer(config: dict[str, Any] | None) -> None:
+    """Refuse a non-Adam optimizer family where the run is created (where the client first
+    names it), not at its first optim_step."""
+    kind = (config or {}).get("type", "adamw")
+    if kind != "adamw":
+        raise InvalidRequest(
+            f"optimizer {kind!r} is not supported by lorafleet: training runs use AdamW. Create the "
+            "training client without optimizer= (the default AdamOptimizerConfig) and pass "
+            "types.AdamParams to optim_step"
+        )
+
+
 def _flags_from_files(files: dict[str, bytes]) -> dict[str, Any]:
     config = json.loads(files.get("adapter_config.json", b"{}") or b"{}")
     targets = set(config.get("target_modules") or ())
     return {"rank": config.get("r"), "train_attn": bool(targets & set(ATTN_MODULES)),
-            "train_mlp": bool(targets & set(MLP_MODULES)), "train_unembed": False,
+            "train_mlp": bool(targets & set(MLP_MODULES)), "train_unembed": bool(targets & set(UNEMBED_MODULES)),
             "target_modules": sorted(targets), "lora_alpha": config.get("lora_alpha")}
 
