@@ -352,7 +352,7 @@ class Scheduler:
             try:
                 scored = scoring.score(self.engine, p.requests, scoring.operands_for(self.residency.table, slot))  # type: ignore[union-attr]
                 if scoring.answerable(p.requests):  # type: ignore[union-attr]
-                    on_token = lambda r, k, t, lp: self._on_token(job, r, k, t, lp)  # noqa: E731
+                    on_token = lambda r, k, t, lp, top: self._on_token(job, r, k, t, lp, top)  # noqa: E731
                     self._end_sample(job, scoring.one_token_results(self.engine, p.requests, scored, on_token))  # type: ignore[union-attr]
                     return False
             except Exception as e:

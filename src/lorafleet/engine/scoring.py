@@ -44,23 +44,27 @@ def answerable(requests: list[SampleRequest]) -> bool:
 
 
 def one_token_results(engine, requests: list[SampleRequest], scored: Scored,
-                      on_token: Callable[[int, int, int, float], None]) -> list[SampleResult]:
+                      on_token: Callable[..., None]) -> list[SampleResult]:
     """Results of an `answerable` job: each sample's token from the prompt's last logits."""
     eos = engine.base.eos_token_id
     out = []
     for i, (req, (scores, last)) in enumerate(zip(requests, scored)):
         p = req.params
         n = req.num_samples
-        tokens, lps = choose_tokens(last.expand(n, -1), [p.temperature] * n, [p.top_k] * n,
-                                    [p.top_p] * n, [_generator(p.seed, k) for k in range(n)])
+        chosen = choose_tokens(last.expand(n, -1), [p.temperature] * n, [p.top_k] * n,
+                               [p.top_p] * n, [_generator(p.seed, k) for k in range(n)],
+                               top_n=p.top_logprobs, min_ps=[p.min_p] * n)
+        tokens, lps = chosen.tokens, chosen.logprobs
         stop_ids = {eos} if p.stop_token_ids is None else set(p.stop_token_ids)
         seqs = []
         for k in range(n):
             tok = int(tokens[k])
-            on_token(i, k, tok, float(lps[k]))
+            top = chosen.top(k, p.top_logprobs)
+            on_token(i, k, tok, float(lps[k]), top)
             text = engine.base.tokenizer.decode([tok], skip_special_tokens=False) if p.stop_strings else ""
             stop = tok in stop_ids or any(s in text for s in p.stop_strings)
-            seqs.append(SampledSequence([tok], [float(lps[k])], "stop" if stop else "length"))
+            seqs.append(SampledSequence([tok], [float(lps[k])], "stop" if stop else "length",
+                                        top_logprobs=None if top is None else [top]))
         out.append(SampleResult(seqs, prompt_logprobs=None, prompt_scores=scores))
     return out
 
