@@ -82,7 +82,8 @@ class Instance:
 
     def close(self) -> None:
         if self._conn is not None:
-            self._conn.close()  # the session ends: the advisory lock goes with it
+            self._conn.invalidate()  # closes the session (not back to the pool): the lock goes with it
+            self._conn.close()
             self._conn = None
         if self._fd is not None:
             os.close(self._fd)
