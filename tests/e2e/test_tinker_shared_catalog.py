@@ -50,3 +50,26 @@ def test_checkpoint_moves_between_servers(paths, tmp_path):
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_catalog_revision_without_a_tinker_row_is_adopted_by_its_path(server, service_client):
+    """What a server before migration 0004 left: a revision with a tinker:// path, no Tinker row
+    (its tinker.db was moved aside). The path loads, samples and answers weights_info, and is
+    recorded as a checkpoint over the revision's own blobs (no copy)."""
+    tc = service_client.create_lora_training_client(base_model=TINY, rank=4).result()
+    tc.forward_backward(BATCH, "cross_entropy").result()
+    tc.optim_step(ADAM).result()
+    path = tc.save_weights_for_sampler("legacy").result().path
+    svc = server.service
+    blobs = sorted(sha for sha, _ in svc.checkpoints.store.list_blobs())
+    revision = svc.repo.checkpoint(path)["revision_id"]
+    svc.repo.delete_checkpoint(path)  # as if the row had been in the old tinker.db
+    assert svc.repo.checkpoint(path) is None
+
+    info = tinker.RestClient(base_url=server.url).get_weights_info_by_tinker_path(path).result()
+    assert info.base_model == TINY and info.lora_rank == 4
+    row = svc.repo.checkpoint(path)
+    assert row is not None and row["revision_id"] == revision and row["kind"] == "sampler"
+    assert sorted(sha for sha, _ in svc.checkpoints.store.list_blobs()) == blobs  # no copy
+    sc = service_client.create_sampling_client(model_path=path)
+    assert sc.sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2)).result().sequences
