@@ -71,5 +71,5 @@ def test_a_catalog_revision_without_a_tinker_row_is_adopted_by_its_path(server, 
     row = svc.repo.checkpoint(path)
     assert row is not None and row["revision_id"] == revision and row["kind"] == "sampler"
     assert sorted(sha for sha, _ in svc.checkpoints.store.list_blobs()) == blobs  # no copy
-    sc = service_client.create_sampling_client(model_path=path)
+    sc = service_client.create_sampling_client(model_path=path).result()
     assert sc.sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2)).result().sequences

@@ -106,7 +106,7 @@ def test_two_servers_share_sessions_runs_futures_and_checkpoints(tmp_path):
             assert info.base_model == TINY and info.lora_rank == 4
             assert b.get(f"/api/v1/sessions/{session}").json()["training_run_ids"] == [run]
             # B samples A's checkpoint: the bytes come from the one shared store
-            sc = tinker.ServiceClient(base_url=url_b).create_sampling_client(model_path=sampler_path)
+            sc = tinker.ServiceClient(base_url=url_b).create_sampling_client(model_path=sampler_path).result()
             assert sc.sample(types.ModelInput.from_ints([1, 2]), 1,
                              types.SamplingParams(max_tokens=2)).result().sequences
             # a download URL signed by A is served by B (the signing secret lives in the database)
