@@ -73,3 +73,23 @@ def test_a_catalog_revision_without_a_tinker_row_is_adopted_by_its_path(server, 
     assert sorted(sha for sha, _ in svc.checkpoints.store.list_blobs()) == blobs  # no copy
     sc = service_client.create_sampling_client(model_path=path).result()
     assert sc.sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2)).result().sequences
+
+
+def test_a_session_finished_through_another_server_frees_its_runs_here(server, service_client):
+    """Another server on the same database ended the session (its row says so); this server's
+    janitor pass unloads the run it holds, and the run answers 404 like any unloaded run."""
+    import time
+
+    tc = service_client.create_lora_training_client(base_model=TINY, rank=4).result()
+    svc = server.service
+    runner = svc.runners[TINY]
+    assert runner.knows_run(tc.model_id)
+    session = svc.repo.run_by_id(tc.model_id)["session_id"]
+    svc.repo.finish_session(session, "success")  # what the other server wrote
+    svc.expire_sessions(timeout_s=3600)
+    deadline = time.time() + 30
+    while runner.knows_run(tc.model_id):
+        assert time.time() < deadline, "the run stayed loaded"
+        time.sleep(0.05)
+    with pytest.raises(tinker.NotFoundError, match="not loaded"):
+        tc.forward_backward(BATCH, "cross_entropy").result()
