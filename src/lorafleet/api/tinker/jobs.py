@@ -1,10 +1,10 @@
 """The Tinker side of engine jobs: typed payloads built from validated wire calls, and the sink
-that turns engine results into futures, checkpoint folders and catalog revisions.
+that turns engine results into futures, checkpoints and catalog revisions.
 
 `TinkerSink.done` / `failed` run on the engine's I/O worker (engine/scheduler.py), never on
-the compute thread: a save's PEFT serialisation, checkpoint write and catalog publish happen
-here, from the tensor snapshot the compute thread took. Saves also publish a catalog revision
-with provenance (see `catalog_bridge.py`).
+the compute thread: a save's PEFT serialisation, blob writes and catalog publish happen here,
+from the tensor snapshot the compute thread took. A training or sampler save is one catalog
+revision with provenance (see `catalog_bridge.py`) and its checkpoint row, in one transaction.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import lorafleet
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.checkpoints import OPTIMIZER_NAME, Checkpoints, TinkerPath
 from lorafleet.api.tinker.futures import PROTO_TYPE, FutureTable
-from lorafleet.api.tinker.store import TinkerStore, now
+from lorafleet.api.tinker.repo import TinkerRepo, now
 from lorafleet.engine.jobs import ForwardBackward, Job, NullSink, Snapshot, UnloadRun, WorkKind
 from lorafleet.engine.types import TopLogprobs
 from lorafleet.errors import Conflict
@@ -54,10 +54,10 @@ def fwdbwd_payload(call: wire.FwdBwdCall) -> ForwardBackward:
 class TinkerSink:
     """Completes Tinker futures from engine results (on the engine's I/O worker)."""
 
-    def __init__(self, futures: FutureTable, store: TinkerStore, checkpoints: Checkpoints,
+    def __init__(self, futures: FutureTable, repo: TinkerRepo, checkpoints: Checkpoints,
                  base: Any, scheduler: Any, catalog: Any = None) -> None:
         self.futures = futures
-        self.store = store
+        self.repo = repo
         self.checkpoints = checkpoints
         self.base = base
         self.scheduler = scheduler
@@ -124,14 +124,14 @@ class TinkerSink:
         return wire.encode_forward_backward_output(wire.FwdBwdOutcome(outputs, metrics))
 
     def _optim_step(self, job: Job, t: Ticket, res: Any) -> dict[str, Any]:
-        self.store.update("runs", "model_id", job.run_id, step=res.state.step, last_request=now())
+        self.repo.update_run(job.run_id, step=res.state.step, last_request=now())
         return {"metrics": res.metrics, "type": "optim_step"}
 
     # ---- saving -------------------------------------------------------------------------------
 
     def _provenance(self, job: Job, snap: Snapshot, kind: str) -> dict[str, Any]:
         s = snap.state
-        row = self.store.get("runs", "model_id", job.run_id) or {}
+        row = self.repo.run_by_id(job.run_id or "") or {}
         adam = None if s.last_adam is None else {
             k: getattr(s.last_adam, k) for k in s.last_adam.__dataclass_fields__}
         return {
@@ -142,9 +142,10 @@ class TinkerSink:
         }
 
     def _write(self, job: Job, t: Ticket, snap: Snapshot, kind: str) -> tuple[TinkerPath, dict[str, Any]]:
-        """Checkpoint files from the snapshot: the catalog first (a failed publish leaves no
-        checkpoint), then the folder. MoE expert LoRA stays packed except in external exports
-        (the per-expert layout PEFT loads, see docs/moe.md)."""
+        """Checkpoint files from the snapshot: blobs first, then the catalog revision and the
+        checkpoint row in one transaction (a failed publish leaves no checkpoint). MoE expert
+        LoRA stays packed except in external exports (the per-expert layout PEFT loads, see
+        docs/moe.md)."""
         path = TinkerPath(job.run_id or "", kind, t.info["name"])
         if self.checkpoints.exists(path):
             raise Conflict(f"checkpoint {path} already exists; checkpoints are immutable")
@@ -155,11 +156,13 @@ class TinkerSink:
 
             files[OPTIMIZER_NAME] = st_save(snap.optimizer)
         meta = self._provenance(job, snap, kind)
-        if self.catalog is not None:
-            meta["revision_id"] = self.catalog.publish(job.tenant, path, files, meta,
-                                                      t.info.get("ttl_seconds"))
-        row = self.checkpoints.write(job.tenant, path, files, meta, t.info.get("ttl_seconds"),
-                                     t.info.get("user_metadata"))
+        ttl = t.info.get("ttl_seconds")
+        publish = None
+        if self.catalog is not None and kind != "external":  # exports are downloads, not revisions
+            publish = lambda files, on_commit: self.catalog.publish(  # noqa: E731
+                job.tenant, path, files, meta, ttl, on_commit=on_commit)
+        row = self.checkpoints.write(job.tenant, path, files, meta, ttl, t.info.get("user_metadata"),
+                                     publish=publish)
         return path, row
 
     def _save_weights(self, job: Job, t: Ticket, snap: Snapshot) -> dict[str, Any]:

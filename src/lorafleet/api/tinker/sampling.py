@@ -16,7 +16,7 @@ from lorafleet.api.tinker import schemas as s
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.checkpoints import parse_path
 from lorafleet.api.tinker.jobs import Ticket
-from lorafleet.api.tinker.store import now
+from lorafleet.api.tinker.repo import now
 from lorafleet.api.tinker.submitted import Submitted
 from lorafleet.engine.jobs import Job, Sample, WorkKind
 from lorafleet.engine.logprobs import PromptScoring
@@ -44,21 +44,18 @@ class SamplingCalls:
             self.runner(base)
         else:
             raise InvalidRequest("create_sampling_session needs base_model or model_path")
-        existing = self.store.get("samplers", "sampler_id", sampler_id)
-        if existing is not None:
-            if existing["tenant"] != tenant or existing["model_path"] != req.model_path:
-                raise Conflict(f"sampling session {sampler_id} already exists with other weights")
-        else:
-            self.store.insert("samplers", {
+        if not self.repo.insert_sampler({
                 "sampler_id": sampler_id, "tenant": tenant, "session_id": req.session_id,
                 "base_model": base, "model_path": req.model_path, "source_model_id": None,
-                "created": now(),
-            })
+                "created": now()}):
+            existing = self.repo.sampler_by_id(sampler_id)
+            if existing is None or existing["tenant"] != tenant or existing["model_path"] != req.model_path:
+                raise Conflict(f"sampling session {sampler_id} already exists with other weights")
         return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
 
     def get_sampler(self, tenant: str, sampler_id: str) -> dict[str, Any]:
-        row = self.store.get("samplers", "sampler_id", sampler_id)
-        if row is None or row["tenant"] != tenant:
+        row = self.repo.sampler(tenant, sampler_id)
+        if row is None:
             raise NotFound(f"sampler {sampler_id} not found")
         return {"sampler_id": sampler_id, "base_model": row["base_model"],
                 "model_path": row["model_path"]}
@@ -93,8 +90,8 @@ class SamplingCalls:
     def _sampler_target(self, tenant: str, req: s.SampleRequest):
         """(sampler key, base model, checkpoint row to load or None, base-model-only?)."""
         if req.sampling_session_id:
-            row = self.store.get("samplers", "sampler_id", req.sampling_session_id)
-            if row is None or row["tenant"] != tenant:
+            row = self.repo.sampler(tenant, req.sampling_session_id)
+            if row is None:
                 raise NotFound(f"sampling session {req.sampling_session_id} not found")
             if row["model_path"]:
                 ckpt = self.find_checkpoint(tenant, parse_path(row["model_path"]))
