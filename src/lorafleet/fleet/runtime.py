@@ -60,7 +60,7 @@ class _Runtime:
                          configure_logging=False)
                 log.info("joined the Ray cluster at %s", opts.address)
                 return
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keeps a local node on loopback
+            _loopback_only()
             self._temp = tempfile.mkdtemp(prefix="lorafleet-ray-")  # short: Ray's socket paths
             ray.init(num_cpus=max(2, opts.engines * opts.threads), include_dashboard=False,
                      object_store_memory=opts.object_store_bytes, _temp_dir=self._temp,
@@ -88,6 +88,18 @@ class _Runtime:
 
 
 RUNTIME = _Runtime()
+
+
+def _loopback_only() -> None:
+    """Keep a local node (and the workers it spawns, which inherit the environment) on 127.0.0.1.
+
+    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is imported, so a process that imported
+    ray before (a test, a notebook) also gets the flag set on the constant it became.
+    """
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def start_actors(cfg: WorkerConfig, opts: RayOptions) -> list[Any]:
