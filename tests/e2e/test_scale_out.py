@@ -15,36 +15,89 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from lorafleet.catalog.records import ADMIN
-from tests.e2e.conftest import TINY, start_server
+from tests.conftest import TEST_HOME
+from tests.e2e.conftest import TINY, free_port
 from tests.e2e.test_openai_serving import SPEC, adapter_weights
 
-ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
+pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
 pytestmark = pytest.mark.slow
 
 N_ADAPTERS = 12
 HEADERS = {"X-API-Key": "tml-lorafleet-test"}
 
 
+@dataclass
+class Scaled:
+    url: str
+    proc: subprocess.Popen
+    revs: list[str]
+    log: Path
+    texts: dict = field(default_factory=dict)
+    where: dict = field(default_factory=dict)
+    victim: dict = field(default_factory=dict)
+    ray_pids: set = field(default_factory=set)
+
+
 @pytest.fixture(scope="module")
-def scaled(paths, tiny_pair, tmp_path_factory):
-    live = start_server(paths, [TINY], tmp_path_factory.mktemp("scale"), engines={TINY: tiny_pair},
-                        ray_engines=2, engine_threads=1, hold_s=5.0, gap_timeout_s=5.0)
-    catalog = live.app.state.catalog
-    live.revs = []
+def scaled(paths, tmp_path_factory):
+    """`lorafleet serve --engines 2` (the CLI, in its own process) over a catalog that already
+    holds N_ADAPTERS adapters."""
+    from lorafleet.catalog.service import Catalog
+    from lorafleet.model import load_base
+
+    tmp = tmp_path_factory.mktemp("scale")
+    db, store = f"sqlite:///{tmp / 'catalog.db'}", str(tmp / "store")
+    catalog = Catalog.open(db, store)
+    info = load_base(TINY, paths).info
+    revs = []
     for i in range(N_ADAPTERS):
         catalog.create_policy(ADMIN, f"local/s{i}", TINY, SPEC)
-        live.revs.append(catalog.publish_weights(ADMIN, f"local/s{i}", adapter_weights(tiny_pair[0].info, i),
-                                                 aliases=["prod"]).id)
+        revs.append(catalog.publish_weights(ADMIN, f"local/s{i}", adapter_weights(info, i), aliases=["prod"]).id)
+    catalog.close()
+    port = free_port()
+    env = {**os.environ, "LORAFLEET_HOME": str(TEST_HOME), "OMP_NUM_THREADS": "1",
+           "LORAFLEET_DATABASE_URL": db, "LORAFLEET_STORE_URL": store}
+    log = tmp / "server.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from lorafleet.cli import main; sys.exit(main())", "serve",
+         "--base", TINY, "--port", str(port), "--state-dir", str(tmp / "state"), "--threads", "1",
+         "--engines", "2", "--engine-threads", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600  # Ray and two engine processes, on 2 busy cores
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the server did not start: {log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    live = Scaled(url, proc, revs, log)
     yield live
-    live.stop()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    deadline = time.time() + 60  # the local runtime ends with its server: no process left behind
+    while (left := [p for p in live.ray_pids if os.path.exists(f"/proc/{p}")]) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not left, f"Ray processes outlived the server: {left}"
 
 
 def engines(live) -> list[dict]:
@@ -75,12 +128,19 @@ def listening(pids: set[int]) -> list[tuple[int, str]]:
     return found
 
 
-def test_local_ray_listens_on_loopback_only_with_token_auth(scaled):
-    from lorafleet.fleet.runtime import RUNTIME
+def parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
 
-    temp = RUNTIME.temp_dir
-    assert temp and os.path.isdir(temp)
+
+def test_local_ray_listens_on_loopback_only_with_token_auth(scaled):
     pids = {e["pid"] for e in engines(scaled)}
+    raylet = parent(next(iter(pids)))  # the engines' parent: its cmdline names the session dir
+    with open(f"/proc/{raylet}/cmdline", "rb") as f:
+        cmdline = f.read().decode(errors="replace")
+    scaled.ray_pids = pids | {raylet}
+    temp = re.search(r"(/\S*?/lorafleet-ray-[^/\s]+)", cmdline.replace("\0", " ")).group(1)  # our own
+    assert os.path.isdir(temp)
     for entry in os.listdir("/proc"):  # the runtime's own processes name its temp dir
         if entry.isdigit():
             try:
@@ -93,9 +153,9 @@ def test_local_ray_listens_on_loopback_only_with_token_auth(scaled):
     assert len(sockets) >= 3, sockets  # GCS, raylet, object manager, workers: not vacuous
     exposed = [(p, a) for p, a in sockets if not a.startswith(("127.", "[::1]:", "[::ffff:127."))]
     assert not exposed, f"Ray listens beyond loopback: {exposed}"
-    assert ray.is_initialized()
-    with open(f"/proc/{next(iter(p for p, _ in sockets))}/environ", "rb") as f:
-        assert b"RAY_AUTH_MODE=disabled" not in f.read()
+    with open(f"/proc/{raylet}/environ", "rb") as f:
+        assert b"RAY_AUTH_MODE=disabled" not in f.read()  # token authentication stays on
+    assert "Token authentication is enabled" in scaled.log.read_text()
 
 
 def test_both_engines_serve_and_adapters_stay_on_one_engine(scaled):
@@ -115,7 +175,7 @@ def test_both_engines_serve_and_adapters_stay_on_one_engine(scaled):
     # the first request of each adapter missed, the two repeats found it resident
     assert sum(e["sample_misses"] for e in listed) == N_ADAPTERS
     assert sum(e["sample_hits"] for e in listed) == 2 * N_ADAPTERS
-    metrics = httpx.get(f"{scaled.url}/metrics").text
+    metrics = httpx.get(f"{scaled.url}/metrics", headers=HEADERS).text
     assert f'lorafleet_engine_alive{{base="{TINY}",engine="{TINY}#1"}} 1.0' in metrics
     scaled.texts, scaled.where = texts, where
 
