@@ -30,8 +30,7 @@ def build_fleet(base: Any, cfg: WorkerConfig, opts: RayOptions, metrics: Any, *,
     actors = []
     try:
         actors = runtime.start_actors(cfg, opts)
-        handles = [EngineHandle(f"{base.name}#{i}", base.name, a, on_lost=None)  # type: ignore[arg-type]
-                   for i, a in enumerate(actors)]
+        handles = [EngineHandle(f"{base.name}#{i}", base.name, a) for i, a in enumerate(actors)]
         for h in handles:
             h.wait_ready(runtime.READY_TIMEOUT_S)
     except BaseException:

@@ -176,6 +176,7 @@ class Fleet:
         for h in handles:
             h.on_lost = self._lost_error
             h.on_done = self._observe
+            h.on_death = self._engine_died
         if metrics is not None:
             from lorafleet.metrics import add_engines
 
@@ -340,13 +341,19 @@ class Fleet:
                 with self._lock:
                     self._checkpoint[job.run_id or ""] = p.parent
 
-    def _lost_error(self, h: EngineHandle, job: Job) -> Exception:
-        """The error a job out on the dead engine `h` fails with; its runs are lost."""
+    def _engine_died(self, h: EngineHandle) -> None:
+        """The runs that lived in `h` are lost (their calls now name their last checkpoint)."""
         with self._lock:
             for run_id, home in list(self._placed.items()):
                 if home is h:
                     del self._placed[run_id]
                     self._lost[run_id] = self._lost_message(run_id, h)
+                    log.warning("%s", self._lost[run_id])
+
+    def _lost_error(self, h: EngineHandle, job: Job) -> Exception:
+        """The error a job out on the dead engine `h` fails with."""
+        self._engine_died(h)  # a no-op after the first call of a death
+        with self._lock:
             lost = self._lost.get(job.run_id or "") if job.kind is not WorkKind.SAMPLE else None
         if lost is not None:
             return RunLost(lost)

@@ -26,7 +26,7 @@ from typing import Any
 
 from lorafleet.engine.jobs import Job, WorkKind
 from lorafleet.engine.scheduler import IOWorker
-from lorafleet.errors import LorafleetError
+from lorafleet.errors import Unavailable
 from lorafleet.fleet.messages import DONE, FAILED, TOKENS, EngineState, Report, WireJob
 
 log = logging.getLogger(__name__)
@@ -48,20 +48,23 @@ class EngineHandle:
     Args:
         engine_id: stable across restarts ('<base>#<index>'); the routing hash uses it.
         actor: the Ray actor handle (fleet/worker.py `EngineWorker` under `ray.remote`).
-        on_lost: called with (handle, jobs that were out) when the actor died; returns the
-            error each job fails with.
+        on_lost: called with (handle, job) for each job that was out when the actor died;
+            returns the error that job fails with.
+        on_death: called with the handle once per death (before any `on_lost`).
         on_done: called with (job, result) before a DONE reaches its sink (placement
             bookkeeping: checkpoints of runs).
     """
 
     def __init__(self, engine_id: str, base: str, actor: Any,
-                 on_lost: Callable[[EngineHandle, Job], Exception],
-                 on_done: Callable[[Job, Any], None] = lambda job, result: None) -> None:
+                 on_lost: Callable[[EngineHandle, Job], Exception] = lambda h, job: Unavailable(f"engine {h.id} died"),
+                 on_done: Callable[[Job, Any], None] = lambda job, result: None,
+                 on_death: Callable[[EngineHandle], None] = lambda handle: None) -> None:
         self.id = engine_id
         self.base = base
         self.actor = actor
         self.on_lost = on_lost
         self.on_done = on_done
+        self.on_death = on_death
         self.alive = False
         self.state: EngineState | None = None
         self.lost_count = 0  # deaths seen
@@ -225,6 +228,7 @@ class EngineHandle:
         if was_alive:
             self.lost_count += 1
             self.last_lost_at = time.monotonic()
+            self.on_death(self)
         for s in out:
             self._finish(s.wire.id, self.on_lost(self, s.job))
 
@@ -262,7 +266,7 @@ class EngineHandle:
                 log.exception("sink of %s failed", job.kind)
                 if error is None:
                     try:
-                        job.sink.failed(job, e if isinstance(e, LorafleetError) else e)
+                        job.sink.failed(job, e)
                     except Exception:
                         log.exception("sink.failed of %s failed", job.kind)
 
