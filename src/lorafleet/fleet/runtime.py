@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 OBJECT_STORE_BYTES = 256 << 20  # results and adapters in flight; spills to disk beyond it
 MAX_RESTARTS = 16  # Ray restarts a dead engine actor this many times
-READY_TIMEOUT_S = 600.0  # an engine loads its base in this time, or start-up fails
+READY_TIMEOUT_S = 600.0
+START_ATTEMPTS = 3  # a loaded machine can miss Ray's fixed start-up wait  # an engine loads its base in this time, or start-up fails
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +63,19 @@ class _Runtime:
                 return
             _loopback_only()
             self._temp = tempfile.mkdtemp(prefix="lorafleet-ray-")  # short: Ray's socket paths
-            ray.init(num_cpus=max(2, opts.engines * opts.threads), include_dashboard=False,
-                     object_store_memory=opts.object_store_bytes, _temp_dir=self._temp,
-                     _node_ip_address="127.0.0.1", namespace="lorafleet", log_to_driver=True,
-                     configure_logging=False)
+            for attempt in range(1, START_ATTEMPTS + 1):
+                try:
+                    ray.init(num_cpus=max(2, opts.engines * opts.threads), include_dashboard=False,
+                             object_store_memory=opts.object_store_bytes, _temp_dir=self._temp,
+                             _node_ip_address="127.0.0.1", namespace="lorafleet", log_to_driver=True,
+                             configure_logging=False)
+                    break
+                except Exception as e:  # Ray gives its raylet a fixed 30 s to register
+                    ray.shutdown()
+                    if attempt == START_ATTEMPTS:
+                        self._users -= 1
+                        raise
+                    log.warning("the local Ray runtime did not start (%s); trying again", e)
             self._owned = True
             log.info("started a local Ray runtime (loopback only, temp dir %s)", self._temp)
 
