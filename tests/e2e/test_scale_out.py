@@ -133,24 +133,35 @@ def parent(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
-def test_local_ray_listens_on_loopback_only_with_token_auth(scaled):
-    pids = {e["pid"] for e in engines(scaled)}
-    raylet = parent(next(iter(pids)))  # the engines' parent: its cmdline names the session dir
-    with open(f"/proc/{raylet}/cmdline", "rb") as f:
-        cmdline = f.read().decode(errors="replace")
-    scaled.ray_pids = pids | {raylet}
-    temp = re.search(r"(/\S*?/lorafleet-ray-[^/\s]+)", cmdline.replace("\0", " ")).group(1)  # our own
-    assert os.path.isdir(temp)
-    for entry in os.listdir("/proc"):  # the runtime's own processes name its temp dir
+def descendants(root: int) -> set[int]:
+    """Every process under `root` (the server: its Ray GCS, raylet, agents, engine workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if temp.encode() in f.read():
-                        pids.add(int(entry))
-            except OSError:
+                children.setdefault(parent(int(entry)), []).append(int(entry))
+            except (OSError, ValueError, IndexError):
                 continue
-    sockets = listening(pids)
-    assert len(sockets) >= 3, sockets  # GCS, raylet, object manager, workers: not vacuous
+    out, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def test_local_ray_listens_on_loopback_only_with_token_auth(scaled):
+    pids = {e["pid"] for e in engines(scaled)}
+    tree = descendants(scaled.proc.pid)
+    assert pids <= tree  # the engines run under this server's own runtime
+    raylet = parent(next(iter(pids)))
+    with open(f"/proc/{raylet}/cmdline", "rb") as f:
+        cmdline = f.read().decode(errors="replace").replace("\0", " ")
+    assert re.search(r"/lorafleet-ray-[^/\s]+/session_", cmdline), cmdline[:300]  # its own temp dir
+    scaled.ray_pids = tree
+    sockets = listening(tree | {scaled.proc.pid})
+    assert len(sockets) >= 4, sockets  # the API, GCS, raylet, workers: not vacuous
     exposed = [(p, a) for p, a in sockets if not a.startswith(("127.", "[::1]:", "[::ffff:127."))]
     assert not exposed, f"Ray listens beyond loopback: {exposed}"
     with open(f"/proc/{raylet}/environ", "rb") as f:
@@ -190,6 +201,11 @@ def test_killed_engine_fails_in_flight_work_then_traffic_and_training_move(scale
     tc.forward_backward(BATCH, "cross_entropy").result()
     tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
     path = tc.save_state("before-kill").result().path
+    # a sampler version that only the control plane holds (fresh from training): shipped to the
+    # engine that samples it
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    prompt, greedy = types.ModelInput.from_ints([1, 5, 9]), types.SamplingParams(max_tokens=6, temperature=0.0)
+    sampled = sampler.sample(prompt, num_samples=1, sampling_params=greedy).result().sequences[0].tokens
     victim = next(e for e in engines(scaled) if tc.model_id in e["runs"])
     rev = next(r for r, ids in scaled.where.items() if ids == [victim["id"]])
     model = f"local/s{scaled.revs.index(rev)}@{rev}"
@@ -216,6 +232,8 @@ def test_killed_engine_fails_in_flight_work_then_traffic_and_training_move(scale
     after = engines(scaled)
     assert any(rev in e["resident"] for e in after if e["id"] != victim["id"])
 
+    # the sampler version moves too (from the control plane), and samples the same
+    assert sampler.sample(prompt, num_samples=1, sampling_params=greedy).result().sequences[0].tokens == sampled
     # the run's live state died with its engine: its calls name the last checkpoint ...
     with pytest.raises(Exception, match=re.escape(path)):
         tc.forward_backward(BATCH, "cross_entropy").result()

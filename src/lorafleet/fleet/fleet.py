@@ -276,7 +276,14 @@ class Fleet:
         return next(h for h in self.handles if h.id == engine_id)
 
     def _place_run(self, job: Job) -> None:
-        live = self._live_or_fail()
+        """Create and load jobs are never refused at submit (the services record their future
+        first): with no live engine the job fails through its sink, retryably."""
+        try:
+            live = self._live_or_fail()
+        except Unavailable as e:
+            if job.answer():
+                job.sink.failed(job, e)
+            return
         h = self._handle(routing.place_run(self._candidates(live)).id)
         with self._lock:
             self._placed[job.run_id or ""] = h

@@ -74,6 +74,8 @@ class _Runtime:
                     ray.shutdown()
                     if attempt == START_ATTEMPTS:
                         self._users -= 1
+                        shutil.rmtree(self._temp, ignore_errors=True)
+                        self._temp = None
                         raise
                     log.warning("the local Ray runtime did not start (%s); trying again", e)
             self._owned = True
