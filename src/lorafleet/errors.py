@@ -62,6 +62,20 @@ class NoCapacity(LorafleetError, RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+class Unavailable(LorafleetError, RuntimeError):
+    """Transient: the engine that held the work died (a Ray engine actor); it is being restarted
+    and the next request goes to a live engine (HTTP 503 + Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RunLost(Expired):
+    """A training run's engine died and took the run's live state with it; the message names
+    the run's last checkpoint, to resume from with load_state (HTTP 410)."""
+
+
 class Corrupt(LorafleetError, OSError):
     """Stored bytes do not match their recorded digest; they are never served (HTTP 500)."""
 

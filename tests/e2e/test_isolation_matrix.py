@@ -97,8 +97,9 @@ NO_OBJECT = {("POST", "/api/v1/client/config"), ("POST", "/api/v1/client/dynamic
              ("GET", "/api/v1/files/{token}/{expires}/{signature}/{filename}"),
              ("POST", "/catalog/v1/keys"), ("POST", "/catalog/v1/gc"),
              ("GET", "/metrics"), ("GET", "/healthz"), ("GET", "/health"), ("GET", "/readyz"),
-             ("GET", "/admin/v1/serving")}  # fleet-wide counts, the same as /metrics
-ADMIN = {("POST", "/catalog/v1/keys"), ("POST", "/catalog/v1/gc")}
+             ("GET", "/admin/v1/serving"),  # fleet-wide counts, the same as /metrics
+             ("GET", "/admin/v1/engines")}  # admin only: names every tenant's adapters and runs
+ADMIN = {("POST", "/catalog/v1/keys"), ("POST", "/catalog/v1/gc"), ("GET", "/admin/v1/engines")}
 
 
 def routes(app) -> list[tuple[str, str, APIRoute]]:

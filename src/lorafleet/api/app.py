@@ -63,6 +63,9 @@ class ServeConfig:
         threads: torch intra-op threads for the engines (0 = torch's default).
         stall_s: /healthz fails when an engine has had pending work but made no progress (a
             loop turn or a decode step) for this long.
+        ray_engines: engine actors per base on Ray (0: one engine per base in this process);
+            engine_threads: torch threads of each; ray_address: join this Ray cluster instead
+            of starting a local runtime (see lorafleet/fleet/, docs/scale-out.md).
     """
 
     bases: list[str]
@@ -95,6 +98,9 @@ class ServeConfig:
     max_queued: int | None = None
     max_adapters: int | None = None
     engines: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # name -> (base, engine)
+    ray_engines: int = 0
+    engine_threads: int = 1
+    ray_address: str | None = None
 
 
 def build_service(cfg: ServeConfig, metrics: Any = None) -> TinkerService:
@@ -114,6 +120,9 @@ def build_service(cfg: ServeConfig, metrics: Any = None) -> TinkerService:
     budgets = Budgets(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                       kv_cache_bytes=cfg.kv_cache_bytes, boundary_only=cfg.boundary_only)
     for name in cfg.bases:
+        if cfg.ray_engines or cfg.ray_address:
+            runners[name] = _fleet(name, cfg, metrics)
+            continue
         base, engine = cfg.engines.get(name) or _load(name, cfg)
         runners[name] = Scheduler(engine, base, residency=_residency(engine, bridge, metrics, cfg),
                                   budgets=budgets, gap_timeout_s=cfg.gap_timeout_s,
@@ -142,6 +151,25 @@ def _residency(engine: Any, bridge: CatalogBridge | None, metrics: Any, cfg: Ser
     return Residency(engine, fetch_many, max_slots=cfg.max_slots, max_host_adapters=cfg.max_host_adapters,
                      max_host_bytes=cfg.max_host_bytes, max_queue=cfg.load_queue,
                      load_batch=cfg.load_batch, metrics=metrics)
+
+
+def _fleet(name: str, cfg: ServeConfig, metrics: Any) -> Any:
+    """The engine actors of one base on Ray (lorafleet/fleet/); the base here only gives its
+    tokenizer and facts to the services."""
+    from lorafleet.fleet import RayOptions, WorkerConfig, build_fleet
+    from lorafleet.model import load_base
+
+    base = cfg.engines[name][0] if name in cfg.engines else load_base(name, cfg.paths, dtype=cfg.dtype)
+    worker = WorkerConfig(
+        base=name, home=str(cfg.paths.home), database_url=cfg.paths.database_url if cfg.use_catalog else None,
+        store_url=cfg.paths.store_url, dtype=cfg.dtype, device=cfg.device, threads=cfg.engine_threads,
+        gap_timeout_s=cfg.gap_timeout_s, max_sample_queue=cfg.max_sample_queue,
+        micro_batch_tokens=cfg.micro_batch_tokens, max_slots=cfg.max_slots,
+        max_host_adapters=cfg.max_host_adapters, max_host_bytes=cfg.max_host_bytes, load_queue=cfg.load_queue,
+        load_batch=cfg.load_batch, max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens, kv_cache_bytes=cfg.kv_cache_bytes)
+    opts = RayOptions(engines=max(1, cfg.ray_engines), threads=cfg.engine_threads, address=cfg.ray_address)
+    return build_fleet(base, worker, opts, metrics, max_sample_queue=cfg.max_sample_queue)
 
 
 def _load(name: str, cfg: ServeConfig) -> tuple[Any, Any]:
@@ -196,6 +224,9 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
     from lorafleet.api.routes.console import mount as mount_console
 
     mount_console(app)  # the web console at /ui (api/ui/) and its /admin/v1 routes
+    from lorafleet.api.routes.engines import router as engines_router
+
+    app.include_router(engines_router)  # GET /admin/v1/engines
     if catalog is not None:
         from lorafleet.api.openai.routes import router as openai_router
         from lorafleet.api.openai.service import OpenAIService

@@ -238,6 +238,11 @@ class Residency:
         with self._lock:
             return key in self._user_pins
 
+    def keys(self) -> tuple[list[Hashable], list[Hashable]]:
+        """The adapter keys in slots, and in host memory (e.g. for routing and operators)."""
+        with self._lock:
+            return list(self._slots.keys()), list(self._host.keys())
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             return {Tier.SLOT: len(self._slots), Tier.HOST: len(self._host)}
