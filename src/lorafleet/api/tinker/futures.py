@@ -36,7 +36,7 @@ from typing import Any
 from lorafleet.api.errors import client_message
 from lorafleet.api.tinker.instance import Instance
 from lorafleet.api.tinker.repo import DONE, EXPIRED, FAILED, PENDING, TinkerRepo, idem_hash, now
-from lorafleet.errors import Conflict, Expired, InvalidRequest, LorafleetError, NoCapacity, NotFound
+from lorafleet.errors import Conflict, Expired, InvalidRequest, LorafleetError, NoCapacity, NotFound, Unavailable
 
 __all__ = ["DONE", "EXPIRED", "FAILED", "PENDING", "FutureResult", "FutureTable"]
 JSON_TYPE, PROTO_TYPE = "application/json", "application/x-protobuf"
@@ -175,10 +175,12 @@ class FutureTable:
         """Fail a future with `exc`; returns the message the client sees.
 
         A lorafleet error is the caller's ("user"), anything else the server's: logged under
-        an error id (`what` names the work), its text never stored.
+        an error id (`what` names the work), its text never stored. `Unavailable` (the engine
+        holding the work died) is the server's too, with its message kept: the SDK treats a
+        "server" failure as transient, and the message says to retry.
         """
         message = client_message(exc, what or request_id)
-        category = "user" if isinstance(exc, LorafleetError) else "server"
+        category = "user" if isinstance(exc, LorafleetError) and not isinstance(exc, Unavailable) else "server"
         self.repo.finish_future(request_id, state=FAILED, error=message, category=category)
         for observe in self.observers:
             observe(request_id, None)
