@@ -238,8 +238,8 @@ class EngineHandle:
         if s is None or s.job.cancelled:
             return
         try:
-            for request, sample, token, logprob in tokens:
-                s.job.sink.on_token(s.job, request, sample, token, logprob)
+            for request, sample, token, logprob, top in tokens:
+                s.job.sink.on_token(s.job, request, sample, token, logprob, top)
         except Exception:
             log.exception("on_token failed; cancelling the job")
             s.job.cancel()

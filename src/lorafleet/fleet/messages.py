@@ -34,7 +34,8 @@ class WireJob:
 @dataclass(frozen=True, slots=True)
 class Event:
     """One sink call of one job: DONE (data: the result), FAILED (data: an exception) or
-    TOKENS (data: [(request, sample, token, logprob), ...] in order)."""
+    TOKENS (data: [(request, sample, token, logprob, top), ...] in order; top: the
+    position's top-k logprobs or None)."""
 
     job: int
     what: str

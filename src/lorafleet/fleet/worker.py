@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.engine.jobs import Job, Sample, WorkKind
+from lorafleet.engine.types import TopLogprobs
 from lorafleet.errors import LorafleetError
 from lorafleet.fleet.messages import DONE, FAILED, TOKENS, EngineState, Event, Report, WireJob
 
@@ -92,8 +93,9 @@ class _ActorSink:
     def failed(self, job: Job, error: Exception) -> None:
         self.outbox.put(Event(job.tag, FAILED, portable(error)))
 
-    def on_token(self, job: Job, request: int, sample: int, token: int, logprob: float) -> None:
-        self.outbox.put(Event(job.tag, TOKENS, [(request, sample, token, logprob)]))
+    def on_token(self, job: Job, request: int, sample: int, token: int, logprob: float,
+                 top: TopLogprobs | None) -> None:
+        self.outbox.put(Event(job.tag, TOKENS, [(request, sample, token, logprob, top)]))
 
 
 def portable(error: BaseException) -> Exception:
