@@ -2,15 +2,16 @@
 sampling of the best one, and how much faster is one k-adapter vote than k requests?
 Prints ONE JSON line.
 
-    python bench/population.py                 # K=27 variants, 2-digit addition
+    python bench/population.py                 # K=27 variants, 5 SFT steps each
     python bench/population.py --quick         # K=9, a few steps and problems
     python bench/population.py --plot docs/img/population_accuracy.png
 
-A real server on loopback (SmolLM2-135M-Instruct). K LoRA variants are trained by SFT through
-lorafleet's own training API (the tinker SDK against the loopback server; the K runs' steps are
-submitted together, so the server fuses them), each from its own LoRA seed, its own subset and
-order of the training problems; each variant is saved for sampling into the catalog as
-`local/pop-<i>`. Task: `a+b=` for two-digit a, b, exact integer answers.
+K LoRA variants of SmolLM2-135M-Instruct are trained by SFT on lorafleet's engine (in process;
+the K variants' forward_backward fused into one batch per step, as the server does for
+concurrent Tinker runs), each from its own LoRA seed and its own subset and order of the
+training problems, and published into a catalog as `local/pop-<i>`; then the same engine
+serves them from a real server on loopback. Task: `a+b=` (a < 20, b < 10), exact answers;
+train, dev and test problems are disjoint.
 
 Accuracy on held-out test problems, at k = 1, 3, 9, 27 (those <= K):
 - `vote_acc_k*`: majority of k variants, each answering greedily once (population voting;
@@ -32,69 +33,71 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
-from bench._common import SMOL, emit, interleaved, median, note, set_threads  # noqa: E402
+from bench._common import ATTN, SMOL, emit, interleaved, median, note, set_threads  # noqa: E402
 
 KS = (1, 3, 9, 27)
 TEMPERATURE = 0.7
-MAX_TOKENS = 4
+MAX_TOKENS = 3
 ANSWER = {"regex": r"-?\d+"}
 
 
 def problems(n: int, seed: int) -> list[tuple[str, str]]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        out.append((f"{a}+{b}=", str(a + b)))
-    return out
+    """`n` distinct problems `a+b=` (a < 20, b < 10), shuffled: splits never share a problem."""
+    pairs = [(a, b) for a in range(20) for b in range(10)]
+    random.Random(seed).shuffle(pairs)
+    return [(f"{a}+{b}=", str(a + b)) for a, b in pairs[:n]]
 
 
 def datum(tok, prompt: str, answer: str):
-    from tinker import types
+    import torch
+
+    from lorafleet.train.types import Datum
 
     p = tok.encode(prompt, add_special_tokens=False)
     a = tok.encode(answer + "\n", add_special_tokens=False)
     tokens = p + a
     weights = [0.0] * (len(p) - 1) + [1.0] * len(a)
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                       loss_fn_inputs={"target_tokens": np.asarray(tokens[1:], dtype=np.int64),
-                                       "weights": np.asarray(weights, dtype=np.float32)})
+    return Datum(torch.tensor(tokens[:-1]), {"target_tokens": torch.tensor(tokens[1:]),
+                                             "weights": torch.tensor(weights, dtype=torch.float32)})
 
 
-def train_variants(url: str, k: int, steps: int, batch: int, train: list[tuple[str, str]], lr: float) -> list[str]:
-    """K SFT runs, steps submitted together (fused by the server); returns their policy names."""
-    import tinker
-    from tinker import types
+def train_variants(engine, catalog, k: int, steps: int, batch: int, train: list[tuple[str, str]],
+                   lr: float) -> list[str]:
+    """K SFT runs on lorafleet's engine, their forward_backward fused into one batch per step;
+    each variant published into the catalog as `local/pop-<i>`. Returns the policy names."""
+    from lorafleet.catalog.records import ADMIN
+    from lorafleet.lora.spec import LoraSpec
+    from lorafleet.model.registry import base_digest
+    from lorafleet.train.types import AdamParams, FwdBwdRequest
 
-    service = tinker.ServiceClient(base_url=url, api_key="tml-bench")
-    names = [f"local/pop-{i}" for i in range(k)]
-    clients = [service.create_lora_training_client(base_model=SMOL, rank=8, seed=1000 + i, train_unembed=False,
-                                                   user_metadata={"policy": n}) for i, n in enumerate(names)]
-    clients = [c.result() for c in clients]
-    tok = clients[0].get_tokenizer()
+    spec = LoraSpec(rank=8, alpha=16.0, target_modules=ATTN)
+    tok = engine.base.tokenizer
+    handles = [engine.create_adapter(spec, seed=1000 + i) for i in range(k)]
     orders = []
     for i in range(k):  # each variant: its own half of the problems, in its own order
-        rng = random.Random(i)
-        subset = rng.sample(train, len(train) // 2)
+        subset = random.Random(i).sample(train, len(train) // 2)
         orders.append([datum(tok, p, a) for p, a in subset])
     for step in range(steps):
-        fbs = []
-        for i, c in enumerate(clients):
-            data = orders[i]
+        reqs = []
+        for h, data in zip(handles, orders):
             lo = (step * batch) % len(data)
-            fbs.append(c.forward_backward((data + data)[lo: lo + batch], "cross_entropy"))
-        opts = [c.optim_step(types.AdamParams(learning_rate=lr)) for c in clients]
-        losses = [f.result().metrics["loss:sum"] for f in fbs]
-        for o in opts:
-            o.result()
-        if step % 5 == 0 or step == steps - 1:
-            note(f"step {step + 1}/{steps}: mean loss {sum(losses) / len(losses):.3f}")
-    for f in [c.save_weights_for_sampler(name="final") for c in clients]:
-        f.result()
+            reqs.append(FwdBwdRequest(h, (data + data)[lo: lo + batch]))
+        results = engine.forward_backward(reqs)
+        for h in handles:
+            engine.optim_step(h, AdamParams(learning_rate=lr))
+        if step % 4 == 0 or step == steps - 1:
+            losses = [r.metrics["loss:sum"] / batch for r in results]
+            note(f"step {step + 1}/{steps}: mean loss per example {sum(losses) / k:.3f}")
+    names = []
+    for i, h in enumerate(handles):
+        name = f"local/pop-{i}"
+        catalog.create_policy(ADMIN, name, SMOL, spec, base_digest=base_digest(SMOL))
+        catalog.publish_weights(ADMIN, name, engine.get_weights(h))
+        engine.remove_adapter(h)
+        names.append(name)
     return names
 
 
@@ -123,49 +126,62 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="K=9, few steps and problems")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", type=int, default=None, help="K >= 9 (default 27, quick 9)")
-    ap.add_argument("--steps", type=int, default=None, help="SFT steps per variant (default 24, quick 3)")
+    ap.add_argument("--steps", type=int, default=None, help="SFT steps per variant (default 5, quick 3)")
     ap.add_argument("--plot", type=Path, default=None, help="write accuracy vs k here (PNG)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 2)")
+    ap.add_argument("--batch", type=int, default=4, help="SFT examples per variant per step")
+    ap.add_argument("--test", type=int, default=None, help="test problems (default 16, quick 6)")
+    ap.add_argument("--dev", type=int, default=None, help="dev problems, to pick the best variant (default 6, quick 4)")
+    ap.add_argument("--lr", type=float, default=8e-3, help="SFT learning rate")
     args = ap.parse_args()
     q = args.quick
     K = args.variants or (9 if q else 27)
     if K < 9:
         ap.error("--variants must be at least 9 (the timed vote has 9 members)")
-    steps = args.steps or (3 if q else 24)
-    repeats = args.repeats or (2 if q else 5)
-    n_train, n_dev, n_test = (64, 4, 6) if q else (256, 24, 60)
+    steps = args.steps or (3 if q else 5)
+    repeats = args.repeats or (2 if q else 3)
+    n_train = 64 if q else 160
+    n_dev, n_test = args.dev or (4 if q else 6), args.test or (6 if q else 16)
     set_threads(args.threads)
+
+    import socket
+    import threading
 
     import httpx
     import uvicorn
 
     from lorafleet.api.app import ServeConfig, create_app
+    from lorafleet.catalog.service import Catalog
     from lorafleet.config import Paths, paths_from_env
+    from lorafleet.engine import Engine
+    from lorafleet.model import load_base
 
     t_start = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="bench-population-"))
     home = paths_from_env()
     paths = Paths(home=home.home, database_url=f"sqlite:///{tmp / 'catalog.db'}", store_url=str(tmp / "store"))
-    app = create_app(ServeConfig(bases=[SMOL], paths=paths, state_dir=tmp / "tinker", threads=args.threads))
-    import socket
-    import threading
+    base = load_base(SMOL, paths)
+    engine = Engine(base)
+    data = problems(n_train + n_dev + n_test, seed=0)
+    train, dev, test = data[:n_train], data[n_train:n_train + n_dev], data[n_train + n_dev:]
+    note(f"training {K} variants x {steps} steps (batch {args.batch}), fused")
+    t0 = time.time()
+    catalog = Catalog.open(paths.database_url, paths.store_url)
+    names = train_variants(engine, catalog, K, steps, args.batch, train, lr=args.lr)
+    catalog.close()
+    train_s = time.time() - t0
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # the same engine serves them: a real server on loopback
+    app = create_app(ServeConfig(bases=[SMOL], paths=paths, state_dir=tmp / "tinker", threads=args.threads,
+                                 engines={SMOL: (base, engine)}))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    http = httpx.Client(base_url=url, timeout=600, headers={"X-API-Key": "tml-bench"})
-
-    data = problems(n_train + n_dev + n_test, seed=0)
-    train, dev, test = data[:n_train], data[n_train:n_train + n_dev], data[n_train + n_dev:]
-    note(f"training {K} variants x {steps} steps (batch 8)")
-    t0 = time.time()
-    names = train_variants(url, K, steps, 8, train, lr=2e-3)
-    train_s = time.time() - t0
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600, headers={"X-API-Key": "tml-bench"})
 
     def vote(prompt: str, members: list[str]) -> dict:
         r = http.post("/v1/population/completions", json={

@@ -30,7 +30,7 @@ from lorafleet.api.checks import Checked, refuse_nul_params
 from lorafleet.api.openai import schemas as s
 from lorafleet.api.openai.routes import _chat_prompt, _finish
 from lorafleet.api.openai.service import OpenAIService, Reply, Target, own_ref
-from lorafleet.api.openai.voting import Extractor, compile_extractor, tally
+from lorafleet.api.openai.voting import Extractor, Vote, compile_extractor, tally
 from lorafleet.catalog.records import Principal
 from lorafleet.catalog.refs import parse_policy_name
 from lorafleet.catalog.validate import MAX_PAGE
@@ -219,20 +219,26 @@ async def sample_together(svc: OpenAIService, targets: list[Target], prompt: lis
 
 
 async def _vote(svc: OpenAIService, who: Principal, req: _PopulationRequest, make_prompt) -> PopulationCompletion:
-    extractor: Extractor = await asyncio.to_thread(  # probing a pattern may take a moment
-        compile_extractor, req.extract.regex, req.extract.group, req.extract.json_field, req.extract.match)
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > 16 or any(not x for x in stops):
         raise InvalidRequest("stop must be up to 16 non-empty strings")
     params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                             top_k=req.top_k, seed=req.seed, stop_strings=tuple(stops))
-    targets = await asyncio.to_thread(population, svc, who, req)
+
+    def prepare() -> tuple[Extractor, list[Target], list[int]]:
+        """One worker-thread hop for everything before decoding: probing the pattern, catalog
+        reads, tokenizing (under the service's tokenizer lock)."""
+        ex = compile_extractor(req.extract.regex, req.extract.group, req.extract.json_field, req.extract.match)
+        targets = population(svc, who, req)
+        prompt = make_prompt(svc.tokenizer(targets[0]), targets[0])
+        svc.check_context(targets[0], len(prompt), req.max_tokens)
+        return ex, targets, prompt
+
+    extractor, targets, prompt = await asyncio.to_thread(prepare)
     tokenizer = svc.tokenizer(targets[0])
-    prompt = await make_prompt(tokenizer, targets[0])
-    svc.check_context(targets[0], len(prompt), req.max_tokens)
     results = await sample_together(svc, targets, prompt, params)
 
-    def count() -> tuple[list[Voter], object]:  # detokenizing and regexes: off the event loop
+    def count() -> tuple[list[Voter], Vote]:  # detokenizing and regexes: off the event loop
         voters = []
         for i, (t, res) in enumerate(zip(targets, results)):
             seq = res.sequences[0]
@@ -245,7 +251,7 @@ async def _vote(svc: OpenAIService, who: Principal, req: _PopulationRequest, mak
     completion = sum(len(r.sequences[0].tokens) for r in results)
     return PopulationCompletion(
         id=f"popcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=targets[0].base, k=len(targets),
-        answer=vote.answer, votes=vote.votes, tied=vote.tied, abstained=vote.abstained,  # type: ignore[attr-defined]
+        answer=vote.answer, votes=vote.votes, tied=vote.tied, abstained=vote.abstained,
         choices=voters, usage=s.Usage(prompt_tokens=len(prompt) * len(targets), completion_tokens=completion,
                                       total_tokens=len(prompt) * len(targets) + completion))
 
@@ -254,13 +260,12 @@ async def _vote(svc: OpenAIService, who: Principal, req: _PopulationRequest, mak
 async def population_completions(req: PopulationCompletionRequest, who: Principal = Depends(get_tenant),
                                  svc: OpenAIService = Depends(get_service)) -> PopulationCompletion:
     """Every member completes `prompt` once, in one mixed batch; the majority answer wins."""
-    async def prompt(tokenizer, target: Target) -> list[int]:
+    def prompt(tokenizer, target: Target) -> list[int]:
         if isinstance(req.prompt, list):
-            if not req.prompt:
-                raise InvalidRequest("prompt is empty")
-            return list(req.prompt)
-        svc.check_prompt_chars(target, len(req.prompt))
-        ids = await svc.tokenize(tokenizer.encode, req.prompt)
+            ids = list(req.prompt)
+        else:
+            svc.check_prompt_chars(target, len(req.prompt))
+            ids = svc.tokenize_now(tokenizer.encode, req.prompt)
         if not ids:
             raise InvalidRequest("prompt is empty")
         return ids
@@ -272,9 +277,9 @@ async def population_completions(req: PopulationCompletionRequest, who: Principa
 async def population_chat(req: PopulationChatRequest, who: Principal = Depends(get_tenant),
                           svc: OpenAIService = Depends(get_service)) -> PopulationCompletion:
     """The chat form: `messages` through the base's chat template, then as completions."""
-    async def prompt(tokenizer, target: Target) -> list[int]:
+    def prompt(tokenizer, target: Target) -> list[int]:
         svc.check_prompt_chars(target, sum(len(m.content) if isinstance(m.content, str) else
                                            sum(len(p.text or "") for p in m.content or []) for m in req.messages))
-        return await svc.tokenize(_chat_prompt, tokenizer, req.messages)
+        return svc.tokenize_now(_chat_prompt, tokenizer, req.messages)
 
     return await _vote(svc, who, req, prompt)

@@ -102,11 +102,12 @@ class OpenAIService:
     async def tokenize(self, fn: Callable[..., T], *args) -> T:
         """Run `fn` (tokenizer work) in a worker thread, one at a time: a long prompt must not
         stall the event loop, and a fast tokenizer must not be entered by two threads."""
-        def locked() -> T:
-            with self._tokenize_lock:
-                return fn(*args)
+        return await asyncio.to_thread(self.tokenize_now, fn, *args)
 
-        return await asyncio.to_thread(locked)
+    def tokenize_now(self, fn: Callable[..., T], *args) -> T:
+        """`tokenize` for code already on a worker thread."""
+        with self._tokenize_lock:
+            return fn(*args)
 
     def check_context(self, target: Target, prompt_len: int, max_tokens: int) -> None:
         limit = self.runners[target.base].base.info.max_context
