@@ -262,7 +262,7 @@ def plot(path: Path, ks: list[int], vote: list[float], best: list[float], out: d
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("k (votes)")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"SmolLM2-135M, {out['variants']} SFT variants, 2-digit addition", fontsize=9)
+    ax.set_title(f"SmolLM2-135M, {out['variants']} SFT variants, a+b (a<20, b<10)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
