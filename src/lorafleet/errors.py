@@ -37,6 +37,11 @@ class Forbidden(Unauthorized):
     rebinding) or a non-loopback `Origin` (a cross-site page) (HTTP 403)."""
 
 
+class PathNotAllowed(Forbidden):
+    """A server-side path a request names (vLLM's `lora_path`) lies outside the folders
+    `serve --lora-root` allows, or loading from paths is off (no root given) (HTTP 403)."""
+
+
 class QuotaExceeded(LorafleetError, PermissionError):
     """A hard per-tenant cap is reached (HTTP 403); the message names the limit, its value and
     the current usage. A full per-tenant queue is `NoCapacity` instead (429, retry later)."""

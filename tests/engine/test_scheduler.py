@@ -24,7 +24,7 @@ from lorafleet.engine.jobs import (
 )
 from lorafleet.engine.scheduler import Scheduler
 from lorafleet.engine.types import SampleRequest, SamplingParams
-from lorafleet.errors import Cancelled, InvalidRequest
+from lorafleet.errors import Cancelled, InvalidRequest, NoCapacity
 from lorafleet.lora.spec import LoraSpec
 from lorafleet.model import load_base
 from lorafleet.train.types import AdamParams, Datum
@@ -425,3 +425,29 @@ def test_the_engine_imports_nothing_from_the_api():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.startswith("lorafleet.api") for n in names), f"{path.name} imports {names}"
+
+
+def test_submit_all_queues_a_mixed_batch_together_or_not_at_all(rig):
+    """9 adapters' jobs queued at once decode as one batch: one prefill forward for their
+    same-length prompts, about max_tokens decode steps (not 9 x), and each row's tokens are its
+    adapter's alone; a queue without room for all of them takes none (NoCapacity)."""
+    sched, _, sink = rig
+    params = SamplingParams(max_tokens=6, temperature=0, stop_token_ids=())
+    jobs = [Job(WorkKind.SAMPLE, Sample([SampleRequest(None, [1, 2, 3 + i], 1, params)],
+                                        lease(sched, f"m{i}", seed=i)), sink) for i in range(9)]
+    steps, chunks = sched.stats["steps"], sched.stats["prefill_chunks"]
+    sched.submit_all(jobs)
+    outs = [ok(sink.wait(j))[0] for j in jobs]
+    assert all(len(o.sequences[0].tokens) == 6 for o in outs)
+    assert sched.stats["steps"] - steps <= 6 + 1
+    assert sched.stats["prefill_chunks"] - chunks == 1  # 9 same-length prompts: one forward
+    alone = []  # each row went through its own adapter (jobs kept alive: the sink keys by id)
+    for i, job in enumerate(jobs):
+        alone.append(sample(sched, sink, [job.payload.requests[0]], f"m{i}", seed=i))
+        ok(sink.wait(alone[-1]))
+    assert [ok(sink.wait(j))[0].sequences[0].tokens for j in alone] == [o.sequences[0].tokens for o in outs]
+    sched.max_sample_queue = 2
+    more = [Job(WorkKind.SAMPLE, Sample([SampleRequest(None, [1, 2], 1, params)]), sink) for _ in range(3)]
+    with pytest.raises(NoCapacity, match="room for 2 more requests, not 3"):
+        sched.submit_all(more)
+    assert len(sched.samples) == 0

@@ -97,6 +97,8 @@ class ServeConfig:
     max_runs: int | None = None
     max_queued: int | None = None
     max_adapters: int | None = None
+    # folders POST /v1/load_lora_adapter may read `lora_path` from (none: loading by path is off)
+    lora_roots: tuple[Path, ...] = ()
     engines: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # name -> (base, engine)
     ray_engines: int = 0
     engine_threads: int = 1
@@ -235,6 +237,13 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
         app.include_router(catalog_router)
         app.state.openai = OpenAIService(svc.runners, catalog, metrics)
         app.include_router(openai_router)
+        from lorafleet.api.openai.dynamic import DynamicLoras
+        from lorafleet.api.openai.models import router as models_router
+        from lorafleet.api.openai.population import router as population_router
+
+        app.state.dynamic_loras = DynamicLoras(app.state.openai, tuple(cfg.lora_roots))
+        app.include_router(models_router)
+        app.include_router(population_router)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

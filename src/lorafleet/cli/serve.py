@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--load-queue", type=int, default=64,
                    help="cold loads queued or running at most; more misses get 429 + Retry-After")
     g.add_argument("--load-batch", type=int, default=8, help="cold loads fetched together")
+    g.add_argument("--lora-root", action="append", type=Path, default=[], metavar="DIR",
+                   help="POST /v1/load_lora_adapter may import PEFT folders under DIR (repeatable; "
+                        "default: loading by path is off)")
     s = p.add_argument_group("engine scheduler")
     s.add_argument("--max-num-seqs", type=int, default=64, help="rows decoding at once (default 64)")
     s.add_argument("--max-num-batched-tokens", type=int, default=1024,
@@ -121,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
                       load_batch=args.load_batch, max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_num_batched_tokens,
                       kv_cache_bytes=args.kv_cache_bytes, micro_batch_tokens=args.micro_batch_tokens,
-                      max_runs=args.max_runs, max_queued=args.max_queued, max_adapters=args.max_adapters)
+                      max_runs=args.max_runs, max_queued=args.max_queued, max_adapters=args.max_adapters,
+                      lora_roots=tuple(p.resolve() for p in args.lora_root))
     if args.engines < 0 or args.engine_threads < 1:
         raise InvalidRequest("--engines must be >= 0 and --engine-threads >= 1")
     cfg.ray_engines, cfg.engine_threads, cfg.ray_address = args.engines, args.engine_threads, args.ray_address

@@ -7,7 +7,9 @@
    last row does);
 3. the remaining per-step token budget (`max_num_batched_tokens` minus the decode rows)
    prefills waiting requests, a long prompt in chunks over several steps, so a long prompt
-   never stalls running rows; a request whose prompt is fully prefilled chooses its first
+   never stalls running rows; waiting prompts of the same length that fit the budget whole
+   (the same prompt for many adapters: population voting) are prefilled in one forward, each
+   row through its own adapter; a request whose prompt is fully prefilled chooses its first
    token(s) and joins the batch, its KV repeated for its `num_samples` rows.
 
 KV cache: one left-padded batch cache per layer (K, V [B, H, L, D]) with an attention mask
@@ -221,6 +223,14 @@ class DecodeBatch:
                 elif not admit_more():
                     break
                 continue
+            group = self._group(budget, admit_more)
+            if len(group) > 1:  # same-length prompts (e.g. one prompt, many adapters): one forward
+                self._prefill_together(group)
+                budget -= sum(len(p.ids) for p in group)
+                for pre in group:
+                    self.prefills.popleft()
+                    self._join(pre)
+                continue
             pre = self.prefills[0]
             n = min(budget, len(pre.ids) - pre.fed)
             self._prefill_chunk(pre, n)
@@ -229,6 +239,49 @@ class DecodeBatch:
                 self.prefills.popleft()
                 self._join(pre)
         self.stats["steps"] += 1
+
+    def _whole(self, pre: _Prefill, length: int | None = None) -> bool:
+        """Whether `pre` can be prefilled whole in a batched forward (a fresh prompt, no prompt
+        logprobs or routes to record), with `length` tokens if given."""
+        req = pre.job.requests[pre.request]
+        return (pre.fed == 0 and not pre.recompute and not req.prompt_logprobs and not req.record_routes
+                and (length is None or len(pre.ids) == length))
+
+    def _group(self, budget: int, admit_more: Callable[[], bool]) -> list[_Prefill]:
+        """The head prefill and the waiting ones right behind it that have its length and fit
+        the budget whole, admitting more jobs to find them (never past a preempted row)."""
+        head = self.prefills[0]
+        length = len(head.ids)
+        if not self._whole(head) or length > budget:
+            return [head]
+        group = [head]
+        while (len(group) + 1) * length <= budget:
+            if len(self.prefills) == len(group) and (self.preempted or not admit_more()):
+                break
+            nxt = self.prefills[len(group)]
+            if not self._whole(nxt, length):
+                break
+            group.append(nxt)
+        return group
+
+    def _prefill_together(self, group: list[_Prefill]) -> None:
+        """Prefill whole same-length prompts in one forward, each row through its own adapter."""
+        from transformers.cache_utils import DynamicCache
+
+        dev, n, length = self.device, len(group), len(group[0].ids)
+        ids = torch.tensor([p.ids for p in group], dtype=torch.int64, device=dev)
+        positions = torch.arange(length, dtype=torch.int64, device=dev)[None].expand(n, length)
+        mask = torch.ones(n, length, dtype=torch.int64, device=dev)
+        with self.runtime.use(self._operands_for([p.job.slots[p.request] for p in group])), \
+                self.runtime.routes(record=None):
+            out = self.engine.decode_forward(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                             cache=DynamicCache(), use_cache=True, logits_to_keep=1)
+        layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+        for g, pre in enumerate(group):
+            pre.kv = [(k[g:g + 1], v[g:g + 1]) for k, v in layers]
+            pre.fed = length
+            pre.last_logits = out.logits[g:g + 1, -1]
+        self.stats["prefill_chunks"] += 1
 
     def _drop_cancelled(self) -> None:
         for q in (self.prefills, self.preempted):

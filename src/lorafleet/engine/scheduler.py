@@ -218,6 +218,22 @@ class Scheduler:
                 self.training.queue(job)
             self._cv.notify_all()
 
+    def submit_all(self, jobs: list[Job]) -> None:
+        """Queue sample jobs together, all or none: the compute thread sees them at once, so
+        they are admitted into the same decode step (budgets permitting) and decode as one
+        mixed batch. A sample queue without room for all of them raises NoCapacity."""
+        with self._cv:
+            if self._closed is not None:
+                raise NoCapacity(self._closed)
+            room = self.samples.max_jobs - len(self.samples)
+            if len(jobs) > room:
+                raise NoCapacity(f"the sampler queue has room for {max(room, 0)} more requests, "
+                                 f"not {len(jobs)}", 1.0)
+            for job in jobs:
+                assert job.kind is WorkKind.SAMPLE, "submit_all takes sample jobs only"
+                self.samples.put(job)
+            self._cv.notify_all()
+
     # ---- the compute thread -------------------------------------------------------------------
 
     def _loop(self) -> None:

@@ -1,4 +1,5 @@
-"""/v1 routes: completions, chat completions (with SSE streaming), models. Thin handlers."""
+"""/v1 routes: completions and chat completions (with SSE streaming). Thin handlers; the model
+routes are in models.py, population voting in population.py."""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from lorafleet.api.openai.params import (
 from lorafleet.api.openai.params import max_tokens as max_tokens_of
 from lorafleet.api.openai.service import OpenAIService, Target
 from lorafleet.api.openai.text import IncrementalText, final_text
-from lorafleet.api.tinker.catalog_bridge import policy_name
 from lorafleet.catalog.records import Principal
 from lorafleet.engine.types import SampledSequence, SampleResult, SamplingParams
 from lorafleet.errors import InvalidRequest, LorafleetError
@@ -284,40 +284,3 @@ async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingPara
 
 def _event(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-
-@router.get("/models", response_model=s.ModelList)
-async def models(runs: bool = True, who: Principal = Depends(get_tenant),
-                 svc: OpenAIService = Depends(get_service)) -> s.ModelList:
-    """The bases and the caller's adapters; `?runs=false` leaves out Tinker training runs that
-    still have their automatic private `tinker-...` name (named or published runs stay)."""
-    now = int(time.time())
-    cards = [s.ModelCard(id=b, created=now, owned_by="lorafleet") for b in sorted(svc.runners)]
-    page = svc.catalog.list_policies(who, owner=who.tenant, limit=500)
-    for p in page.items:
-        if p.base_model in svc.runners and (runs or not is_unnamed_run(p)):
-            cards.append(_card(p.full_name, p))
-    return s.ModelList(data=cards)
-
-
-@router.get("/models/{model:path}", response_model=s.ModelCard)
-async def retrieve_model(model: str, who: Principal = Depends(get_tenant),
-                         svc: OpenAIService = Depends(get_service)) -> s.ModelCard:
-    """One model: a base, or any adapter reference `model` accepts (`owner/name:alias`, ...)."""
-    def card() -> s.ModelCard:
-        target = svc.resolve(model, who)
-        if target.revision_id is None:
-            return s.ModelCard(id=model, created=int(time.time()), owned_by="lorafleet")
-        revision = svc.catalog.resolve(target.revision_id, who)
-        return _card(model, svc.catalog.get_policy(who, revision.policy), int(revision.created_at.timestamp()))
-
-    return await asyncio.to_thread(card)  # catalog reads stay off the event loop
-
-
-def _card(model_id: str, p, created: int | None = None) -> s.ModelCard:
-    return s.ModelCard(id=model_id, created=created or int(p.created_at.timestamp()), owned_by=p.owner,
-                       root=p.base_model, parent=p.base_model)
-
-
-def is_unnamed_run(p) -> bool:
-    return bool(p.tinker_run_id) and not p.public and p.full_name == policy_name(p.owner, p.tinker_run_id)

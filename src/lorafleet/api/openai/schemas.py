@@ -152,8 +152,3 @@ class ModelCard(BaseModel):
     owned_by: str
     root: str | None = None  # the base model an adapter runs on
     parent: str | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]

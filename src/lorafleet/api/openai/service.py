@@ -34,6 +34,14 @@ T = TypeVar("T")
 MAX_CHARS_PER_TOKEN = 32
 
 
+def own_ref(model: str, who: Principal) -> str:
+    """A bare adapter name (`sql-lora`, `sql-lora:prod`: no owner, as vLLM clients name the
+    adapters they load) means the caller's own policy; other references are kept."""
+    if "/" in model or model.startswith(("rev_", "tinker:", "mint:")):
+        return model
+    return f"{who.tenant}/{model}"
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """What a `model` string resolved to at admission."""
@@ -63,9 +71,9 @@ class OpenAIService:
         if not model or model.strip() != model:
             raise InvalidRequest(f"model {model!r} is not a base name or adapter reference")
         try:
-            revision = self.catalog.resolve(model, who)
+            revision = self.catalog.resolve(own_ref(model, who), who)
         except NotFound:
-            if parse_ref(model).kind is not RefKind.LATEST:
+            if parse_ref(own_ref(model, who)).kind is not RefKind.LATEST:
                 raise
             raise NotFound(f"model {model!r} is not served here: it is neither a loaded base "
                            f"(loaded: {sorted(self.runners)}) nor an adapter you can see") from None
@@ -99,11 +107,12 @@ class OpenAIService:
     async def tokenize(self, fn: Callable[..., T], *args) -> T:
         """Run `fn` (tokenizer work) in a worker thread, one at a time: a long prompt must not
         stall the event loop, and a fast tokenizer must not be entered by two threads."""
-        def locked() -> T:
-            with self._tokenize_lock:
-                return fn(*args)
+        return await asyncio.to_thread(self.tokenize_now, fn, *args)
 
-        return await asyncio.to_thread(locked)
+    def tokenize_now(self, fn: Callable[..., T], *args) -> T:
+        """`tokenize` for code already on a worker thread."""
+        with self._tokenize_lock:
+            return fn(*args)
 
     def check_context(self, target: Target, prompt_len: int, max_tokens: int) -> None:
         limit = self.runners[target.base].base.info.max_context
