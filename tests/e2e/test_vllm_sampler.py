@@ -200,7 +200,8 @@ def test_tinker_sampling_seeds_stops_n(fleet):
 def test_handoff_after_a_training_step_and_numerics(fleet):
     """save_weights_for_sampler on a run trained by lorafleet's engine: the new revision is
     registered in vLLM before the future completes; vLLM's sampled-token logprobs match the
-    trainer's forward of the same tokens (fp32: mean |diff| < 1e-3, token-level KL < 1e-4)."""
+    trainer's forward of the same tokens (fp32; measured on 2 cores: mean |diff| 2e-6, max 2e-5,
+    token-level KL 1e-11; bounded at 1e-4, 1e-3 and 1e-6)."""
     import tinker
     from tinker import types
 
@@ -218,7 +219,7 @@ def test_handoff_after_a_training_step_and_numerics(fleet):
     after = registered(fleet)
     key = saved.path
     assert fleet.residency.lora_name(key) in after - before  # live in vLLM when the future completed
-    sc = service.create_sampling_client(model_path=saved.path)
+    sc = service.create_sampling_client(model_path=saved.path).result()
     prompt = tok("The quick brown")["input_ids"]
     seqs = sc.sample(types.ModelInput.from_ints(prompt), num_samples=4, sampling_params=types.SamplingParams(
         max_tokens=16, temperature=1.0, seed=11, stop=[])).result().sequences
@@ -233,7 +234,7 @@ def test_handoff_after_a_training_step_and_numerics(fleet):
     mean, worst, kl_mean = float(np.mean(diffs)), float(np.max(diffs)), float(np.mean(kl))
     print(f"vllm vs trainer logprobs (SmolLM2 fp32, {len(diffs)} tokens): mean |diff| {mean:.2e}, "
           f"max {worst:.2e}, token KL {kl_mean:.2e}")
-    assert mean < 1e-3 and worst < 1e-2 and kl_mean < 1e-4 and math.isfinite(kl_mean)
+    assert mean < 1e-4 and worst < 1e-3 and kl_mean < 1e-6 and math.isfinite(kl_mean)
 
 
 def test_vllm_killed_requests_fail_retryable_then_succeed(fleet):

@@ -85,7 +85,8 @@ def vllm_scheduler(engine: Any, base: Any, *, fetch_many: Any, settings: VllmSet
     process = VllmProcess(config)
     client = VllmClient(lambda: process.url)
     residency = VllmResidency(engine, fetch_many, client=client, folders=AdapterFolders(root / "adapters", base.name),
-                              max_slots=max_slots, metrics=scheduler_kw.get("metrics"), **residency_kw)
+                              max_rank=settings.max_lora_rank, max_slots=max_slots,
+                              metrics=scheduler_kw.get("metrics"), **residency_kw)
     scheduler = RoutedScheduler(engine, base, residency=residency, **scheduler_kw)
     scheduler.sampler = VllmSampler(process, residency, engine, base.name, scheduler._report,
                                     identity_for_base=identity, max_jobs=scheduler.max_sample_queue,

@@ -23,7 +23,7 @@ from typing import Any
 from lorafleet.engine.residency import NotResident, Residency, Tier
 from lorafleet.engine.vllm.client import VllmClient
 from lorafleet.engine.vllm.folders import AdapterFolders
-from lorafleet.errors import NoCapacity
+from lorafleet.errors import IncompatibleAdapter, NoCapacity
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,9 @@ class VllmResidency(Residency):
     """`Residency` whose slot tier is vLLM's set of loaded LoRA adapters."""
 
     def __init__(self, engine: Any, fetch_many: Any, *, client: VllmClient, folders: AdapterFolders,
-                 **kwargs: Any) -> None:
+                 max_rank: int = 512, **kwargs: Any) -> None:
         super().__init__(engine, fetch_many, **kwargs)
+        self.max_rank = max_rank  # vLLM's --max-lora-rank
         self.client = client
         self.folders = folders
         self._activating = threading.Lock()  # one activation at a time: misses coalesce
@@ -65,10 +66,14 @@ class VllmResidency(Residency):
                     weights = self._host.get(key)
                     if weights is None:
                         raise NotResident(f"{key!r} is not in host memory; call ensure_host first")
+                    if weights.spec.rank > self.max_rank:
+                        raise IncompatibleAdapter(f"rank {weights.spec.rank} is above the vLLM sampler's "
+                                                  f"--vllm-max-lora-rank {self.max_rank}")
                     if not self._slots.can_admit(protected=wanted):
                         raise NoCapacity(f"all {self._slots.max_entries} vLLM adapter slots are pinned or in use")
+                    self._slots.put(key, 0, protected=wanted)  # evicts the LRU slot if all are taken
                     handle = self._free.pop()
-                    self._slots.put(key, handle, protected=wanted)  # may evict the LRU slot
+                    self._slots.put(key, handle, protected=wanted)
                     todo.append((key, weights.checked(self.engine.info)))
                     handles[key] = handle
                 if pin:
@@ -103,8 +108,8 @@ class VllmResidency(Residency):
         if self.can_activate(key):
             try:
                 self.activate([key])
-            except NoCapacity:
-                pass  # every slot is pinned: the first request for it activates it
+            except (NoCapacity, IncompatibleAdapter) as e:  # all slots pinned, vLLM restarting, too wide
+                log.warning("%r is not registered in vLLM yet (%s); the first request for it tries again", key, e)
 
     def reregister(self) -> None:
         """vLLM restarted and lost its adapters: register every slot again from its folder."""
