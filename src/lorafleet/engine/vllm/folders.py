@@ -56,7 +56,7 @@ class AdapterFolders:
     @staticmethod
     def name(key: Hashable) -> str:
         """vLLM's `lora_name` of a revision key: stable, safe as a folder name."""
-        return "lf-" + hashlib.sha256(repr(key).encode()).hexdigest()[:20]
+        return "lf-" + hashlib.sha256(str(key).encode()).hexdigest()[:20]
 
     def path(self, key: Hashable) -> Path:
         return self.root / self.name(key)
