@@ -21,6 +21,7 @@ With a vLLM environment (`make vllm-venv`, or LORAFLEET_VLLM_PYTHON), two more p
                (a restart: vLLM cannot swap its weights), first token from its completions API.
 Keys vllm_handoff_s_r*, vllm_merged_handoff_s_r*, vllm_handoff_speedup_r* (merged / adapter)
 and vllm_first_token_agree_r*; without a vLLM environment, "vllm": "skipped: <why>".
+`--vllm-only` runs these two paths alone (1 repeat with --quick, else 2).
 Keys: handoff_speedup_r1 / _r32 = merged / sdk (target >= 18.3, MinT's 4B dense figure),
 handoff_speedup_engine_r*, adapter_bytes_over_base_bytes_r*, per-path medians in seconds and
 the merged path's breakdown, and handoff_overhead_speedup_r* = the same ratio with each path's
@@ -50,6 +51,9 @@ PROMPT = "What is 7 + 5? Answer with just the number."
 
 
 def main() -> None:
+    only_vllm = "--vllm-only" in sys.argv  # the vLLM paths alone (each merged one starts a vLLM)
+    if only_vllm:
+        sys.argv.remove("--vllm-only")
     args = parse_args(__doc__.splitlines()[0])
     if "--threads" not in sys.argv:
         args.threads = 1  # a server and its client share 2 cores: 1 thread (small_models.md)
@@ -100,7 +104,7 @@ def main() -> None:
     out: dict[str, object] = {"bench": "handoff", "base": SMOL, "threads": args.threads,
                               "repeats": args.repeats, "base_bytes": base_bytes}
 
-    for rank in RANKS:
+    for rank in () if only_vllm else RANKS:
         tc = service.create_lora_training_client(base_model=SMOL, rank=rank, seed=0).result()
         live = runner.runs[tc.model_id]
         sampler_slot = engine.create_adapter(live.spec, seed=0)  # the engine path's sampler slot
@@ -287,13 +291,15 @@ def vllm_handoff(args, paths, tmp: Path, prompt: list[int], train_batch, plain, 
         train_step()
         adapter_only()  # warm-up
         times: dict[str, list[float]] = {k: [] for k in fns}
-        for r in range(repeats):
+        agree = True
+        for r in range(repeats):  # a vLLM start per merged handoff: both paths on the same weights
+            train_step()
+            tokens = {}
             for name in list(fns)[r % 2:] + list(fns)[:r % 2]:
-                train_step()
                 t0 = time.perf_counter()
-                fns[name]()
+                tokens[name] = fns[name]()
                 times[name].append(time.perf_counter() - t0)
-        agree = len({fn() for fn in fns.values()}) == 1  # same weights, same greedy first token
+            agree = agree and len(set(tokens.values())) == 1  # same weights, same greedy first token
         med = {k: median(v) for k, v in times.items()}
         out |= {f"vllm_handoff_s_r{rank}": med["vllm"], f"vllm_merged_handoff_s_r{rank}": med["vllm_merged"],
                 f"vllm_handoff_speedup_r{rank}": med["vllm_merged"] / med["vllm"],

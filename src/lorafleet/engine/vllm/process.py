@@ -263,11 +263,13 @@ class VllmProcess:
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM it when lorafleet dies (Linux prctl PR_SET_PDEATHSIG)."""
+    """In the child, before exec: SIGKILL it when lorafleet dies (Linux prctl PR_SET_PDEATHSIG);
+    vLLM's engine processes exit by themselves once it is gone (a SIGTERM during vLLM's start-up
+    can leave it stuck in its shutdown)."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))
     except OSError:
         pass
 

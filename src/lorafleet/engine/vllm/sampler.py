@@ -131,7 +131,7 @@ class VllmSampler:
     def stop(self) -> None:
         self.drain("the server is shutting down")
         self.process.stop()  # open streams end with a transport error: Unavailable
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)  # running jobs end with the stream
         self._http.close()
         self.residency.client.close()
 
@@ -151,9 +151,8 @@ class VllmSampler:
                 lease.release()
             with self._lock:
                 self._pending -= 1
-        self.stats["vllm_jobs"] += 1
-        if isinstance(outcome, Exception):
-            self.stats["vllm_failures"] += 1
+                self.stats["vllm_jobs"] += 1
+                self.stats["vllm_failures"] += isinstance(outcome, Exception)
         self.report(job, outcome)
 
     def _sample(self, job: Job) -> list[SampleResult]:
@@ -187,6 +186,8 @@ class VllmSampler:
             for line in resp.iter_lines():
                 if job.cancelled:
                     raise Cancelled("the client went away")  # closing the stream aborts it in vLLM
+                if self._closed is not None:
+                    raise NoCapacity(self._closed)  # shutdown: open streams end now
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
