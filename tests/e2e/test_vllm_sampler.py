@@ -174,8 +174,8 @@ def test_tinker_sampling_seeds_stops_n(fleet):
     import tinker
     from tinker import types
 
-    sc = tinker.ServiceClient(base_url=fleet.url).create_sampling_client(base_model=SMOL)
-    ref = tinker.ServiceClient(base_url=fleet.ref.url).create_sampling_client(base_model=SMOL)
+    sc = tinker.ServiceClient(base_url=fleet.url).create_sampling_client(base_model=SMOL).result()
+    ref = tinker.ServiceClient(base_url=fleet.ref.url).create_sampling_client(base_model=SMOL).result()
     prompt = types.ModelInput.from_ints(fleet.runner.base.tokenizer(PROMPTS[3])["input_ids"])
     greedy = types.SamplingParams(max_tokens=16, temperature=0.0)
     got = sc.sample(prompt, num_samples=1, sampling_params=greedy).result().sequences[0]
