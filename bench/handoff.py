@@ -13,6 +13,15 @@ Three paths, interleaved repeat by repeat after a real `forward_backward` + `opt
   merged  the baseline that moves a full checkpoint: merge B@A*scale into the base weights, save
           the full model as safetensors (+ config), load it into a fresh transformers model,
           run the prompt, take the first token.
+With a vLLM environment (`make vllm-venv`, or LORAFLEET_VLLM_PYTHON), two more paths into vLLM
+(docs/vllm.md), a lorafleet server with `--sampler vllm`, after the same kind of training step:
+  vllm         adapter-only: save_weights_for_sampler (the revision is registered in vLLM before
+               the future completes) + create_sampling_client + sample(max_tokens=1) on vLLM;
+  vllm_merged  merge B@A*scale into the base, write the full model folder, start vLLM on it
+               (a restart: vLLM cannot swap its weights), first token from its completions API.
+Keys vllm_handoff_s_r*, vllm_merged_handoff_s_r*, vllm_handoff_speedup_r* (merged / adapter)
+and vllm_first_token_agree_r*; without a vLLM environment, "vllm": "skipped: <why>".
+`--vllm-only` runs these two paths alone (1 repeat with --quick, else 2).
 Keys: handoff_speedup_r1 / _r32 = merged / sdk (target >= 18.3, MinT's 4B dense figure),
 handoff_speedup_engine_r*, adapter_bytes_over_base_bytes_r*, per-path medians in seconds and
 the merged path's breakdown, and handoff_overhead_speedup_r* = the same ratio with each path's
@@ -42,6 +51,9 @@ PROMPT = "What is 7 + 5? Answer with just the number."
 
 
 def main() -> None:
+    only_vllm = "--vllm-only" in sys.argv  # the vLLM paths alone (each merged one starts a vLLM)
+    if only_vllm:
+        sys.argv.remove("--vllm-only")
     args = parse_args(__doc__.splitlines()[0])
     if "--threads" not in sys.argv:
         args.threads = 1  # a server and its client share 2 cores: 1 thread (small_models.md)
@@ -72,7 +84,8 @@ def main() -> None:
     app = create_app(ServeConfig(bases=[SMOL], paths=paths, state_dir=tmp / "tinker",
                                  engines={SMOL: (base, engine)}, threads=args.threads))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+    server_thread = threading.Thread(target=server.run, daemon=True)
+    server_thread.start()
     while not server.started:
         time.sleep(0.05)
     url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
@@ -91,7 +104,7 @@ def main() -> None:
     out: dict[str, object] = {"bench": "handoff", "base": SMOL, "threads": args.threads,
                               "repeats": args.repeats, "base_bytes": base_bytes}
 
-    for rank in RANKS:
+    for rank in () if only_vllm else RANKS:
         tc = service.create_lora_training_client(base_model=SMOL, rank=rank, seed=0).result()
         live = runner.runs[tc.model_id]
         sampler_slot = engine.create_adapter(live.spec, seed=0)  # the engine path's sampler slot
@@ -195,7 +208,106 @@ def main() -> None:
         note(f"rank {rank}: sdk {med['sdk']:.3f} s, engine {med['engine']:.3f} s, merged {med['merged']:.3f} s")
         engine.remove_adapter(sampler_slot)
     server.should_exit = True
+    server_thread.join(timeout=30)
+    out |= vllm_handoff(args, paths, tmp, prompt, train_batch, plain, tied)
     emit(out)
+
+
+def vllm_handoff(args, paths, tmp: Path, prompt: list[int], train_batch, plain, tied: bool) -> dict:  # type: ignore[no-untyped-def]
+    """The two handoffs into vLLM (see the module docstring), interleaved repeat by repeat."""
+    import httpx
+    import tinker
+    import torch
+    import uvicorn
+    from safetensors.torch import save_file
+    from tinker import types
+
+    from lorafleet.api.app import ServeConfig, create_app
+    from lorafleet.engine import Engine
+    from lorafleet.engine.vllm import VllmSettings
+    from lorafleet.engine.vllm.folders import base_folder
+    from lorafleet.engine.vllm.process import VllmConfig, VllmProcess, default_python
+    from lorafleet.model import load_base
+
+    python = os.environ.get("LORAFLEET_VLLM_PYTHON") or default_python()
+    if python is None:
+        return {"vllm": "skipped: no vLLM environment (make vllm-venv, or LORAFLEET_VLLM_PYTHON)"}
+    note("vLLM: starting lorafleet --sampler vllm")
+    base = load_base(SMOL, paths)
+    settings = VllmSettings(python=Path(python), max_lora_rank=max(RANKS), threads=args.threads)
+    app = create_app(ServeConfig(bases=[SMOL], paths=paths, state_dir=tmp / "tinker-vllm", sampler="vllm",
+                                 vllm=settings, engines={SMOL: (base, Engine(base))}, threads=args.threads))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.1)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    service = tinker.ServiceClient(base_url=url)
+    runner = app.state.tinker.runners[SMOL]
+    greedy1 = types.SamplingParams(max_tokens=1, temperature=0.0)
+    out: dict[str, object] = {}
+    repeats = 1 if args.quick else 2
+    for rank in RANKS:
+        tc = service.create_lora_training_client(base_model=SMOL, rank=rank, seed=0).result()
+        live = runner.runs[tc.model_id]
+        counter = [0]
+
+        def train_step() -> None:
+            tc.forward_backward(train_batch, "cross_entropy").result()
+            tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+
+        def adapter_only() -> int:
+            counter[0] += 1
+            path = tc.save_weights_for_sampler(f"vllm-r{rank}-{counter[0]}").result().path
+            sc = service.create_sampling_client(model_path=path).result()
+            return sc.sample(types.ModelInput.from_ints(prompt), 1, greedy1).result().sequences[0].tokens[0]
+
+        def merged() -> int:
+            weights = runner.engine.get_weights(live.handle)  # (the compute thread is idle between steps)
+            with torch.no_grad():
+                sd = dict(plain.state_dict())
+                for mod, (a, b) in weights.pairs.items():
+                    sd[f"{mod}.weight"] = sd[f"{mod}.weight"] + weights.spec.scale * (b @ a)
+                if tied:
+                    sd.pop("lm_head.weight", None)
+                sd = {k: v.contiguous() for k, v in sd.items()}
+            ckpt = tmp / f"vllm-merged-r{rank}"
+            folder = base_folder(base, ckpt)  # tokenizer and config links, then the merged weights
+            (folder / "model.safetensors").unlink()
+            save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+            proc = VllmProcess(VllmConfig(python=Path(python), model_dir=folder, served_name="merged",
+                                          max_loras=1, max_cpu_loras=1, max_lora_rank=8, threads=args.threads,
+                                          log_path=ckpt / "vllm.log"))
+            try:
+                proc.start()
+                r = httpx.post(f"{proc.url}/v1/completions", timeout=300, json={
+                    "model": "merged", "prompt": prompt, "max_tokens": 1, "temperature": 0, "return_token_ids": True})
+                return int(r.json()["choices"][0]["token_ids"][0])
+            finally:
+                proc.stop()
+
+        fns = {"vllm": adapter_only, "vllm_merged": merged}
+        train_step()
+        adapter_only()  # warm-up
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        agree = True
+        for r in range(repeats):  # a vLLM start per merged handoff: both paths on the same weights
+            train_step()
+            tokens = {}
+            for name in list(fns)[r % 2:] + list(fns)[:r % 2]:
+                t0 = time.perf_counter()
+                tokens[name] = fns[name]()
+                times[name].append(time.perf_counter() - t0)
+            agree = agree and len(set(tokens.values())) == 1  # same weights, same greedy first token
+        med = {k: median(v) for k, v in times.items()}
+        out |= {f"vllm_handoff_s_r{rank}": med["vllm"], f"vllm_merged_handoff_s_r{rank}": med["vllm_merged"],
+                f"vllm_handoff_speedup_r{rank}": med["vllm_merged"] / med["vllm"],
+                f"vllm_first_token_agree_r{rank}": agree}
+        note(f"vLLM rank {rank}: adapter {med['vllm']:.3f} s, merged {med['vllm_merged']:.3f} s")
+    server.should_exit = True
+    thread.join(timeout=60)
+    return out
 
 
 if __name__ == "__main__":

@@ -18,6 +18,15 @@ Keys per rate r in (r30, r70, r100) and mode m in (cont, boundary): `{m}_{r}_ttf
 first arrival to the last token). `throughput_over_boundary_only` = cont / boundary tok/s at
 saturation (target >= 1.5); `ttft_p99_ratio_at_70pct` = cont TTFT p99 at 70% load over the
 TTFT of a lone request measured in the same run (target <= 3).
+
+With a vLLM environment (`make vllm-venv`, or LORAFLEET_VLLM_PYTHON; docs/vllm.md), the `vllm`
+column: the same workload, closed burst and at 0.7 of lorafleet's saturation rate, on a second
+lorafleet server with `--sampler vllm` (same catalog, 32 adapters warmed into vLLM), and the same
+burst sent straight to that vLLM server (its own OpenAI API, adapters by their vLLM names).
+Keys `vllm_burst_tok_s`, `vllm_r70_*`, `vllm_direct_burst_tok_s`, `engine_over_vllm_tok_s`
+(lorafleet's engine / --sampler vllm, burst; aim >= 0.8 on CPU) and
+`vllm_control_plane_cost` (direct vLLM tok/s over --sampler vllm tok/s, minus 1; aim <= 0.10).
+Without a vLLM environment: "vllm": "skipped: <why>".
 """
 
 from __future__ import annotations
@@ -126,10 +135,82 @@ def main() -> None:
                     out[f"{mode}_{tag}_{k}"] = round(res[k], 1)
         runner.decode.budgets.boundary_only = False
         server.should_exit = True
+        out["cont_burst_tok_s"] = round(burst["tok_s"], 1)
+        out |= vllm_column(loop, paths, Path(tmp), names, reqs, saturation, burst["tok_s"])
     out["throughput_over_boundary_only"] = round(out["cont_r100_tok_s"] / out["boundary_r100_tok_s"], 3)
     out["ttft_p99_ratio_at_70pct"] = round(out["cont_r70_ttft_p99_ms"] / out["lone_ttft_ms"], 3)
     out["torch_threads"] = torch.get_num_threads()
     c.emit(out)
+
+
+async def direct_completion(client, url: str, body: dict, t_sent: float) -> dict:
+    """One streaming completion straight to vLLM: tokens counted from `return_token_ids` (vLLM
+    may put several tokens in one chunk)."""
+    import json as _json
+
+    first, last, gaps, tokens = None, None, [], 0
+    async with client.stream("POST", f"{url}/v1/completions",
+                             json={**body, "stream": True, "return_token_ids": True}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            n = len(_json.loads(line[6:])["choices"][0].get("token_ids") or [])
+            if not n:
+                continue
+            now = time.perf_counter()
+            if first is None:
+                first = now - t_sent
+            else:
+                gaps.append(now - last)
+            last, tokens = now, tokens + n
+    return {"ttft": first if first is not None else float("nan"), "gaps": gaps, "tokens": tokens,
+            "end": last or time.perf_counter()}
+
+
+def vllm_column(loop, paths, tmp: Path, names: list[str], reqs: list[dict], saturation: float,
+                engine_burst: float) -> dict:
+    from lorafleet.engine.vllm import VllmSettings
+    from lorafleet.engine.vllm.process import default_python
+
+    python = os.environ.get("LORAFLEET_VLLM_PYTHON") or default_python()
+    if python is None:
+        return {"vllm": "skipped: no vLLM environment (make vllm-venv, or LORAFLEET_VLLM_PYTHON)"}
+    print("starting lorafleet --sampler vllm", file=sys.stderr)
+    settings = VllmSettings(python=Path(python), max_loras=N_ADAPTERS, max_lora_rank=8, threads=1)
+    app, server, url = c.serve(paths, tmp / "tinker-vllm", max_slots=N_ADAPTERS + 4, max_host_adapters=128,
+                               max_sample_queue=1024, sampler="vllm", vllm=settings)
+    httpx.post(f"{url}/catalog/v1/warm", json={"refs": names, "tier": "slot"}, timeout=600).raise_for_status()
+    runner = app.state.openai.runners[c.SMOL]
+    loop.run_until_complete(run_load(url, reqs[:2], None))  # warm-up
+    out: dict = {}
+    burst = loop.run_until_complete(run_load(url, reqs, None))
+    r70 = loop.run_until_complete(run_load(url, reqs, saturation * 0.7))
+    # the same burst straight to vLLM: each catalog name -> the vLLM name of its revision
+    catalog = app.state.catalog
+    lora = {n: runner.residency.lora_name(catalog.resolve(n, ADMIN).id) for n in names}
+    vurl = runner.sampler.process.url
+
+    async def direct() -> dict:
+        async with httpx.AsyncClient(timeout=1800) as client:
+            t0 = time.perf_counter()
+            res = await asyncio.gather(*[direct_completion(client, vurl, {**b, "model": lora[b["model"]],
+                                                                          "ignore_eos": False}, t0) for b in reqs])
+        wall = max(r["end"] for r in res) - t0
+        return {"tok_s": sum(r["tokens"] for r in res) / wall}
+
+    loop.run_until_complete(direct())  # warm-up
+    vdirect = loop.run_until_complete(direct())
+    print("vllm burst", burst, "r70", r70, "direct", vdirect, file=sys.stderr)
+    out["vllm_burst_tok_s"] = round(burst["tok_s"], 1)
+    for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tok_s"):
+        out[f"vllm_r70_{k}"] = round(r70[k], 1)
+    out["vllm_direct_burst_tok_s"] = round(vdirect["tok_s"], 1)
+    out["engine_over_vllm_tok_s"] = round(engine_burst / burst["tok_s"], 3)
+    out["vllm_over_engine_tok_s"] = round(burst["tok_s"] / engine_burst, 3)
+    out["vllm_control_plane_cost"] = round(vdirect["tok_s"] / burst["tok_s"] - 1, 3)
+    server.should_exit = True
+    return out
 
 
 if __name__ == "__main__":

@@ -68,8 +68,9 @@ class NoCapacity(LorafleetError, RuntimeError):
 
 
 class Unavailable(LorafleetError, RuntimeError):
-    """Transient: the engine that held the work died (a Ray engine actor); it is being restarted
-    and the next request goes to a live engine (HTTP 503 + Retry-After)."""
+    """Transient: the engine that held the work died (a Ray engine actor), or the sampler behind
+    it (a vLLM child process) is down or restarting; it is being restarted and the next request
+    goes to a live one (HTTP 503 + Retry-After)."""
 
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)

@@ -44,7 +44,7 @@ class LiveServer:
 
 def start_server(paths, bases: list[str], state_dir: Path, engines=None,
                  catalog_dir: Path | None = None, database_url: str | None = None,
-                 **cfg) -> LiveServer:
+                 startup_s: float = 30.0, **cfg) -> LiveServer:
     import uvicorn
 
     from lorafleet.api.app import ServeConfig, create_app
@@ -65,7 +65,7 @@ def start_server(paths, bases: list[str], state_dir: Path, engines=None,
                                            access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.time() + 30
+    deadline = time.time() + startup_s
     while not server.started:
         if time.time() > deadline:
             raise RuntimeError("server did not start")

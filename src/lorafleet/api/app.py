@@ -103,6 +103,8 @@ class ServeConfig:
     ray_engines: int = 0
     engine_threads: int = 1
     ray_address: str | None = None
+    sampler: str = "engine"  # where sampling runs: lorafleet's engine, or "vllm" (docs/vllm.md)
+    vllm: Any = None  # engine/vllm `VllmSettings` with sampler="vllm" (None: the defaults)
 
 
 def build_service(cfg: ServeConfig, metrics: Any = None) -> TinkerService:
@@ -126,19 +128,42 @@ def build_service(cfg: ServeConfig, metrics: Any = None) -> TinkerService:
             runners[name] = _fleet(name, cfg, metrics)
             continue
         base, engine = cfg.engines.get(name) or _load(name, cfg)
-        runners[name] = Scheduler(engine, base, residency=_residency(engine, bridge, metrics, cfg),
-                                  budgets=budgets, gap_timeout_s=cfg.gap_timeout_s,
-                                  max_sample_queue=cfg.max_sample_queue,
-                                  micro_batch_tokens=cfg.micro_batch_tokens, metrics=metrics)
+        kw = dict(budgets=budgets, gap_timeout_s=cfg.gap_timeout_s, max_sample_queue=cfg.max_sample_queue,
+                  micro_batch_tokens=cfg.micro_batch_tokens, metrics=metrics)
+        if cfg.sampler == "vllm":
+            runners[name] = _vllm_runner(engine, base, bridge, cfg, kw)
+        else:
+            runners[name] = Scheduler(engine, base, residency=_residency(engine, bridge, metrics, cfg), **kw)
     return TinkerService(runners, state, catalog=bridge, quotas=quotas)
+
+
+def _vllm_runner(engine: Any, base: Any, bridge: CatalogBridge | None, cfg: ServeConfig,
+                 kw: dict[str, Any]) -> Any:
+    """`--sampler vllm`: the engine trains, a vLLM child process samples (engine/vllm/)."""
+    from lorafleet.engine.vllm import VllmSettings, vllm_scheduler
+
+    return vllm_scheduler(
+        engine, base, fetch_many=None if bridge is None else _fetch_many(bridge),
+        settings=cfg.vllm or VllmSettings(), root=cfg.paths.home / "vllm", device=cfg.device,
+        max_slots=cfg.max_slots, max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+        residency_kw=dict(max_host_adapters=cfg.max_host_adapters, max_host_bytes=cfg.max_host_bytes,
+                          max_queue=cfg.load_queue, load_batch=cfg.load_batch), **kw)
 
 
 def _residency(engine: Any, bridge: CatalogBridge | None, metrics: Any, cfg: ServeConfig) -> Any:
     """Slots / host cache / cold loader of one engine: catalog revisions and sampler versions."""
     if bridge is None:
         return None
-    from lorafleet.catalog.records import ADMIN
     from lorafleet.engine.residency import Residency
+
+    return Residency(engine, _fetch_many(bridge), max_slots=cfg.max_slots, max_host_adapters=cfg.max_host_adapters,
+                     max_host_bytes=cfg.max_host_bytes, max_queue=cfg.load_queue,
+                     load_batch=cfg.load_batch, metrics=metrics)
+
+
+def _fetch_many(bridge: CatalogBridge) -> Any:
+    """Cold loads from the catalog's store: revision ids -> {id: LoraWeights | Exception}."""
+    from lorafleet.catalog.records import ADMIN
     from lorafleet.lora import io as lora_io
 
     def fetch_many(keys: list[Any]) -> dict[Any, Any]:
@@ -150,9 +175,7 @@ def _residency(engine: Any, bridge: CatalogBridge | None, metrics: Any, cfg: Ser
                 out[key] = e
         return out
 
-    return Residency(engine, fetch_many, max_slots=cfg.max_slots, max_host_adapters=cfg.max_host_adapters,
-                     max_host_bytes=cfg.max_host_bytes, max_queue=cfg.load_queue,
-                     load_batch=cfg.load_batch, metrics=metrics)
+    return fetch_many
 
 
 def _fleet(name: str, cfg: ServeConfig, metrics: Any) -> Any:

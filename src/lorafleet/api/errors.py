@@ -1,8 +1,8 @@
 """The one map from lorafleet.errors to HTTP status codes and bodies.
 
 Permanent failures are 4xx that the Tinker SDK does not retry (400/401/403/404/410/413/422);
-only transient ones are retryable: NoCapacity 429 and Unavailable (a dead engine) 503, both
-with Retry-After. Unexpected exceptions stay 500; their
+only transient ones are retryable: NoCapacity 429 and Unavailable (a dead engine actor, or the
+vLLM sampler restarting) 503, both with Retry-After. Unexpected exceptions stay 500; their
 text (which may hold SQL, parameters, paths) never reaches a client: `internal_error` logs the
 traceback under an error id and clients see only "internal error <id>; see server log" (in
 500 bodies and in failed futures). Request-validation failures from FastAPI/pydantic become

