@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from lorafleet.engine.generate import _generator, _routes_now
+from lorafleet.engine.grammar import GrammarState, constrain
 from lorafleet.engine.jobs import Job, Sample
 from lorafleet.engine.sampling import choose_tokens
 from lorafleet.engine.slots import SlotTable
@@ -77,6 +78,7 @@ class _Row:
     logprobs: list[float] = field(default_factory=list)
     routes: list[Tensor] = field(default_factory=list)
     stop_reason: str | None = None
+    grammar: GrammarState | None = None  # structured output: advanced by every chosen token
 
     @property
     def params(self):
@@ -180,7 +182,8 @@ class DecodeBatch:
             p = req.params
             rows = [
                 _Row(state, i, k, _generator(p.seed, k),
-                     frozenset({self.eos} if p.stop_token_ids is None else p.stop_token_ids))
+                     frozenset({self.eos} if p.stop_token_ids is None else p.stop_token_ids),
+                     grammar=None if p.grammar is None else p.grammar.start())
                 for k in range(req.num_samples)
             ]
             self.prefills.append(_Prefill(state, i, list(req.prompt), rows))
@@ -264,6 +267,7 @@ class DecodeBatch:
     def _choose(self, rows: list[_Row], logits_BV: Tensor) -> Tensor:
         """Choose one token per row, report it, and mark rows that stop."""
         params = [r.params for r in rows]
+        logits_BV = constrain(logits_BV, [r.grammar for r in rows], [r.stop_ids for r in rows])
         tokens, logprobs = choose_tokens(
             logits_BV, [p.temperature for p in params], [p.top_k for p in params],
             [p.top_p for p in params], [r.generator for r in rows],
@@ -274,6 +278,8 @@ class DecodeBatch:
             row.logprobs.append(float(logprobs[b]))
             self.on_token(row.job.job, row.request, row.sample, tok, row.logprobs[-1])
             if tok in row.stop_ids or self._hit_stop_string(row):
+                row.stop_reason = "stop"
+            elif row.grammar is not None and row.grammar.advance(tok):
                 row.stop_reason = "stop"
             elif len(row.tokens) >= row.params.max_tokens:
                 row.stop_reason = "length"

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lorafleet.engine.batch import left_pad, row_operands, select_rows
+from lorafleet.engine.grammar import GrammarState, constrain
 from lorafleet.engine.sampling import choose_tokens
 from lorafleet.engine.types import SampledSequence, SampleRequest, SampleResult
 from lorafleet.lora.layers import LoraRuntime
@@ -32,6 +33,7 @@ class _Row:
     logprobs: list[float]
     stop_reason: str | None = None
     routes: list[Tensor] = field(default_factory=list)  # [moe_layers, positions, k] chunks, if recorded
+    grammar: GrammarState | None = None
 
 
 def _generator(seed: int | None, sample_index: int) -> torch.Generator:
@@ -117,6 +119,7 @@ def generate(
             stop_ids={eos_id} if r.params.stop_token_ids is None else set(r.params.stop_token_ids),
             tokens=[],
             logprobs=[],
+            grammar=None if r.params.grammar is None else r.params.grammar.start(),
         )
         for i, r in enumerate(requests)
         for k in range(r.num_samples)
@@ -134,6 +137,7 @@ def generate(
 
     while live:
         params = [requests[rows[j].request].params for j in live]
+        logits = constrain(logits, [rows[j].grammar for j in live], [frozenset(rows[j].stop_ids) for j in live])
         tokens, logprobs = choose_tokens(
             logits,
             [p.temperature for p in params],
@@ -150,6 +154,8 @@ def generate(
             if on_token is not None and on_token(row.request, row.sample, tok, row.logprobs[-1]):
                 row.stop_reason = "abort"
             elif tok in row.stop_ids or _hit_stop_string(tokenizer, row, p.stop_strings):
+                row.stop_reason = "stop"
+            elif row.grammar is not None and row.grammar.advance(tok):
                 row.stop_reason = "stop"
             elif len(row.tokens) >= p.max_tokens:
                 row.stop_reason = "length"

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from lorafleet.engine.grammar import Grammar
 
 StopReason = Literal["stop", "length", "abort"]  # abort: stopped by on_token (client gone)
 
@@ -23,6 +26,8 @@ class SamplingParams:
             including the one that completed it are returned).
         stop_token_ids: stop on any of these ids (the id is returned); None = the EOS token;
             an empty tuple disables stopping on tokens.
+        grammar: structured output (engine/grammar.py): every token must keep the completion a
+            prefix of the grammar's language; the stop tokens are allowed only once it is complete.
     """
 
     max_tokens: int = 16
@@ -32,6 +37,7 @@ class SamplingParams:
     seed: int | None = None
     stop_strings: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] | None = None
+    grammar: Grammar | None = None
 
 
 @dataclass(frozen=True, slots=True)
