@@ -35,7 +35,7 @@ from lorafleet.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 
-GrammarKind = Literal["json_schema", "regex", "choice", "grammar"]
+GrammarKind = Literal["json_schema", "regex", "choice", "grammar", "lark"]
 
 # JSON as `json.dumps` writes it (", " and ": ", no other whitespace): what models are used to
 # reading, and bounded, so a row cannot spend its tokens on whitespace
@@ -48,7 +48,8 @@ class GrammarSpec:
 
     Args:
         kind: json_schema (source: the schema as JSON text), regex, choice (source: a JSON
-            list of strings), grammar (Lark or GBNF text).
+            list of strings), grammar (Lark or GBNF text), lark (Lark text only: it may embed
+            JSON schemas with llguidance's `%json {...}`).
         strict: json_schema only: refuse schema keywords the compiler cannot enforce (otherwise
             they are ignored, and the rest of the schema is still enforced).
     """
@@ -120,7 +121,9 @@ class GrammarCompiler:
         self._cache: OrderedDict[GrammarSpec, Grammar] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _ll_tokenizer(self):
+    def ll_tokenizer(self):
+        """llguidance's tables of the tokenizer, built on first use (reads the HF tokenizer:
+        callers that share it across threads call this under their tokenizer lock)."""
         import llguidance.hf
 
         with self._lock:
@@ -136,7 +139,7 @@ class GrammarCompiler:
                 self._cache.move_to_end(spec)
                 return hit
         template = self._template(spec)
-        grammar = Grammar(spec, self.vocab_size, tuple(self._ll_tokenizer().eos_tokens), template)
+        grammar = Grammar(spec, self.vocab_size, tuple(self.ll_tokenizer().eos_tokens), template)
         with self._lock:
             self._cache[spec] = grammar
             while len(self._cache) > self.cache_size:
@@ -146,7 +149,7 @@ class GrammarCompiler:
     def _template(self, spec: GrammarSpec):
         import llguidance as llg
 
-        lltok = self._ll_tokenizer()
+        lltok = self.ll_tokenizer()
         text = _ll_grammar(spec)
         is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(text, lltok)
         if is_error or (spec.kind == "json_schema" and spec.strict and messages):
@@ -157,7 +160,8 @@ class GrammarCompiler:
         return matcher
 
 
-_WHAT = {"json_schema": "JSON schema", "regex": "regex", "choice": "choice list", "grammar": "grammar"}
+_WHAT = {"json_schema": "JSON schema", "regex": "regex", "choice": "choice list", "grammar": "grammar",
+         "lark": "grammar"}
 
 
 def _ll_grammar(spec: GrammarSpec) -> str:
@@ -182,6 +186,8 @@ def _ll_grammar(spec: GrammarSpec) -> str:
         if not choices or not all(isinstance(c, str) and c for c in choices):
             raise InvalidRequest("choices must be a non-empty list of non-empty strings")
         return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+    if spec.kind == "lark":
+        return llg.LLMatcher.grammar_from_lark(spec.source)
     try:
         return llg.grammar_from("grammar", spec.source)
     except ValueError as e:

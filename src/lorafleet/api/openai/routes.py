@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
@@ -16,7 +17,9 @@ from lorafleet.api.checks import refuse_nul_params
 from lorafleet.api.errors import body as error_body
 from lorafleet.api.errors import client_message, status_for
 from lorafleet.api.openai import schemas as s
+from lorafleet.api.openai import tools as tooling
 from lorafleet.api.openai.service import OpenAIService, Target
+from lorafleet.api.openai.structured import grammar_spec
 from lorafleet.api.openai.text import IncrementalText, truncate_at_stop
 from lorafleet.api.tinker.catalog_bridge import policy_name
 from lorafleet.catalog.records import Principal
@@ -39,11 +42,8 @@ def _refuse_unsupported(req: s._Request) -> None:
         ("best_of", getattr(req, "best_of", None) in (None, 1, req.n)),
         ("echo", not getattr(req, "echo", False)),
         ("suffix", getattr(req, "suffix", None) is None),
-        ("tools", not getattr(req, "tools", None)),
+        ("tools", isinstance(req, s.ChatCompletionRequest) or not getattr(req, "tools", None)),
     ) if not ok]
-    fmt = getattr(req, "response_format", None)
-    if fmt and fmt.get("type", "text") != "text":
-        bad.append("response_format")
     if bad:
         raise InvalidRequest(f"not supported by this server: {', '.join(bad)} (leave them unset)")
 
@@ -84,19 +84,24 @@ def _chars(content: str | list[s.ContentPart] | None) -> int:
     return len(content or "")
 
 
-def _chat_prompt(tokenizer, messages: list[s.ChatMessage]) -> list[int]:
-    convo = []
-    for m in messages:
-        content = m.content
-        if isinstance(content, list):
-            if any(part.type != "text" for part in content):
-                raise InvalidRequest("only text content parts are supported")
-            content = "".join(part.text or "" for part in content)
-        convo.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+def _chat_prompt(tokenizer, messages: list[s.ChatMessage], tools: tooling.ToolPlan | None = None) -> list[int]:
+    convo = tooling.messages_for_template(messages)
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest("this base model has no chat template: use /v1/completions")
-    ids = tokenizer.apply_chat_template(convo, add_generation_prompt=True, return_dict=False)
+    extra = {} if tools is None else {"tools": tools.tools}
+    ids = tokenizer.apply_chat_template(convo, add_generation_prompt=True, return_dict=False, **extra)
     return list(ids)
+
+
+async def _constrained(svc: OpenAIService, target: Target, params: SamplingParams, spec) -> SamplingParams:
+    """The params with the request's grammar compiled for the target's base (a worker thread)."""
+    if spec is None:
+        return params
+    return dataclasses.replace(params, grammar=await svc.compile_grammar(target, spec))
+
+
+def _tool_calls(calls: list[dict]) -> list[s.ToolCall] | None:
+    return [s.ToolCall.model_validate(c) for c in calls] or None
 
 
 def _check_context(svc: OpenAIService, target: Target, prompts: list[list[int]], max_tokens: int) -> None:
@@ -125,8 +130,10 @@ async def completions(req: s.CompletionRequest, who: Principal = Depends(get_ten
     _refuse_unsupported(req)
     max_tokens = req.max_tokens or DEFAULT_MAX_TOKENS
     params = _params(req, max_tokens)
+    spec = grammar_spec(req)
     target = svc.resolve(req.model, who)  # once: the request runs on this revision
     tokenizer = svc.tokenizer(target)
+    params = await _constrained(svc, target, params, spec)
     texts = [req.prompt] if isinstance(req.prompt, str) else [x for x in req.prompt if isinstance(x, str)]
     svc.check_prompt_chars(target, max(map(len, texts), default=0))
     prompts = await svc.tokenize(_completion_prompts, tokenizer, req.prompt)
@@ -159,25 +166,40 @@ async def chat_completions(req: s.ChatCompletionRequest, who: Principal = Depend
     _refuse_unsupported(req)
     max_tokens = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS
     params = _params(req, max_tokens)
+    spec = grammar_spec(req)
     target = svc.resolve(req.model, who)  # once: the request runs on this revision
     tokenizer = svc.tokenizer(target)
+    tools = tooling.plan(tokenizer, target.base, req.tools, req.tool_choice, req.parallel_tool_calls)
+    if tools is not None and tools.grammar is not None:
+        if spec is not None:
+            raise InvalidRequest("tool_choice required / a named function cannot be combined with a "
+                                 "structured output constraint (response_format, guided_*)")
+        spec = tools.grammar
+    params = await _constrained(svc, target, params, spec)
     svc.check_prompt_chars(target, sum(_chars(m.content) for m in req.messages))
-    prompt = await svc.tokenize(_chat_prompt, tokenizer, req.messages)
+    prompt = await svc.tokenize(_chat_prompt, tokenizer, req.messages, tools)
     _check_context(svc, target, [prompt], max_tokens)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     stops = list(params.stop_strings)
     if req.stream:
-        def chunk(i: int, delta: str | None, reason: str | None) -> dict:
-            d = {} if delta is None else {"content": delta}
+        def chunk(i: int, delta: str | None, reason: str | None, calls: list[dict] | None = None) -> dict:
+            d: dict = {} if delta is None else {"content": delta}
+            if calls:
+                d = {"role": "assistant", "content": None,
+                     "tool_calls": [{"index": j, **c} for j, c in enumerate(calls)]}
             if delta is not None and reason is None and i >= 0:
                 d.setdefault("role", "assistant")
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                     "choices": [{"index": i, "delta": d, "finish_reason": reason}]}
-        return await _sse(svc, target, [prompt], params, req.n, chunk)
+        return await _sse(svc, target, [prompt], params, req.n, chunk,
+                          parse_calls=tools is not None and tools.parse)
     (res,) = await svc.sample(target, [prompt], params, req.n)
     choices = []
     for k, seq in enumerate(res.sequences):
         text, reason = _finish(tokenizer, seq.tokens, seq.stop_reason, stops)
+        content, calls = tooling.parse_calls(text) if tools is not None and tools.parse else (text, [])
+        if calls:
+            reason = "tool_calls"
         lp = None
         if req.logprobs:
             content = []
@@ -186,13 +208,17 @@ async def chat_completions(req: s.ChatCompletionRequest, who: Principal = Depend
                 top = [{"token": piece, "logprob": v, "bytes": list(piece.encode())}] if req.top_logprobs else []
                 content.append(s.TokenLogprob(token=piece, logprob=v, bytes=list(piece.encode()), top_logprobs=top))
             lp = s.ChoiceLogprobs(content=content)
-        choices.append(s.ChatChoice(index=k, message=s.AssistantMessage(content=text), finish_reason=reason, logprobs=lp))
+        message = s.AssistantMessage(content=content, tool_calls=_tool_calls(calls))
+        choices.append(s.ChatChoice(index=k, message=message, finish_reason=reason, logprobs=lp))
     return s.ChatCompletion(id=rid, created=created, model=req.model, choices=choices, usage=_usage([prompt], [res]))
 
 
 async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingParams, n: int,
-               make_chunk) -> StreamingResponse:
+               make_chunk: Callable[..., dict], parse_calls: bool = False) -> StreamingResponse:
     """Stream token deltas as server-sent events; one choice index per (prompt, sample).
+
+    With `parse_calls`, text streams until a tool-call block begins; the calls come in one
+    delta at the end (then finish_reason "tool_calls"), with any content after them.
 
     Admission (cold load, host hold, serving queue) happens before the response starts, so a
     full queue is a real 429 + Retry-After for a stream too. Errors after that are reported
@@ -201,7 +227,9 @@ async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingPara
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     tokenizer = svc.tokenizer(target)
-    texts = {i: IncrementalText(tokenizer, list(params.stop_strings)) for i in range(len(prompts) * n)}
+    stops = list(params.stop_strings)
+    held = [tooling.OPEN] if parse_calls else []  # a call block is held back until it can be parsed
+    texts = {i: IncrementalText(tokenizer, stops + held) for i in range(len(prompts) * n)}
 
     def on_token(req_i: int, sample_k: int, token: int, logprob: float) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, (req_i * n + sample_k, token))
@@ -225,6 +253,10 @@ async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingPara
                             i = pi * n + k
                             tail = texts[i].finish()
                             reason = "stop" if texts[i].stopped else seq.stop_reason
+                            if parse_calls:
+                                tail, calls, reason = _stream_calls(tokenizer, seq, stops, texts[i], tail)
+                                if calls:
+                                    yield _event(make_chunk(i, None, None, calls))
                             if tail:
                                 yield _event(make_chunk(i, tail, None))
                             yield _event(make_chunk(i, None, reason))
@@ -246,6 +278,16 @@ async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingPara
             admitted.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _stream_calls(tokenizer, seq, stops: list[str], text: IncrementalText, tail: str):
+    """At the end of a streamed choice with tools: (content not sent yet, calls, finish reason)."""
+    full, hit = truncate_at_stop(tokenizer.decode(seq.tokens, skip_special_tokens=True), stops)
+    before, calls, after = tooling.split_calls(full)
+    sent = text.sent - len(tail)  # characters delivered before this final tail
+    rest = before[sent:] + after if calls else full[sent:]
+    reason = "tool_calls" if calls else ("stop" if hit else seq.stop_reason)
+    return rest, calls, reason
 
 
 def _event(obj: dict) -> bytes:
