@@ -28,6 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -198,7 +199,6 @@ def _ll_grammar(spec: GrammarSpec) -> str:
 
 _executor = None
 _executor_lock = threading.Lock()
-_SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
 def _ll_executor():
@@ -211,14 +211,15 @@ def _ll_executor():
         return _executor
 
 
-def allowed_tokens(states: list[GrammarState], stop_ids: list[frozenset[int]], vocab: int) -> Tensor:
+def allowed_tokens(states: list[GrammarState], stop_ids: list[frozenset[int]], vocab: int) -> np.ndarray:
     """bool [len(states), vocab]: the tokens each row's grammar allows next; its stop ids only
-    where the grammar is complete."""
+    where the grammar is complete. The masks are computed in parallel, without the GIL."""
     words = (vocab + 31) // 32
-    bitmask = torch.zeros(len(states), words, dtype=torch.int32)
+    bitmask = np.zeros((len(states), words), dtype=np.int32)
     pairs = [(s.matcher, i) for i, s in enumerate(states)]
-    _ll_executor().unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), words * 4, len(states))
-    allowed = ((bitmask[:, :, None] >> _SHIFTS) & 1).reshape(len(states), -1)[:, :vocab].bool()
+    _ll_executor().unsafe_compute_mask_ptr(pairs, bitmask.ctypes.data, words * 4, len(states))
+    # bit j of word w is token 32 w + j: little-endian words, so bytes in order, bits low first
+    allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab].astype(bool)
     for i, (state, stops) in enumerate(zip(states, stop_ids)):
         allowed[i, state.eos] = False  # llguidance allows EOS where complete; the row's stops decide
         if stops:
@@ -231,12 +232,13 @@ def allowed_tokens(states: list[GrammarState], stop_ids: list[frozenset[int]], v
 
 def constrain(logits_BV: Tensor, states: list[GrammarState | None], stop_ids: list[frozenset[int]]) -> Tensor:
     """The logits with every grammar row's disallowed tokens at -inf (rows without a grammar,
-    and the input tensor, untouched). Call right before sampling."""
+    and the input tensor, untouched). Call right before sampling. With any grammar row the
+    result is a float32 CPU tensor (where sampling happens anyway: engine/sampling.py)."""
     rows = [b for b, s in enumerate(states) if s is not None]
     if not rows:
         return logits_BV
-    live = [states[b] for b in rows]
-    allowed = allowed_tokens(live, [stop_ids[b] for b in rows], logits_BV.shape[-1])  # type: ignore[arg-type]
-    idx = torch.tensor(rows, dtype=torch.int64, device=logits_BV.device)
-    masked = logits_BV[idx].masked_fill(~allowed.to(logits_BV.device), float("-inf"))
-    return logits_BV.index_put((idx,), masked)
+    allowed = allowed_tokens([states[b] for b in rows], [stop_ids[b] for b in rows], logits_BV.shape[-1])  # type: ignore[misc]
+    out = np.array(logits_BV.detach().float().cpu().numpy())  # a copy: numpy's boolean fill is the fast one
+    for i, b in enumerate(rows):
+        out[b, ~allowed[i]] = -np.inf
+    return torch.from_numpy(out)

@@ -56,12 +56,25 @@ class ContentPart(Checked):
     text: str | None = None
 
 
+class CalledFunction(Checked):
+    name: str
+    arguments: str | dict[str, Any]  # JSON text (OpenAI) or an object
+
+
+class MessageToolCall(Checked):
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(Checked):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool message: the call it answers
     name: str | None = None
 
@@ -80,13 +93,22 @@ class Tool(Checked):
     function: FunctionDef
 
 
+class ChosenFunction(Checked):
+    name: str
+
+
+class NamedToolChoice(Checked):
+    type: Literal["function"]
+    function: ChosenFunction
+
+
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=1)
     tools: list[Tool] | None = Field(default=None, max_length=128)
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     stream_options: dict[str, Any] | None = None
 

@@ -39,9 +39,19 @@ class ToolPlan:
     grammar: GrammarSpec | None  # "required" / a named function: the calls are enforced
 
 
+_SUPPORT: dict[tuple[int, str], bool] = {}  # (tokenizer, template) -> whether it supports tools
+
+
 def template_supports_tools(tokenizer) -> bool:
     """The chat template renders the tools it is given and writes Hermes-style call blocks."""
     template = getattr(tokenizer, "chat_template", None)
+    key = (id(tokenizer), str(template))
+    if key not in _SUPPORT:
+        _SUPPORT[key] = _supports(tokenizer, template)
+    return _SUPPORT[key]
+
+
+def _supports(tokenizer, template) -> bool:
     if not isinstance(template, str) or OPEN not in template:
         return False
     try:
@@ -56,7 +66,7 @@ def plan(tokenizer, base: str, tools: list[Any] | None, tool_choice: Any, parall
     """Validate `tools` / `tool_choice` for this base (400 where its template has no tool support)."""
     if not tools:
         if tool_choice not in (None, "none", "auto"):
-            raise InvalidRequest("tool_choice needs tools")
+            raise InvalidRequest("tool_choice required / a named function needs tools")
         return None
     if not template_supports_tools(tokenizer):
         raise InvalidRequest(
@@ -73,14 +83,11 @@ def plan(tokenizer, base: str, tools: list[Any] | None, tool_choice: Any, parall
         return ToolPlan(rendered, choice == "auto", None)
     if choice == "required":
         chosen = funcs
-    elif isinstance(choice, dict) and choice.get("type") == "function":
-        name = (choice.get("function") or {}).get("name")
+    else:  # {"type": "function", "function": {"name": ...}} (the wire model checked its shape)
+        name = choice.function.name
         chosen = [f for f in funcs if f.name == name]
         if not chosen:
             raise InvalidRequest(f"tool_choice names function {name!r}, which is not in tools ({', '.join(names)})")
-    else:
-        raise InvalidRequest('tool_choice must be "none", "auto", "required" or '
-                             '{"type": "function", "function": {"name": ...}}')
     many = choice == "required" and parallel is not False
     return ToolPlan(rendered, True, _calls_grammar(chosen, many))
 
@@ -110,13 +117,14 @@ def messages_for_template(messages: list[Any]) -> list[dict[str, Any]]:
         if m.tool_calls:
             calls = []
             for c in m.tool_calls:
-                fn = dict(c.get("function") or {})
-                if isinstance(fn.get("arguments"), str):
+                args = c.function.arguments
+                if isinstance(args, str):
                     try:
-                        fn["arguments"] = json.loads(fn["arguments"])
+                        args = json.loads(args)
                     except ValueError:
                         raise InvalidRequest("tool_calls: function.arguments must be JSON") from None
-                calls.append({**c, "function": fn})
+                calls.append({**c.model_dump(exclude_none=True), "function": {"name": c.function.name,
+                                                                              "arguments": args}})
             msg["tool_calls"] = calls
         if m.tool_call_id is not None:
             msg["tool_call_id"] = m.tool_call_id
