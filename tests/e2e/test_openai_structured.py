@@ -116,8 +116,11 @@ def test_json_object_regex_choice_and_structured_outputs(live):
     assert [ch.finish_reason for ch in r.choices] == ["stop"] * 3
     assert all(re.fullmatch(REGEX, ch.text) for ch in r.choices), [ch.text for ch in r.choices]
     r = c.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "mood?"}], n=4, seed=3,
-                                  max_tokens=10, extra_body={"guided_choice": CHOICES})
-    assert all(ch.message.content in CHOICES for ch in r.choices)
+                                  max_tokens=10, logprobs=True, extra_body={"guided_choice": CHOICES})
+    for ch in r.choices:  # logprobs of the masked distribution: every one finite, <= 0
+        assert ch.message.content in CHOICES and ch.finish_reason == "stop"
+        assert "".join(x.token for x in ch.logprobs.content) == ch.message.content
+        assert all(-1e9 < x.logprob <= 0 for x in ch.logprobs.content)
     r = c.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "mood?"}], max_tokens=10,
                                   extra_body={"structured_outputs": {"choice": CHOICES}})
     assert r.choices[0].message.content in CHOICES

@@ -197,7 +197,7 @@ async def chat_completions(req: s.ChatCompletionRequest, who: Principal = Depend
     choices = []
     for k, seq in enumerate(res.sequences):
         text, reason = _finish(tokenizer, seq.tokens, seq.stop_reason, stops)
-        content, calls = tooling.parse_calls(text) if tools is not None and tools.parse else (text, [])
+        said, calls = tooling.parse_calls(text) if tools is not None and tools.parse else (text, [])
         if calls:
             reason = "tool_calls"
         lp = None
@@ -208,7 +208,7 @@ async def chat_completions(req: s.ChatCompletionRequest, who: Principal = Depend
                 top = [{"token": piece, "logprob": v, "bytes": list(piece.encode())}] if req.top_logprobs else []
                 content.append(s.TokenLogprob(token=piece, logprob=v, bytes=list(piece.encode()), top_logprobs=top))
             lp = s.ChoiceLogprobs(content=content)
-        message = s.AssistantMessage(content=content, tool_calls=_tool_calls(calls))
+        message = s.AssistantMessage(content=said, tool_calls=_tool_calls(calls))
         choices.append(s.ChatChoice(index=k, message=message, finish_reason=reason, logprobs=lp))
     return s.ChatCompletion(id=rid, created=created, model=req.model, choices=choices, usage=_usage([prompt], [res]))
 
