@@ -173,8 +173,8 @@ def _ll_grammar(spec: GrammarSpec) -> str:
             schema = json.loads(spec.source)
         except ValueError as e:
             raise InvalidRequest(f"the JSON schema is not JSON: {e}") from None
-        if not isinstance(schema, dict | bool):
-            raise InvalidRequest("a JSON schema must be an object (or true/false)")
+        if not isinstance(schema, dict):
+            raise InvalidRequest("a JSON schema must be an object")
         options = {**JSON_OPTIONS, "lenient": not spec.strict}
         try:
             return llg.LLMatcher.grammar_from_json_schema(schema, overrides=options)  # type: ignore[arg-type]
