@@ -37,6 +37,11 @@ class Forbidden(Unauthorized):
     rebinding) or a non-loopback `Origin` (a cross-site page) (HTTP 403)."""
 
 
+class PathNotAllowed(Forbidden):
+    """A server-side path a request names (vLLM's `lora_path`) lies outside the folders
+    `serve --lora-root` allows, or loading from paths is off (no root given) (HTTP 403)."""
+
+
 class QuotaExceeded(LorafleetError, PermissionError):
     """A hard per-tenant cap is reached (HTTP 403); the message names the limit, its value and
     the current usage. A full per-tenant queue is `NoCapacity` instead (429, retry later)."""
@@ -60,6 +65,20 @@ class NoCapacity(LorafleetError, RuntimeError):
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class Unavailable(LorafleetError, RuntimeError):
+    """Transient: the engine that held the work died (a Ray engine actor); it is being restarted
+    and the next request goes to a live engine (HTTP 503 + Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RunLost(Expired):
+    """A training run's engine died and took the run's live state with it; the message names
+    the run's last checkpoint, to resume from with load_state (HTTP 410)."""
 
 
 class Corrupt(LorafleetError, OSError):

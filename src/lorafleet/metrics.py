@@ -26,3 +26,46 @@ class Metrics:
         self.tokens = Counter("lorafleet_tokens", "tokens processed", ["kind"], registry=r)
         self.request_latency = Histogram("lorafleet_request_seconds", "request latency", ["api"], buckets=_LATENCY_BUCKETS, registry=r)
         self.first_token_latency = Histogram("lorafleet_time_to_first_token_seconds", "time to first token", ["api"], buckets=_LATENCY_BUCKETS, registry=r)
+
+
+class EngineCollector:
+    """Per-engine series of Ray engine fleets (lorafleet/fleet/), labelled `engine` and `base`,
+    read from the fleets' last reports at scrape time: alive, queue depth, resident adapters per
+    tier, runs placed, restarts, sample jobs that found their adapter resident (hits) or not."""
+
+    def __init__(self) -> None:
+        self.fleets: list = []
+
+    def collect(self):  # noqa: ANN201
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        labels = ["engine", "base"]
+        alive = GaugeMetricFamily("lorafleet_engine_alive", "1 while the engine actor is live", labels=labels)
+        depth = GaugeMetricFamily("lorafleet_engine_queue_depth", "jobs sent and not answered", labels=labels)
+        runs = GaugeMetricFamily("lorafleet_engine_runs", "training runs placed on the engine", labels=labels)
+        resident = GaugeMetricFamily("lorafleet_engine_resident_adapters", "adapters resident per tier",
+                                     labels=labels + ["tier"])
+        restarts = CounterMetricFamily("lorafleet_engine_restarts", "engine deaths seen", labels=labels)
+        hits = CounterMetricFamily("lorafleet_engine_sample_jobs", "sample jobs by whether their adapter "
+                                   "was resident on arrival", labels=labels + ["resident"])
+        for fleet in self.fleets:
+            for e in fleet.engines():
+                lv = [e["id"], e["base"]]
+                alive.add_metric(lv, 1.0 if e["alive"] else 0.0)
+                depth.add_metric(lv, e["queue_depth"])
+                runs.add_metric(lv, len(e["runs"]))
+                restarts.add_metric(lv, e["restarts"])
+                resident.add_metric(lv + ["slot"], len(e["resident"]))
+                resident.add_metric(lv + ["host"], e.get("host", 0))
+                hits.add_metric(lv + ["yes"], e.get("sample_hits", 0))
+                hits.add_metric(lv + ["no"], e.get("sample_misses", 0))
+        yield from (alive, depth, runs, resident, restarts, hits)
+
+
+def add_engines(metrics: Metrics, fleet) -> None:  # noqa: ANN001
+    """Export a fleet's per-engine series on `metrics`' registry (one collector per registry)."""
+    collector = getattr(metrics, "engine_collector", None)
+    if collector is None:
+        collector = metrics.engine_collector = EngineCollector()
+        metrics.registry.register(collector)
+    collector.fleets.append(fleet)

@@ -74,6 +74,13 @@ BODIES: dict[tuple[str, str], list[dict]] = {
         {"model": SAMPLER_PATH, "prompt": "hi", "max_tokens": 1}],
     ("POST", "/v1/chat/completions"): [
         {"model": REF, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}],
+    ("POST", "/v1/population/completions"): [
+        {"adapters": [REF], "prompt": "hi", "max_tokens": 1, "extract": {"regex": "."}},
+        {"selector": {"name": "alice/is*"}, "prompt": "hi", "max_tokens": 1, "extract": {"regex": "."}}],
+    ("POST", "/v1/population/chat/completions"): [
+        {"adapters": [REF], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+         "extract": {"regex": "."}}],
+    ("POST", "/v1/unload_lora_adapter"): [{"lora_name": "alice/iso"}],
     ("POST", "/catalog/v1/policies"): [
         {"name": "bob/fork", "base_model": TINY, "parent": REF,
          "lora": {"rank": 4, "target_modules": ["q_proj", "v_proj"]}}],
@@ -97,8 +104,12 @@ NO_OBJECT = {("POST", "/api/v1/client/config"), ("POST", "/api/v1/client/dynamic
              ("GET", "/api/v1/files/{token}/{expires}/{signature}/{filename}"),
              ("POST", "/catalog/v1/keys"), ("POST", "/catalog/v1/gc"),
              ("GET", "/metrics"), ("GET", "/healthz"), ("GET", "/health"), ("GET", "/readyz"),
-             ("GET", "/admin/v1/serving")}  # fleet-wide counts, the same as /metrics
-ADMIN = {("POST", "/catalog/v1/keys"), ("POST", "/catalog/v1/gc")}
+             ("GET", "/admin/v1/serving"),  # fleet-wide counts, the same as /metrics
+             ("GET", "/admin/v1/engines"),  # admin only: names every tenant's adapters and runs
+             # writes only the caller's own names: another owner's is the same 400 whether or
+             # not it exists (tests/e2e/test_openai_models.py)
+             ("POST", "/v1/load_lora_adapter")}
+ADMIN = {("POST", "/catalog/v1/keys"), ("POST", "/catalog/v1/gc"), ("GET", "/admin/v1/engines")}
 
 
 def routes(app) -> list[tuple[str, str, APIRoute]]:

@@ -190,3 +190,24 @@ def test_slot_operands_equal_the_stacked_reference(tiny_engine, device):
         assert not ga[..., r:].any() and not gb[:, r:].any()
     table.load(3, ws[1])  # a reload replaces the slot, stale modules are cleared
     assert set(table.operands(torch.tensor([3]))) == {p for p in ws[1].pairs}
+
+
+def test_evict_drops_what_nothing_holds(tiny_engine):
+    fetch = BlobFetch(tiny_engine.info, 3)
+    res = Residency(tiny_engine, fetch, max_slots=2, max_host_adapters=3)
+    before = None
+    for k in ("rev0", "rev1"):
+        res.ensure_host(k).result(10)
+    before = _sample(res, "rev0")
+    res.activate(["rev1"])
+    res.pin("rev1")
+    lease = res.acquire("rev0")  # a request admitted on rev0: held
+    assert res.evict("rev0") == [] and res.evict("rev1") == []  # in use, pinned: stay
+    lease.release()
+    res.unpin("rev1")
+    assert res.evict("rev0") == [Tier.SLOT, Tier.HOST] and res.tier("rev0") is Tier.STORE
+    assert res.evict("rev1") == [Tier.SLOT, Tier.HOST] and res.counts() == {"slot": 0, "host": 0}
+    assert res.evict("rev2") == []
+    res.ensure_host("rev0").result(10)  # reloaded from the store: the same outputs
+    assert _sample(res, "rev0") == before
+    res.close()

@@ -24,7 +24,7 @@ from lorafleet.engine.jobs import (
 )
 from lorafleet.engine.scheduler import Scheduler
 from lorafleet.engine.types import SampleRequest, SamplingParams
-from lorafleet.errors import Cancelled, InvalidRequest
+from lorafleet.errors import Cancelled, InvalidRequest, NoCapacity
 from lorafleet.lora.spec import LoraSpec
 from lorafleet.model import load_base
 from lorafleet.train.types import AdamParams, Datum
@@ -59,7 +59,7 @@ class FakeSink:
         self.order.append(id(job))
         self._event(job).set()
 
-    def on_token(self, job, request, sample, token, logprob) -> None:
+    def on_token(self, job, request, sample, token, logprob, top=None) -> None:
         self.first_token.setdefault(id(job), time.monotonic())
         self.tokens.setdefault(id(job), []).append((request, sample, token))
 
@@ -301,6 +301,40 @@ def test_kv_budget_preempts_and_recomputes_without_changing_tokens(paths):
     assert sched.stats["preempted"] >= 1
 
 
+def test_per_row_penalties_survive_joins_leaves_and_preemption(paths):
+    """Rows with their own penalties, biases, min_tokens and top-k logprobs, preempted and
+    recomputed under a small KV budget: the continuous decoder (history kept incrementally
+    through joins, leaves and recomputes) gives the reference's tokens and top logprobs."""
+    engine = Engine(load_base("lorafleet/tiny-llama", paths))
+    settings = [dict(temperature=0.9), dict(frequency_penalty=0.8, top_logprobs=3),
+                dict(repetition_penalty=1.5, logit_bias=((5, 4.0),)), dict(min_tokens=20, min_p=0.05, temperature=0.9),
+                dict(presence_penalty=2.0, frequency_penalty=2.0)]  # the newest rows are preempted
+    # greedy, on prompts that repeat: the tiny model loops, so a penalty changes its tokens
+    reqs = [SampleRequest(None, [3, 4, 5, 6, 7] * 2 * (i + 1), 1,
+                          SamplingParams(**{"max_tokens": 24, "seed": i, "temperature": 0.0, **kw}))
+            for i, kw in enumerate(settings)]
+    want = engine.sample(reqs)
+    sched = Scheduler(engine, engine.base, budgets=Budgets(kv_cache_bytes=60_000))
+    sched.start()
+    sink = FakeSink()
+    try:
+        jobs = [sample(sched, sink, [r]) for r in reqs]
+        got = [ok(sink.wait(j))[0] for j in jobs]
+    finally:
+        sched.stop()
+    assert sched.stats["preempted"] >= 1
+    for g, w in zip(got, want):
+        assert g.sequences[0].tokens == w.sequences[0].tokens
+    assert len(got[3].sequences[0].tokens) >= 20
+    plain = engine.sample([SampleRequest(None, r.prompt, 1, SamplingParams(max_tokens=24, temperature=0.0))
+                           for r in reqs[1:3] + reqs[4:]])
+    assert all(p.sequences[0].tokens != g.sequences[0].tokens for p, g in zip(plain, got[1:3] + got[4:]))
+    tops_g, tops_w = got[1].sequences[0].top_logprobs, want[1].sequences[0].top_logprobs
+    assert len(tops_g) == len(got[1].sequences[0].tokens) and [[t for t, _ in x] for x in tops_g] == \
+        [[t for t, _ in x] for x in tops_w]
+    assert got[0].sequences[0].top_logprobs is None
+
+
 def test_a_short_request_finishes_while_a_long_one_decodes(rig):
     sched, _, sink = rig
     long = sample(sched, sink, [SampleRequest(None, [1, 2, 3], 1,
@@ -391,3 +425,29 @@ def test_the_engine_imports_nothing_from_the_api():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.startswith("lorafleet.api") for n in names), f"{path.name} imports {names}"
+
+
+def test_submit_all_queues_a_mixed_batch_together_or_not_at_all(rig):
+    """9 adapters' jobs queued at once decode as one batch: one prefill forward for their
+    same-length prompts, about max_tokens decode steps (not 9 x), and each row's tokens are its
+    adapter's alone; a queue without room for all of them takes none (NoCapacity)."""
+    sched, _, sink = rig
+    params = SamplingParams(max_tokens=6, temperature=0, stop_token_ids=())
+    jobs = [Job(WorkKind.SAMPLE, Sample([SampleRequest(None, [1, 2, 3 + i], 1, params)],
+                                        lease(sched, f"m{i}", seed=i)), sink) for i in range(9)]
+    steps, chunks = sched.stats["steps"], sched.stats["prefill_chunks"]
+    sched.submit_all(jobs)
+    outs = [ok(sink.wait(j))[0] for j in jobs]
+    assert all(len(o.sequences[0].tokens) == 6 for o in outs)
+    assert sched.stats["steps"] - steps <= 6 + 1
+    assert sched.stats["prefill_chunks"] - chunks == 1  # 9 same-length prompts: one forward
+    alone = []  # each row went through its own adapter (jobs kept alive: the sink keys by id)
+    for i, job in enumerate(jobs):
+        alone.append(sample(sched, sink, [job.payload.requests[0]], f"m{i}", seed=i))
+        ok(sink.wait(alone[-1]))
+    assert [ok(sink.wait(j))[0].sequences[0].tokens for j in alone] == [o.sequences[0].tokens for o in outs]
+    sched.max_sample_queue = 2
+    more = [Job(WorkKind.SAMPLE, Sample([SampleRequest(None, [1, 2], 1, params)]), sink) for _ in range(3)]
+    with pytest.raises(NoCapacity, match="room for 2 more requests, not 3"):
+        sched.submit_all(more)
+    assert len(sched.samples) == 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +23,9 @@ from fastapi import FastAPI, Request, Response
 from lorafleet.api.edge import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_BYTES, Edge
 from lorafleet.api.errors import install as install_errors
 from lorafleet.api.tinker.catalog_bridge import CatalogBridge
-from lorafleet.api.tinker.checkpoints import Checkpoints
-from lorafleet.api.tinker.futures import FutureTable
 from lorafleet.api.tinker.routes import router as tinker_router
 from lorafleet.api.tinker.service import TinkerService
-from lorafleet.api.tinker.store import TinkerStore
+from lorafleet.api.tinker.state import open_state
 from lorafleet.config import Paths
 from lorafleet.engine.decode import Budgets
 from lorafleet.engine.scheduler import Scheduler
@@ -60,10 +57,15 @@ class ServeConfig:
             (engine/decode.py `Budgets`); micro_batch_tokens: training tokens per iteration.
         hold_s: how long retrieve_future holds a poll before answering try_again (SDK: 45 s timeout).
         gap_timeout_s: how long a missing seq_id blocks its model before it is skipped.
-        state_dir: where the Tinker service keeps tinker.db and checkpoints (default home/tinker).
+        state_dir: where servers before catalog migration 0004 kept the Tinker state (tinker.db,
+            checkpoints/; default home/tinker): a server refuses to start while one is there.
+            The state itself lives in the catalog's database and store (api/tinker/state.py).
         threads: torch intra-op threads for the engines (0 = torch's default).
         stall_s: /healthz fails when an engine has had pending work but made no progress (a
             loop turn or a decode step) for this long.
+        ray_engines: engine actors per base on Ray (0: one engine per base in this process);
+            engine_threads: torch threads of each; ray_address: join this Ray cluster instead
+            of starting a local runtime (see lorafleet/fleet/, docs/scale-out.md).
     """
 
     bases: list[str]
@@ -80,7 +82,7 @@ class ServeConfig:
     stall_s: float = 300.0
     max_sample_queue: int = 512
     session_timeout_s: float = 900.0  # no heartbeat for this long ends a session
-    use_catalog: bool = True  # publish runs and checkpoints into the catalog (paths.database_url)
+    use_catalog: bool = True  # publish runs and checkpoints into the catalog, serve its routes
     max_slots: int = 64  # live adapters per engine (residency slot tier)
     max_host_adapters: int | None = 512  # host-memory adapter cache, in adapters ...
     max_host_bytes: int | None = None  # ... and/or in bytes
@@ -95,37 +97,40 @@ class ServeConfig:
     max_runs: int | None = None
     max_queued: int | None = None
     max_adapters: int | None = None
+    # folders POST /v1/load_lora_adapter may read `lora_path` from (none: loading by path is off)
+    lora_roots: tuple[Path, ...] = ()
     engines: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # name -> (base, engine)
+    ray_engines: int = 0
+    engine_threads: int = 1
+    ray_address: str | None = None
 
 
 def build_service(cfg: ServeConfig, metrics: Any = None) -> TinkerService:
-    state_dir = cfg.state_dir or cfg.paths.home / "tinker"
-    store = TinkerStore(state_dir / "tinker.db")
-    futures = FutureTable(store, hold_s=cfg.hold_s)
-    lost = futures.recover()
-    if lost:
-        log.warning("%d futures were lost by the last shutdown; they now report an error", lost)
-    checkpoints = Checkpoints(store, state_dir / "checkpoints")
     from lorafleet.catalog.records import Quotas
+    from lorafleet.catalog.service import Catalog
 
+    # the Tinker state lives in the catalog's database and store, shared by every server on them
+    catalog = Catalog.open(cfg.paths.database_url, cfg.paths.store_url)
+    state = open_state(catalog, cfg.state_dir or cfg.paths.home / "tinker", hold_s=cfg.hold_s)
     defaults = Quotas(cfg.max_runs, cfg.max_queued, cfg.max_adapters)
     bridge, quotas = None, lambda tenant: defaults
     if cfg.use_catalog:
-        from lorafleet.catalog.service import Catalog
-
-        bridge = CatalogBridge(Catalog.open(cfg.paths.database_url, cfg.paths.store_url))
+        bridge = CatalogBridge(catalog)
         bridge.catalog.default_quotas = defaults
         quotas = bridge.catalog.quotas_for
     runners: dict[str, Scheduler] = {}
     budgets = Budgets(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                       kv_cache_bytes=cfg.kv_cache_bytes, boundary_only=cfg.boundary_only)
     for name in cfg.bases:
+        if cfg.ray_engines or cfg.ray_address:
+            runners[name] = _fleet(name, cfg, metrics)
+            continue
         base, engine = cfg.engines.get(name) or _load(name, cfg)
         runners[name] = Scheduler(engine, base, residency=_residency(engine, bridge, metrics, cfg),
                                   budgets=budgets, gap_timeout_s=cfg.gap_timeout_s,
                                   max_sample_queue=cfg.max_sample_queue,
                                   micro_batch_tokens=cfg.micro_batch_tokens, metrics=metrics)
-    return TinkerService(runners, store, futures, checkpoints, catalog=bridge, quotas=quotas)
+    return TinkerService(runners, state, catalog=bridge, quotas=quotas)
 
 
 def _residency(engine: Any, bridge: CatalogBridge | None, metrics: Any, cfg: ServeConfig) -> Any:
@@ -148,6 +153,25 @@ def _residency(engine: Any, bridge: CatalogBridge | None, metrics: Any, cfg: Ser
     return Residency(engine, fetch_many, max_slots=cfg.max_slots, max_host_adapters=cfg.max_host_adapters,
                      max_host_bytes=cfg.max_host_bytes, max_queue=cfg.load_queue,
                      load_batch=cfg.load_batch, metrics=metrics)
+
+
+def _fleet(name: str, cfg: ServeConfig, metrics: Any) -> Any:
+    """The engine actors of one base on Ray (lorafleet/fleet/); the base here only gives its
+    tokenizer and facts to the services."""
+    from lorafleet.fleet import RayOptions, WorkerConfig, build_fleet
+    from lorafleet.model import load_base
+
+    base = cfg.engines[name][0] if name in cfg.engines else load_base(name, cfg.paths, dtype=cfg.dtype)
+    worker = WorkerConfig(
+        base=name, home=str(cfg.paths.home), database_url=cfg.paths.database_url if cfg.use_catalog else None,
+        store_url=cfg.paths.store_url, dtype=cfg.dtype, device=cfg.device, threads=cfg.engine_threads,
+        gap_timeout_s=cfg.gap_timeout_s, max_sample_queue=cfg.max_sample_queue,
+        micro_batch_tokens=cfg.micro_batch_tokens, max_slots=cfg.max_slots,
+        max_host_adapters=cfg.max_host_adapters, max_host_bytes=cfg.max_host_bytes, load_queue=cfg.load_queue,
+        load_batch=cfg.load_batch, max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens, kv_cache_bytes=cfg.kv_cache_bytes)
+    opts = RayOptions(engines=max(1, cfg.ray_engines), threads=cfg.engine_threads, address=cfg.ray_address)
+    return build_fleet(base, worker, opts, metrics, max_sample_queue=cfg.max_sample_queue)
 
 
 def _load(name: str, cfg: ServeConfig) -> tuple[Any, Any]:
@@ -181,6 +205,7 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
             for r in svc.runners.values():
                 await asyncio.to_thread(r.stop)
                 r.residency.close()
+            svc.close()
             if catalog is not None:
                 catalog.close()
 
@@ -191,7 +216,7 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
     app.state.catalog = catalog
     if cfg.auth == "keys" and catalog is None:
         raise ValueError("--auth keys needs the catalog's API keys (use_catalog)")
-    app.state.url_secret = secrets.token_bytes(32)
+    app.state.url_secret = svc.repo.secret("download_url_key")  # the same on every server
     install_errors(app)  # the one map from lorafleet errors to HTTP
     # who is calling and how big its body is, before any route reads the body (api/edge.py)
     app.add_middleware(Edge, mode=cfg.auth, lookup=catalog.principal_for_key if catalog else None,
@@ -201,6 +226,9 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
     from lorafleet.api.routes.console import mount as mount_console
 
     mount_console(app)  # the web console at /ui (api/ui/) and its /admin/v1 routes
+    from lorafleet.api.routes.engines import router as engines_router
+
+    app.include_router(engines_router)  # GET /admin/v1/engines
     if catalog is not None:
         from lorafleet.api.openai.routes import router as openai_router
         from lorafleet.api.openai.service import OpenAIService
@@ -209,6 +237,13 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
         app.include_router(catalog_router)
         app.state.openai = OpenAIService(svc.runners, catalog, metrics)
         app.include_router(openai_router)
+        from lorafleet.api.openai.dynamic import DynamicLoras
+        from lorafleet.api.openai.models import router as models_router
+        from lorafleet.api.openai.population import router as population_router
+
+        app.state.dynamic_loras = DynamicLoras(app.state.openai, tuple(cfg.lora_roots))
+        app.include_router(models_router)
+        app.include_router(population_router)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -252,11 +287,13 @@ def _json(status: int, body: dict) -> Response:
 
 
 async def _janitor(svc: TinkerService, session_timeout_s: float, every_s: float = 30.0) -> None:
-    """Retention: expire delivered futures, checkpoints past their TTL, silent sessions."""
+    """Retention: expire delivered futures, fail those of dead servers, drop checkpoints past
+    their TTL, end silent sessions."""
     while True:
         await asyncio.sleep(every_s)
         try:
             svc.futures.expire()
+            svc.futures.recover()  # futures of servers that died (on a shared database)
             svc.checkpoints.gc_expired()
             svc.expire_sessions(session_timeout_s)
         except Exception:

@@ -1,7 +1,8 @@
 """The one map from lorafleet.errors to HTTP status codes and bodies.
 
 Permanent failures are 4xx that the Tinker SDK does not retry (400/401/403/404/410/413/422);
-only transient ones (NoCapacity) are 429 with Retry-After. Unexpected exceptions stay 500; their
+only transient ones are retryable: NoCapacity 429 and Unavailable (a dead engine) 503, both
+with Retry-After. Unexpected exceptions stay 500; their
 text (which may hold SQL, parameters, paths) never reaches a client: `internal_error` logs the
 traceback under an error id and clients see only "internal error <id>; see server log" (in
 500 bodies and in failed futures). Request-validation failures from FastAPI/pydantic become
@@ -21,7 +22,7 @@ from fastapi.responses import JSONResponse
 
 from lorafleet.errors import (
     Conflict, Corrupt, Expired, Forbidden, InvalidRequest, LorafleetError, NoCapacity, NotFound,
-    QuotaExceeded, TooLarge, Unauthorized,
+    QuotaExceeded, TooLarge, Unauthorized, Unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ STATUS: dict[type[LorafleetError], int] = {
     Expired: 410,
     Conflict: 422,
     NoCapacity: 429,
+    Unavailable: 503,
     Corrupt: 500,
     LorafleetError: 500,
 }
@@ -60,13 +62,14 @@ def status_for(exc: LorafleetError) -> int:
 # OpenAI's error `type` per status, for the /v1 (OpenAI-compatible) paths
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 413: "invalid_request_error",
-                410: "not_found_error", 422: "invalid_request_error", 429: "rate_limit_error"}
+                410: "not_found_error", 422: "invalid_request_error", 429: "rate_limit_error",
+                503: "service_unavailable"}
 
 
 def error_response(exc: LorafleetError, path: str = "") -> JSONResponse:
     status = status_for(exc)
     headers = {}
-    if isinstance(exc, NoCapacity):
+    if isinstance(exc, NoCapacity | Unavailable):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     if status >= 500:
         log.error("%s: %s", type(exc).__name__, exc)

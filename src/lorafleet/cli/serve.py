@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--load-queue", type=int, default=64,
                    help="cold loads queued or running at most; more misses get 429 + Retry-After")
     g.add_argument("--load-batch", type=int, default=8, help="cold loads fetched together")
+    g.add_argument("--lora-root", action="append", type=Path, default=[], metavar="DIR",
+                   help="POST /v1/load_lora_adapter may import PEFT folders under DIR (repeatable; "
+                        "default: loading by path is off)")
     s = p.add_argument_group("engine scheduler")
     s.add_argument("--max-num-seqs", type=int, default=64, help="rows decoding at once (default 64)")
     s.add_argument("--max-num-batched-tokens", type=int, default=1024,
@@ -62,6 +65,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="KV cache budget of the running batch; past it rows are preempted (default 2 GiB)")
     s.add_argument("--micro-batch-tokens", type=int, default=1024,
                    help="training tokens per scheduler iteration, between decode steps (default 1024)")
+    r = p.add_argument_group("scale-out on Ray (docs/scale-out.md; needs the ray extra)")
+    r.add_argument("--engines", type=int, default=0, metavar="N",
+                   help="N engine actors per base on Ray, with adapter-affinity routing and failover "
+                        "(default 0: one engine per base in this process, no Ray)")
+    r.add_argument("--engine-threads", type=int, default=1, metavar="N",
+                   help="torch threads of each engine actor (default 1)")
+    r.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting a local "
+                        "runtime on loopback; engines spread over its nodes")
     p.set_defaults(func=run)
 
 
@@ -112,7 +124,11 @@ def run(args: argparse.Namespace) -> int:
                       load_batch=args.load_batch, max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_num_batched_tokens,
                       kv_cache_bytes=args.kv_cache_bytes, micro_batch_tokens=args.micro_batch_tokens,
-                      max_runs=args.max_runs, max_queued=args.max_queued, max_adapters=args.max_adapters)
+                      max_runs=args.max_runs, max_queued=args.max_queued, max_adapters=args.max_adapters,
+                      lora_roots=tuple(p.resolve() for p in args.lora_root))
+    if args.engines < 0 or args.engine_threads < 1:
+        raise InvalidRequest("--engines must be >= 0 and --engine-threads >= 1")
+    cfg.ray_engines, cfg.engine_threads, cfg.ray_address = args.engines, args.engine_threads, args.ray_address
     if args.max_body_bytes is not None:
         cfg.max_body_bytes = args.max_body_bytes
     if args.max_json_bytes is not None:

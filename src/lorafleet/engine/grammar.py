@@ -241,4 +241,10 @@ def constrain(logits_BV: Tensor, states: list[GrammarState | None], stop_ids: li
     out = np.array(logits_BV.detach().float().cpu().numpy())  # a copy: numpy's boolean fill is the fast one
     for i, b in enumerate(rows):
         out[b, ~allowed[i]] = -np.inf
+        if not np.isfinite(out[b]).any():
+            # the row's other settings (allowed_token_ids, logit_bias -100, min_tokens) exclude
+            # every token its grammar allows: end the row (stop) rather than sample from nothing
+            stops = list(stop_ids[b]) or states[b].eos  # type: ignore[union-attr]
+            log.warning("row %d: no token allowed by both its grammar and its sampling settings; ending it", b)
+            out[b, stops] = 0.0
     return torch.from_numpy(out)

@@ -201,6 +201,27 @@ class Residency:
             else:
                 self._user_pins[key] = count - 1
 
+    def evict(self, key: Hashable) -> list[Tier]:
+        """Drop `key` from the slot and host tiers where nothing holds it (no pin, no request
+        admitted or running on it); the store keeps it. Returns the tiers it left. A later
+        request loads it again (same key, same bytes)."""
+        left: list[Tier] = []
+        with self._lock:
+            # every lease holds the host entry for its whole life (see `acquire`), so an
+            # unheld host entry means no job is queued or running on the key's slot
+            if key in self._user_pins or key in self._pending_pins or self._host.is_pinned(key):
+                return left
+            if key in self._slots and not self._slots.is_pinned(key):
+                slot = self._slots.pop(key)
+                if slot:  # 0 is an activation's placeholder (never seen outside `activate`)
+                    self._free.append(slot)  # no row uses it; the next load overwrites it
+                left.append(Tier.SLOT)
+            if key in self._host:
+                self._host.pop(key)
+                left.append(Tier.HOST)
+            self._publish_counts()
+        return left
+
     def hold(self, key: Hashable) -> None:
         """Keep `key` in host memory (not necessarily in a slot) until `release`, e.g. while a
         request for it waits for the engine. Counted, like pins; applies on arrival if absent."""
@@ -237,6 +258,11 @@ class Residency:
     def is_pinned(self, key: Hashable) -> bool:
         with self._lock:
             return key in self._user_pins
+
+    def keys(self) -> tuple[list[Hashable], list[Hashable]]:
+        """The adapter keys in slots, and in host memory (e.g. for routing and operators)."""
+        with self._lock:
+            return list(self._slots.keys()), list(self._host.keys())
 
     def counts(self) -> dict[str, int]:
         with self._lock:
