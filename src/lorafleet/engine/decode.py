@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from lorafleet.engine.generate import _generator, _routes_now
+from lorafleet.engine.grammar import GrammarState, constrain
 from lorafleet.engine.jobs import Job, Sample
 from lorafleet.engine.logits import History, needs_history, process_logits
 from lorafleet.engine.sampling import choose_tokens
@@ -83,6 +84,7 @@ class _Row:
     top: list[TopLogprobs] = field(default_factory=list)  # with params.top_logprobs
     routes: list[Tensor] = field(default_factory=list)
     stop_reason: str | None = None
+    grammar: GrammarState | None = None  # structured output: advanced by every chosen token
 
     @property
     def params(self):
@@ -194,7 +196,8 @@ class DecodeBatch:
             p = req.params
             rows = [
                 _Row(state, i, k, _generator(p.seed, k),
-                     frozenset({self.eos} if p.stop_token_ids is None else p.stop_token_ids))
+                     frozenset({self.eos} if p.stop_token_ids is None else p.stop_token_ids),
+                     grammar=None if p.grammar is None else p.grammar.start())
                 for k in range(req.num_samples)
             ]
             self.prefills.append(_Prefill(state, i, list(req.prompt), rows))
@@ -334,7 +337,8 @@ class DecodeBatch:
         chosen = choose_tokens(
             logits_BV, [p.temperature for p in params], [p.top_k for p in params],
             [p.top_p for p in params], [r.generator for r in rows],
-            processed_BV=process_logits(logits_BV, rows, history),
+            processed_BV=constrain(process_logits(logits_BV, rows, history), [r.grammar for r in rows],
+                                   [r.stop_ids for r in rows]),
             top_n=max(p.top_logprobs for p in params), min_ps=[p.min_p for p in params],
         )
         tokens = chosen.tokens
@@ -347,6 +351,8 @@ class DecodeBatch:
                 row.top.append(top)
             self.on_token(row.job.job, row.request, row.sample, tok, row.logprobs[-1], top)
             if tok in row.stop_ids or self._hit_stop_string(row):
+                row.stop_reason = "stop"
+            elif row.grammar is not None and row.grammar.advance(tok):
                 row.stop_reason = "stop"
             elif len(row.tokens) >= row.params.max_tokens:
                 row.stop_reason = "length"

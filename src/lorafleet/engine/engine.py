@@ -310,6 +310,9 @@ class Engine:
             raise InvalidRequest(f"top_k must be -1 (off) or >= 0, got {p.top_k}")
         if p.stop_token_ids is not None:
             self._check_ids(torch.tensor(list(p.stop_token_ids), dtype=torch.int64), "stop token ids")
+        if p.grammar is not None and p.grammar.vocab_size != self.info.vocab_size:
+            raise InvalidRequest(f"the grammar was compiled for a vocabulary of {p.grammar.vocab_size} "
+                                 f"tokens, {self.info.name} has {self.info.vocab_size}")
         self._check_logits_params(p, req)
         if req.record_routes and not self.router_paths:
             raise InvalidRequest(f"record_routes: {self.info.name} is not a mixture of experts")

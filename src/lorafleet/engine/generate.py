@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lorafleet.engine.batch import left_pad, row_operands, select_rows
+from lorafleet.engine.grammar import GrammarState, constrain
 from lorafleet.engine.logits import process_logits
 from lorafleet.engine.sampling import choose_tokens
 from lorafleet.engine.types import SampledSequence, SampleRequest, SampleResult, SamplingParams, TopLogprobs
@@ -36,6 +37,7 @@ class _Row:
     top: list[TopLogprobs] = field(default_factory=list)
     stop_reason: str | None = None
     routes: list[Tensor] = field(default_factory=list)  # [moe_layers, positions, k] chunks, if recorded
+    grammar: GrammarState | None = None
 
 
 def _generator(seed: int | None, sample_index: int) -> torch.Generator:
@@ -134,6 +136,7 @@ def generate(
             logprobs=[],
             params=r.params,
             prompt=r.prompt,
+            grammar=None if r.params.grammar is None else r.params.grammar.start(),
         )
         for i, r in enumerate(requests)
         for k in range(r.num_samples)
@@ -157,7 +160,8 @@ def generate(
             [p.top_k for p in params],
             [p.top_p for p in params],
             [rows[j].generator for j in live],
-            processed_BV=process_logits(logits, [rows[j] for j in live]),  # history rebuilt per step
+            processed_BV=constrain(process_logits(logits, [rows[j] for j in live]),  # history rebuilt per step
+                                   [rows[j].grammar for j in live], [frozenset(rows[j].stop_ids) for j in live]),
             top_n=max(p.top_logprobs for p in params), min_ps=[p.min_p for p in params],
         )
         tokens = chosen.tokens
@@ -173,6 +177,8 @@ def generate(
             if on_token is not None and on_token(row.request, row.sample, tok, row.logprobs[-1]):
                 row.stop_reason = "abort"
             elif tok in row.stop_ids or _hit_stop_string(tokenizer, row, p.stop_strings):
+                row.stop_reason = "stop"
+            elif row.grammar is not None and row.grammar.advance(tok):
                 row.stop_reason = "stop"
             elif len(row.tokens) >= p.max_tokens:
                 row.stop_reason = "length"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from torch import Tensor
 
 from lorafleet.engine.logprobs import PromptScores, PromptScoring
+
+if TYPE_CHECKING:
+    from lorafleet.engine.grammar import Grammar
 
 StopReason = Literal["stop", "length", "abort"]  # abort: stopped by on_token (client gone)
 
@@ -37,6 +40,8 @@ class SamplingParams:
             this many tokens.
         top_logprobs: also return the k most likely tokens of every position, with their
             logprobs (0 = off; at most MAX_TOP_LOGPROBS).
+        grammar: structured output (engine/grammar.py): every token must keep the completion a
+            prefix of the grammar's language; the stop tokens are allowed only once it is complete.
 
     The logits pipeline (engine/logits.py) applies bias, min_tokens and penalties before the
     temperature / top-k / top-p choice; every logprob returned (of the chosen token and of
@@ -59,6 +64,7 @@ class SamplingParams:
     min_p: float = 0.0
     min_tokens: int = 0
     top_logprobs: int = 0
+    grammar: Grammar | None = None
 
     @property
     def penalized(self) -> bool:

@@ -18,9 +18,6 @@ from lorafleet.errors import BadTokens, InvalidRequest
 REFUSED: dict[str, tuple] = {
     # OpenAI
     "suffix": (None,),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "parallel_tool_calls": (None,),
     "functions": (None, []),
     "function_call": (None, "none"),
     "prediction": (None,),
@@ -36,12 +33,7 @@ REFUSED: dict[str, tuple] = {
     "truncate_prompt_tokens": (None,),
     "spaces_between_special_tokens": (None, True),
     "logits_processors": (None, []),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
     "guided_decoding_backend": (None,),
-    "structured_outputs": (None,),
     "return_token_ids": (None, False),
     "prompt_embeds": (None,),
     "add_special_tokens": (None, True),  # completions (vLLM's default)
@@ -52,6 +44,8 @@ REFUSED: dict[str, tuple] = {
     "documents": (None,),
     "mm_processor_kwargs": (None,),
 }
+# chat completions only (api/openai/tools.py): refused on /v1/completions
+CHAT_ONLY: dict[str, tuple] = {"tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,)}
 
 
 def refuse_unsupported(req: s._Request, chat: bool) -> None:
@@ -60,9 +54,9 @@ def refuse_unsupported(req: s._Request, chat: bool) -> None:
     bad = [name for name, ok in REFUSED.items() if name in fields and fields[name] not in ok]
     if chat and fields.get("echo") not in (None, False):
         bad.append("echo (on chat completions)")
-    fmt = getattr(req, "response_format", None)
-    if fmt and fmt.get("type", "text") != "text":
-        bad.append("response_format")
+    if not chat:
+        bad += [f"{name} (on completions: use chat completions)" for name, ok in CHAT_ONLY.items()
+                if name in fields and fields[name] not in ok]
     if bad:
         raise InvalidRequest(f"not supported by this server: {', '.join(bad)} (leave them unset)")
 

@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from lorafleet.api.auth import get_tenant
 from lorafleet.api.checks import Checked, refuse_nul_params
 from lorafleet.api.openai import schemas as s
-from lorafleet.api.openai.routes import _chat_prompt, _finish
+from lorafleet.api.openai.routes import _chat_prompt
+from lorafleet.api.openai.text import truncate_at_stop
 from lorafleet.api.openai.service import OpenAIService, Reply, Target, own_ref
 from lorafleet.api.openai.voting import Extractor, Vote, compile_extractor, tally
 from lorafleet.catalog.records import Principal
@@ -242,7 +243,8 @@ async def _vote(svc: OpenAIService, who: Principal, req: _PopulationRequest, mak
         voters = []
         for i, (t, res) in enumerate(zip(targets, results)):
             seq = res.sequences[0]
-            text, reason = _finish(tokenizer, seq.tokens, seq.stop_reason, stops)
+            text, hit = truncate_at_stop(tokenizer.decode(seq.tokens, skip_special_tokens=True), stops)
+            reason = "stop" if hit else seq.stop_reason
             voters.append(Voter(index=i, model=t.model, revision_id=t.revision_id, text=text,
                                 answer=extractor(text), finish_reason=reason))
         return voters, tally([v.answer for v in voters])

@@ -4,6 +4,7 @@ routes are in models.py, population voting in population.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -18,11 +19,13 @@ from lorafleet.api.errors import body as error_body
 from lorafleet.api.errors import client_message, status_for
 from lorafleet.api.openai import logprobs as lp
 from lorafleet.api.openai import schemas as s
+from lorafleet.api.openai import tools as tooling
 from lorafleet.api.openai.params import (
     Output, candidates, chat_logprobs, completion_logprobs, refuse_unsupported, sampling,
 )
 from lorafleet.api.openai.params import max_tokens as max_tokens_of
 from lorafleet.api.openai.service import OpenAIService, Target
+from lorafleet.api.openai.structured import grammar_spec
 from lorafleet.api.openai.text import IncrementalText, final_text
 from lorafleet.catalog.records import Principal
 from lorafleet.engine.types import SampledSequence, SampleResult, SamplingParams
@@ -64,19 +67,24 @@ def _chars(content: str | list[s.ContentPart] | None) -> int:
     return len(content or "")
 
 
-def _chat_prompt(tokenizer, messages: list[s.ChatMessage]) -> list[int]:
-    convo = []
-    for m in messages:
-        content = m.content
-        if isinstance(content, list):
-            if any(part.type != "text" for part in content):
-                raise InvalidRequest("only text content parts are supported")
-            content = "".join(part.text or "" for part in content)
-        convo.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+def _chat_prompt(tokenizer, messages: list[s.ChatMessage], tools: tooling.ToolPlan | None = None) -> list[int]:
+    convo = tooling.messages_for_template(messages)
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest("this base model has no chat template: use /v1/completions")
-    ids = tokenizer.apply_chat_template(convo, add_generation_prompt=True, return_dict=False)
+    extra = {} if tools is None else {"tools": tools.tools}
+    ids = tokenizer.apply_chat_template(convo, add_generation_prompt=True, return_dict=False, **extra)
     return list(ids)
+
+
+async def _constrained(svc: OpenAIService, target: Target, params: SamplingParams, spec) -> SamplingParams:
+    """The params with the request's grammar compiled for the target's base (a worker thread)."""
+    if spec is None:
+        return params
+    return dataclasses.replace(params, grammar=await svc.compile_grammar(target, spec))
+
+
+def _tool_calls(calls: list[dict]) -> list[s.ToolCall] | None:
+    return [s.ToolCall.model_validate(c) for c in calls] or None
 
 
 def _check_context(svc: OpenAIService, target: Target, prompts: list[list[int]], max_tokens: int) -> None:
@@ -112,9 +120,11 @@ async def completions(req: s.CompletionRequest, who: Principal = Depends(get_ten
     refuse_unsupported(req, chat=False)
     rows = candidates(req)
     asked, max_tokens = max_tokens_of(req, DEFAULT_MAX_TOKENS)
+    spec = grammar_spec(req)
     target = svc.resolve(req.model, who)  # once: the request runs on this revision
     params, out = _setup(svc, req, target, max_tokens, completion_logprobs(req))
     tokenizer = svc.tokenizer(target)
+    params = await _constrained(svc, target, params, spec)
     texts = [req.prompt] if isinstance(req.prompt, str) else [x for x in req.prompt if isinstance(x, str)]
     svc.check_prompt_chars(target, max(map(len, texts), default=0))
     prompts = await svc.tokenize(_completion_prompts, tokenizer, req.prompt)
@@ -160,16 +170,28 @@ async def chat_completions(req: s.ChatCompletionRequest, who: Principal = Depend
                            svc: OpenAIService = Depends(get_service)):
     refuse_unsupported(req, chat=True)
     _, max_tokens = max_tokens_of(req, DEFAULT_MAX_TOKENS)
+    spec = grammar_spec(req)
     target = svc.resolve(req.model, who)  # once: the request runs on this revision
     params, out = _setup(svc, req, target, max_tokens, chat_logprobs(req))
     tokenizer = svc.tokenizer(target)
+    tools = tooling.plan(tokenizer, target.base, req.tools, req.tool_choice, req.parallel_tool_calls)
+    if tools is not None and tools.grammar is not None:
+        if spec is not None:
+            raise InvalidRequest("tool_choice required / a named function cannot be combined with a "
+                                 "structured output constraint (response_format, guided_*)")
+        spec = tools.grammar
+    params = await _constrained(svc, target, params, spec)
     svc.check_prompt_chars(target, sum(_chars(m.content) for m in req.messages))
-    prompt = await svc.tokenize(_chat_prompt, tokenizer, req.messages)
+    prompt = await svc.tokenize(_chat_prompt, tokenizer, req.messages, tools)
     _check_context(svc, target, [prompt], max_tokens)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if req.stream:
-        def chunk(i: int, delta: str | None, reason: str | None, entries: list[lp.Entry], offset: int) -> dict:
-            d = {} if delta is None else {"content": delta}
+        def chunk(i: int, delta: str | None, reason: str | None, entries: list[lp.Entry], offset: int,
+                  calls: list[dict] | None = None) -> dict:
+            d: dict = {} if delta is None else {"content": delta}
+            if calls:
+                d = {"role": "assistant", "content": None,
+                     "tool_calls": [{"index": j, **c} for j, c in enumerate(calls)]}
             if delta is not None and reason is None and i >= 0:
                 d.setdefault("role", "assistant")
             choice = {"index": i, "delta": d, "finish_reason": reason}
@@ -177,23 +199,31 @@ async def chat_completions(req: s.ChatCompletionRequest, who: Principal = Depend
                 choice["logprobs"] = lp.chat(tokenizer, entries, out.logprobs, out.as_ids).model_dump()
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                     "choices": [choice]}
-        return await _sse(svc, target, [prompt], params, out, req, req.n, chunk)
+        return await _sse(svc, target, [prompt], params, out, req, req.n, chunk,
+                          parse_calls=tools is not None and tools.parse)
     (res,) = await svc.sample(target, [prompt], params, req.n)
     choices = []
     for k, seq in enumerate(res.sequences):
         text, reason = final_text(tokenizer, seq.tokens, seq.stop_reason, out)
+        said, calls = tooling.parse_calls(text) if tools is not None and tools.parse else (text, [])
+        if calls:
+            reason = "tool_calls"
         logprobs = None
         if out.logprobs is not None:
             logprobs = lp.chat(tokenizer, lp.sequence_entries(seq), out.logprobs, out.as_ids)
-        choices.append(s.ChatChoice(index=k, message=s.AssistantMessage(content=text), finish_reason=reason,
-                                    logprobs=logprobs))
+        message = s.AssistantMessage(content=said, tool_calls=_tool_calls(calls))
+        choices.append(s.ChatChoice(index=k, message=message, finish_reason=reason, logprobs=logprobs))
     return s.ChatCompletion(id=rid, created=created, model=req.model, choices=choices,
                             usage=_usage([prompt], _generated([res])))
 
 
 async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingParams, out: Output, req: s._Request,
-               n: int, make_chunk, echoes: list[str] | None = None) -> StreamingResponse:
+               n: int, make_chunk, echoes: list[str] | None = None, parse_calls: bool = False) -> StreamingResponse:
     """Stream token deltas as server-sent events; one choice index per (prompt, sample).
+
+    With `parse_calls`, text streams until a tool-call block begins; the calls come in one
+    delta at the end (then finish_reason "tool_calls", with the logprobs of the tokens held
+    back), with any content after them.
 
     Admission (cold load, host hold, serving queue) happens before the response starts, so a
     full queue is a real 429 + Retry-After for a stream too. Errors after that are reported
@@ -207,7 +237,8 @@ async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingPara
     queue: asyncio.Queue = asyncio.Queue()
     tokenizer = svc.tokenizer(target)
     rows = len(prompts) * n
-    texts = {i: IncrementalText(tokenizer, out) for i in range(rows)}
+    held = (tooling.OPEN,) if parse_calls else ()  # a call block is held back until it can be parsed
+    texts = {i: IncrementalText(tokenizer, out, hold_from=held) for i in range(rows)}
     pending: dict[int, list[lp.Entry]] = {i: [] for i in range(rows)}
     offsets = dict.fromkeys(range(rows), 0)
     generated = dict.fromkeys(range(rows), 0)
@@ -219,8 +250,10 @@ async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingPara
     usage = req.stream_options is not None and req.stream_options.include_usage
     continuous = usage and req.stream_options.continuous_usage_stats  # type: ignore[union-attr]
 
-    def chunk_of(i: int, delta: str | None, reason: str | None, entries: list[lp.Entry]) -> bytes:
-        chunk = make_chunk(i, delta, reason, entries, offsets[i])
+    def chunk_of(i: int, delta: str | None, reason: str | None, entries: list[lp.Entry],
+                 calls: list[dict] | None = None) -> bytes:
+        chunk = make_chunk(i, delta, reason, entries, offsets[i], calls) if calls else \
+            make_chunk(i, delta, reason, entries, offsets[i])
         if continuous:
             chunk["usage"] = _usage([prompts[i // n]], generated[i]).model_dump()
         return _event(chunk)
@@ -231,9 +264,9 @@ async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingPara
         except Exception as e:  # reported in-stream: the status line is already sent
             await queue.put(("error", e))
 
-    def emit(i: int, delta: str | None, reason: str | None) -> bytes:
+    def emit(i: int, delta: str | None, reason: str | None, calls: list[dict] | None = None) -> bytes:
         entries, pending[i] = pending[i], []
-        event = chunk_of(i, delta, reason, entries)
+        event = chunk_of(i, delta, reason, entries, calls)
         offsets[i] += sum(len(lp.token_str(tokenizer, e.token, out.as_ids)) for e in entries)
         return event
 
@@ -251,6 +284,10 @@ async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingPara
                             i = pi * n + k
                             tail = texts[i].finish()
                             reason = "stop" if texts[i].stopped or seq.stop_reason == "stop" else "length"
+                            if parse_calls:
+                                tail, calls, reason = _stream_calls(tokenizer, seq, out, texts[i], tail)
+                                if calls:
+                                    yield emit(i, None, None, calls)
                             if tail or pending[i]:
                                 yield emit(i, tail, None)
                             yield chunk_of(i, None, reason, [])
@@ -267,7 +304,7 @@ async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingPara
                                             status_for(exc) if ours else 500, "/v1/"))
                     break
                 i, entry = item
-                if texts[i].done:
+                if texts[i].done and not (parse_calls and texts[i].held):
                     continue
                 pending[i].append(entry)
                 generated[i] += 1
@@ -280,6 +317,15 @@ async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingPara
             admitted.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _stream_calls(tokenizer, seq: SampledSequence, out: Output, text: IncrementalText, tail: str):
+    """At the end of a streamed choice with tools: (content not sent yet, calls, finish reason)."""
+    full, reason = final_text(tokenizer, seq.tokens, seq.stop_reason, out)
+    before, calls, after = tooling.split_calls(full)
+    sent = text.sent - len(tail)  # characters delivered before this final tail
+    rest = before[sent:] + after if calls else full[sent:]
+    return rest, calls, "tool_calls" if calls else reason
 
 
 def _event(obj: dict) -> bytes:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from lorafleet.catalog.records import Principal
 from lorafleet.catalog.refs import RefKind, parse_ref
 from lorafleet.catalog.service import Catalog
+from lorafleet.engine.grammar import Grammar, GrammarCompiler, GrammarSpec
 from lorafleet.engine.jobs import Job, Sample, WorkKind
 from lorafleet.engine.residency import Lease
 from lorafleet.engine.types import SampleRequest, SampleResult, SamplingParams, TopLogprobs
@@ -64,6 +65,7 @@ class OpenAIService:
         self.catalog = catalog
         self.metrics = metrics
         self._tokenize_lock = threading.Lock()
+        self._compilers: dict[str, GrammarCompiler] = {}
 
     def resolve(self, model: str, who: Principal) -> Target:
         if model in self.runners:
@@ -113,6 +115,16 @@ class OpenAIService:
         """`tokenize` for code already on a worker thread."""
         with self._tokenize_lock:
             return fn(*args)
+
+    async def compile_grammar(self, target: Target, spec: GrammarSpec) -> Grammar:
+        """A structured-output grammar for the target's base, compiled in a worker thread (cached
+        per spec); InvalidRequest (400) if it is not a valid grammar."""
+        compiler = self._compilers.get(target.base)
+        if compiler is None:
+            base = self.runners[target.base].base
+            compiler = self._compilers.setdefault(target.base, GrammarCompiler(base.tokenizer, base.info.vocab_size))
+        await self.tokenize(compiler.ll_tokenizer)  # reads the tokenizer: under its lock, once
+        return await asyncio.to_thread(compiler.compile, spec)
 
     def check_context(self, target: Target, prompt_len: int, max_tokens: int) -> None:
         limit = self.runners[target.base].base.info.max_context

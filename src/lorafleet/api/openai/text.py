@@ -39,12 +39,18 @@ def _start(tokenizer, tokens: list[int], out: Output) -> int:
 
 class IncrementalText:
     """Turns a growing token list into text deltas, holding back what a stop string or a
-    half-decoded multi-byte character might still change."""
+    half-decoded multi-byte character might still change.
 
-    def __init__(self, tokenizer, out: Output) -> None:
+    `hold_from`: strings (a tool-call block's opening tag) where the text stops streaming
+    without the completion ending: `held` says one was reached; the caller decides the rest.
+    """
+
+    def __init__(self, tokenizer, out: Output, hold_from: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.out = out
         self.stops = out.stops
+        self.hold_from = hold_from
+        self.held = False  # the text reached one of hold_from (nothing more is emitted)
         self.tokens: list[int] = []
         self.count = 0  # tokens pushed (stop tokens included)
         self.sent = 0  # characters already emitted
@@ -77,12 +83,17 @@ class IncrementalText:
         if hit:
             self.stopped = True
             final = True
+        if self.hold_from:
+            text, at_hold = truncate_at_stop(text, self.hold_from)
+            self.held = self.held or at_hold
+            final = final or self.held
         safe = len(text)
         if not final:
             if text.endswith("\ufffd"):
                 safe = len(text.rstrip("\ufffd"))
             # a suffix that begins some stop string may still become one
-            hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            hold = max((k for s in (*self.stops, *self.hold_from) for k in range(1, len(s)) if text.endswith(s[:k])),
+                       default=0)
             safe = min(safe, len(text) - hold)
         delta = text[self.sent:safe]
         self.sent = max(self.sent, safe)
