@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import lorafleet
-from lorafleet.api.tinker import wire
+from lorafleet.api.tinker import encryption, wire
 from lorafleet.api.tinker.checkpoints import OPTIMIZER_NAME, Checkpoints, TinkerPath
 from lorafleet.api.tinker.futures import PROTO_TYPE, FutureTable
 from lorafleet.api.tinker.store import TinkerStore, now
@@ -27,6 +27,9 @@ from lorafleet.lora import io as lora_io
 from lorafleet.train.types import Datum
 
 log = logging.getLogger("lorafleet.tinker.jobs")
+
+
+PARTIAL = object()  # a sink answer that completes no future yet (the first half of a train_step)
 
 
 @dataclass(slots=True)
@@ -67,7 +70,7 @@ class TinkerSink:
     def done(self, job: Job, result: Any) -> None:
         t: Ticket = job.tag
         answer = getattr(self, f"_{t.call}")(job, t, result)
-        if not t.request_id:
+        if not t.request_id or answer is PARTIAL:
             return
         if isinstance(answer, bytes):
             self.futures.complete(t.request_id, answer, PROTO_TYPE)
@@ -125,6 +128,16 @@ class TinkerSink:
         self.store.update("runs", "model_id", job.run_id, step=res.state.step, last_request=now())
         return {"metrics": res.metrics, "type": "optim_step"}
 
+    def _train_step_fwdbwd(self, job: Job, t: Ticket, res: Any) -> object:
+        """The first half of a fused train_step: kept for its optim_step (the same future)."""
+        t.info["forward_backward"] = self._forward_backward(job, t, res)
+        return PARTIAL
+
+    def _train_step(self, job: Job, t: Ticket, res: Any) -> dict[str, Any]:
+        step = self._optim_step(job, t, res)
+        output = wire.fwdbwd_proto_to_json(t.info.pop("forward_backward"))
+        return {"output": output, "metrics": step["metrics"], "type": "train_step"}
+
     # ---- saving -------------------------------------------------------------------------------
 
     def _provenance(self, job: Job, snap: Snapshot, kind: str) -> dict[str, Any]:
@@ -153,6 +166,9 @@ class TinkerSink:
 
             files[OPTIMIZER_NAME] = st_save(snap.optimizer)
         meta = self._provenance(job, snap, kind)
+        if t.info.get("age_recipients"):  # an encrypted export: only .age files leave the server
+            files = encryption.encrypt_files(files, t.info["age_recipients"])
+            meta["age_encrypted"] = True
         if self.catalog is not None:
             meta["revision_id"] = self.catalog.publish(job.tenant, path, files, meta,
                                                       t.info.get("ttl_seconds"))

@@ -26,6 +26,7 @@ from lorafleet.api.checks import refuse_nul_params
 from lorafleet.api.tinker import schemas as s
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.checkpoints import parse_path
+from lorafleet.api.tinker.encryption import downloadable
 from lorafleet.api.tinker.futures import DONE, NOT_FINITE, PROTO_TYPE
 from lorafleet.api.tinker.service import SAFE_CLIENT_CONFIG, TinkerService
 from lorafleet.api.tinker.signing import sign, verify
@@ -364,7 +365,7 @@ async def external_weights_urls(model_id: str, kind: str, name: str, request: Re
     expires = int(time.time()) + URL_TTL_S
     folder = _svc(request).checkpoints.folder_of(row)
     urls = {f.name: _signed_url(request, row["tinker_path"], f.name, expires)
-            for f in sorted(folder.iterdir()) if f.is_file()}
+            for f in sorted(folder.iterdir()) if f.is_file() and downloadable(f.name, row.get("meta"))}
     return {"urls": urls, "expires": datetime.fromtimestamp(expires, UTC).isoformat()}
 
 

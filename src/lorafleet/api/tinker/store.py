@@ -20,7 +20,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
   session_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, created REAL NOT NULL,
   last_heartbeat REAL NOT NULL, finished TEXT, user_metadata TEXT, display_name TEXT,
-  tags TEXT, sdk_version TEXT
+  tags TEXT, sdk_version TEXT, project_id TEXT
 );
 CREATE TABLE IF NOT EXISTS runs (
   model_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, session_id TEXT NOT NULL,
@@ -50,6 +50,8 @@ CREATE INDEX IF NOT EXISTS futures_idem ON futures(idem_key) WHERE idem_key IS N
 CREATE INDEX IF NOT EXISTS futures_state ON futures(state);
 """
 
+# (table, column) added after the first release: ALTERed into an older tinker.db on open
+ADDED_COLUMNS = (("sessions", "project_id"),)
 _JSON_COLUMNS = frozenset({"user_metadata", "tags", "lora", "meta"})
 
 
@@ -66,6 +68,10 @@ class TinkerStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            for table, column in ADDED_COLUMNS:  # columns newer than a store's file
+                have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
 
     # ------------------------------------------------------------------ generic helpers
 
