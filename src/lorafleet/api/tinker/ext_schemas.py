@@ -70,7 +70,7 @@ class InterpolateRequest(Wire):
     output_path: Name = None
     output_checkpoint_type: Literal["sampler"] = "sampler"
     target_rank: int | None = Field(default=None, ge=1, le=1024)  # SVD re-projection
-    model_id: str | None = None  # the run that owns the result (default: the first source's)
+    policy: Name = None  # the catalog policy of the result (default: one of its own run)
 
     @field_validator("coefficients")
     @classmethod

@@ -22,6 +22,7 @@ from lorafleet.api.tinker import ext_schemas as x
 from lorafleet.api.tinker import schemas as s
 from lorafleet.api.tinker import upload as archive
 from lorafleet.api.tinker import wire
+from lorafleet.api.tinker.catalog_bridge import POLICY_KEY, run_policy_name
 from lorafleet.api.tinker.checkpoints import META_NAME, OPTIMIZER_NAME, TinkerPath, check_name, parse_path
 from lorafleet.api.tinker.jobs import Ticket, fwdbwd_payload
 from lorafleet.api.tinker.store import now
@@ -29,6 +30,7 @@ from lorafleet.api.tinker.submitted import Submitted
 from lorafleet.engine.jobs import OptimStep, WorkKind
 from lorafleet.errors import IncompatibleAdapter, InvalidRequest
 from lorafleet.lora import interpolate as soup
+from lorafleet.model.registry import check_base_digest
 from lorafleet.lora import io as lora_io
 from lorafleet.train.types import AdamParams
 
@@ -53,35 +55,46 @@ def interpolate(svc: Any, tenant: str, req: x.InterpolateRequest) -> dict[str, A
     runner = svc.checkpoint_runner(rows[0])
     for r in rows[1:]:
         svc.checkpoint_runner(r)  # the same base name trained on other weights is refused too
-    model_id = req.model_id or paths[0].model_id
-    run = svc.run_row(tenant, model_id) if req.model_id else svc.store.get("runs", "model_id", model_id)
-    if run is None or run["tenant"] != tenant:
-        raise InvalidRequest(f"the first source belongs to another tenant's run: name one of your "
-                             f"training runs in model_id to own the result")
-    name = check_name(req.output_path or f"interp-{uuid.uuid4().hex[:12]}")
-    target = TinkerPath(model_id, "sampler", name)
-    if svc.checkpoints.exists(target):
-        raise InvalidRequest(f"checkpoint {target} already exists; checkpoints are immutable")
     sources = [lora_io.parse_peft_files(svc.checkpoints.read_files(r)).weights for r in rows]
     try:
         combined = soup.interpolate(sources, req.coefficients, req.target_rank)
         weights = combined.weights.checked(runner.base.info)
     except IncompatibleAdapter as e:
         raise InvalidRequest(f"cannot interpolate these sources: {e}") from e
+    user_metadata = {POLICY_KEY: req.policy} if req.policy else None
+    # the result is a run of its own (its LoRA shape differs from the sources'), not trainable
+    session_id = f"s-{uuid.uuid4().hex[:16]}"
+    model_id = f"{session_id}:train:0"
+    run_policy_name(tenant, model_id, user_metadata)  # a bad policy name is a 400 now
+    target = TinkerPath(model_id, "sampler", check_name(req.output_path or "interpolated"))
     files = lora_io.peft_files(weights, runner.base.name, layout="packed")
+    flags = {**_flags(files), "rank": weights.spec.rank}
     meta = {
         "kind": "sampler", "base_model": runner.base.name,
         "base_digest": getattr(runner.base, "digest", None), "step": None,
-        "parent": str(paths[0]), "tenant": tenant, "time": now(),
+        "parent": str(paths[0]), "tenant": tenant, "time": now(), "lora_flags": flags,
         "loss": {"loss_fn": INTERPOLATE_LOSS, "loss_config": {
             "sources": [str(p) for p in paths], "coefficients": list(req.coefficients),
             "target_rank": req.target_rank, "max_frobenius_error": combined.max_error}},
-        "lora_flags": {**(run.get("lora") or {}), "rank": weights.spec.rank,
-                       "lora_alpha": weights.spec.alpha},
     }
-    if svc.catalog is not None:
-        meta["revision_id"] = svc.catalog.publish(tenant, target, files, meta)
-    svc.checkpoints.write(tenant, target, files, meta)
+    t = now()
+    svc.store.insert("sessions", {
+        "session_id": session_id, "tenant": tenant, "created": t, "last_heartbeat": t,
+        "finished": "success", "user_metadata": user_metadata, "display_name": f"interpolation of {paths[0]}",
+        "tags": ["interpolate"], "sdk_version": None, "project_id": None})
+    svc.store.insert("runs", {
+        "model_id": model_id, "tenant": tenant, "session_id": session_id, "base_model": runner.base.name,
+        "lora": flags, "user_metadata": user_metadata, "created": t, "last_request": t})
+    try:
+        if svc.catalog is not None:
+            svc.catalog.create_run(tenant, model_id, runner.base.name, meta["base_digest"], weights.spec,
+                                   user_metadata, parent_path=str(paths[0]))
+            meta["revision_id"] = svc.catalog.publish(tenant, target, files, meta)
+        svc.checkpoints.write(tenant, target, files, meta)
+    except Exception:
+        svc.store.execute("DELETE FROM runs WHERE model_id = ?", model_id)
+        svc.store.execute("DELETE FROM sessions WHERE session_id = ?", session_id)
+        raise
     return {"path": str(target), "checkpoint_type": "sampler", "source_paths": [str(p) for p in paths],
             "coefficients": list(req.coefficients), "has_rank_shards": req.target_rank is None,
             "rank": weights.spec.rank, "max_frobenius_error": combined.max_error,
@@ -136,10 +149,12 @@ def upload(svc: Any, tenant: str, data: bytes, base_model: str | None, name: str
             raise InvalidRequest(f"{META_NAME} in the archive is not valid JSON: {e}") from e
         if not isinstance(meta_in, dict):
             raise InvalidRequest(f"{META_NAME} in the archive must hold a JSON object")
-    base = base_model or meta_in.get("base_model") or adapter.base_model
+    base = base_model or adapter.base_model or meta_in.get("base_model")
     if not base:
         raise InvalidRequest("the archive does not name its base model: pass base_model")
     runner = svc.runner(str(base))
+    if meta_in.get("base_digest"):  # trained on other weights published under this name: refused
+        check_base_digest(runner.base, str(meta_in["base_digest"]), "the uploaded checkpoint")
     adapter.weights.checked(runner.base.info)  # shapes fit this base (IncompatibleAdapter: 400)
     if OPTIMIZER_NAME in files:
         from safetensors.torch import load as st_load
