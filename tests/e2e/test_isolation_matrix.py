@@ -30,6 +30,10 @@ FWD = {"data": [{"model_input": TOKENS, "loss_fn_inputs": {
     "weights": {"data": [1.0, 1.0, 1.0], "dtype": "float32", "shape": [3]}}}],
     "loss_fn": "cross_entropy"}
 SAMPLING = {"max_tokens": 2, "temperature": 0.0}
+_T3 = {"dtype": "float32", "shape": [3]}
+KL_DATUM = {"student_input": TOKENS, "reference_input": TOKENS,
+            "target_tokens": {"data": [2, 3, 4], "dtype": "int64", "shape": [3]},
+            "weights": {"data": [0.0, 1.0, 1.0], **_T3}, "old_logprobs": {"data": [-1.0, -1.0, -1.0], **_T3}}
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 
 # Values in request templates that the fixture fills in with alice's objects.
@@ -89,6 +93,9 @@ BODIES: dict[tuple[str, str], list[dict]] = {
         {"source_paths": [SAMPLER_PATH], "coefficients": [1.0]},
         {"source_paths": [STATE, SAMPLER_PATH], "coefficients": [0.5, 0.5]}],
     ("POST", "/api/v1/train_step"): [{"model_id": RUN, "seq_id": 9, "forward_backward_input": FWD}],
+    ("POST", "/api/v1/mint/forward_backward_reverse_kl"): [
+        {"model_id": RUN, "seq_id": 9, "reference_model_path": TINY, "data": [KL_DATUM]},
+        {"model_id": BOB_RUN, "seq_id": 1, "reference_model_path": SAMPLER_PATH, "data": [KL_DATUM]}],
     ("POST", "/catalog/v1/policies"): [
         {"name": "bob/fork", "base_model": TINY, "parent": REF,
          "lora": {"rank": 4, "target_modules": ["q_proj", "v_proj"]}}],

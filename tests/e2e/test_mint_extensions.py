@@ -265,3 +265,78 @@ def test_bad_archives_are_refused_and_leave_nothing(server):
                    files={"other": ("x.tar.gz", _archive(files), "application/gzip")})
     assert r.status_code == 400 and "`file` part" in r.text
     assert counts() == before
+
+
+def _td(values, dtype="float32"):
+    return {"data": list(values), "dtype": dtype, "shape": [len(values)]}
+
+
+def _tokens(ids):
+    return {"chunks": [{"type": "encoded_text", "tokens": list(ids)}]}
+
+
+def test_reverse_kl_against_a_torch_reference(server, sources, paths):
+    """The reference's logprobs (torch, from the merged reference adapter), the KL estimate the
+    server reports, and its gradient (a twin run stepped with the same advantages by hand)."""
+    from lorafleet.model import load_base
+
+    _, [(_, pa), _], _ = sources
+    prompt_s, prompt_r, completion = [1, 5, 9], [2, 4, 6, 8], [13, 17, 21, 3]
+    student = prompt_s + completion[:-1]
+    target = (prompt_s + completion)[1:]
+    weights = [0.0] * (len(prompt_s) - 1) + [1.0] * len(completion)
+    ref_input = prompt_r + completion[:-1]
+    a, b = _run(server, 11), _run(server, 11)
+    fwd = {"loss_fn": "cross_entropy", "data": [{"model_input": _tokens(student), "loss_fn_inputs": {
+        "target_tokens": _td(target, "int64"), "weights": _td(weights)}}]}
+    old = result(server, post(server, "forward", json={"model_id": a, "seq_id": 1, "forward_input": fwd}))
+    old_lp = old["loss_fn_outputs"][0]["logprobs"]["data"]
+    datum_kl = {"student_input": _tokens(student), "reference_input": _tokens(ref_input),
+                "target_tokens": _td(target, "int64"), "weights": _td(weights), "old_logprobs": _td(old_lp)}
+    kl = result(server, post(server, "mint/forward_backward_reverse_kl", json={
+        "model_id": a, "seq_id": 2, "reference_model_path": pa, "data": [datum_kl]}))
+    assert kl["type"] == "mint_forward_backward_reverse_kl", kl
+    # torch reference: the base plus the reference adapter's delta, scored on its own prompt
+    ref_w = _weights(server, pa)
+    model = load_base(TINY, paths).model
+    with torch.no_grad():
+        for module in ref_w.pairs:
+            w = model.get_submodule(module).weight
+            w += _delta(ref_w, module).to(w.dtype)
+        scored = ref_input + completion[-1:]
+        logits = model(torch.tensor([scored[:-1]])).logits[0].float()
+    lp = torch.log_softmax(logits, -1)[torch.arange(len(scored) - 1), torch.tensor(scored[1:])]
+    ref_lp = [0.0] * (len(prompt_s) - 1) + lp[-len(completion):].tolist()
+    want_kl = sum(w * (o - r) for w, o, r in zip(weights, old_lp, ref_lp))
+    assert kl["metrics"]["loss:sum"] == pytest.approx(want_kl, abs=1e-4)
+    assert kl["outputs"][0]["loss"]["data"][0] == pytest.approx(want_kl, abs=1e-4)
+    # the gradient: the twin takes importance_sampling with advantages -w (old - ref) by hand
+    result(server, post(server, "forward", json={"model_id": b, "seq_id": 1, "forward_input": fwd}))
+    adv = [-w * (o - r) for w, o, r in zip(weights, old_lp, ref_lp)]
+    twin = {"loss_fn": "importance_sampling", "data": [{"model_input": _tokens(student), "loss_fn_inputs": {
+        "target_tokens": _td(target, "int64"), "logprobs": _td(old_lp), "advantages": _td(adv)}}]}
+    result(server, post(server, "forward_backward", json={"model_id": b, "seq_id": 2, "forward_backward_input": twin}))
+    for run in (a, b):
+        result(server, post(server, "optim_step", json={"model_id": run, "seq_id": 3, "adam_params": ADAM_JSON}))
+    after = [result(server, post(server, "forward", json={"model_id": run, "seq_id": 4, "forward_input": fwd}))
+             ["loss_fn_outputs"][0]["logprobs"]["data"] for run in (a, b)]
+    np.testing.assert_allclose(after[0], after[1], atol=2e-4)
+    assert after[0] != pytest.approx(old_lp, abs=1e-4)  # the step moved the student
+    # provenance: the next save of the student records the reference model
+    saved = result(server, post(server, "save_weights_for_sampler", json={"model_id": a, "seq_id": 5, "path": "kl"}))
+    rev = server.app.state.catalog.resolve(saved["path"], ADMIN)
+    assert rev.provenance.loss_fn == "reverse_kl"
+    assert rev.provenance.loss_config["reference_model_path"] == pa
+    # refusals before any work
+    base = {"model_id": a, "seq_id": 6, "reference_model_path": pa, "data": [datum_kl]}
+    for needle, body in {
+        "temperature": {**base, "temperature": 2.0},
+        "old_logprobs is required": {**base, "data": [{k: v for k, v in datum_kl.items() if k != "old_logprobs"}]},
+        "must end with": {**base, "data": [{**datum_kl, "reference_input": _tokens(prompt_r + [7, 7, 7])}]},
+        "shape [6]": {**base, "data": [{**datum_kl, "weights": _td([1.0])}]},
+        "neither this run's base": {**base, "reference_model_path": "some/other-model"},
+    }.items():
+        r = post(server, "mint/forward_backward_reverse_kl", json=body)
+        assert r.status_code == 400 and needle in r.text, (needle, r.status_code, r.text)
+    r = post(server, "mint/forward_backward_reverse_kl", json={**base, "reference_model_path": "tinker://x:train:0/sampler_weights/n"})
+    assert r.status_code == 404

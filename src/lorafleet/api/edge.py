@@ -27,8 +27,8 @@ from lorafleet.errors import InvalidRequest, LorafleetError, TooLarge
 
 DEFAULT_MAX_BODY_BYTES = 64 << 20  # a Tinker forward_backward chunk is well under this
 DEFAULT_MAX_JSON_BYTES = 16 << 20
-BULK = re.compile(r"/api/v1/(forward(_backward)?|train_step|checkpoints/upload)"
-                  r"|/catalog/v1/policies/[^/]+/[^/]+/revisions")
+BULK = re.compile(r"/api/v1/(forward(_backward)?|train_step|checkpoints/upload"
+                  r"|mint/forward_backward_reverse_kl)|/catalog/v1/policies/[^/]+/[^/]+/revisions")
 
 
 class Edge:

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from lorafleet.api.auth import tenant as _tenant
 from lorafleet.api.checks import refuse_nul_params
 from lorafleet.api.tinker import ext_schemas as x
-from lorafleet.api.tinker import mint, sessions_ext, trace
+from lorafleet.api.tinker import distill, mint, sessions_ext, trace
 from lorafleet.api.tinker import schemas as s
 from lorafleet.api.tinker.routes import FWDBWD_DOC, URL_TTL_S, _body, _doc, _idem, _svc
 from lorafleet.api.tinker.signing import sign, verify
@@ -80,6 +80,13 @@ async def trace_file(session_id: str, expires: int, signature: str, request: Req
 async def interpolate(request: Request) -> dict:
     req = await _body(request, x.InterpolateRequest)
     return await asyncio.to_thread(mint.interpolate, _svc(request), _tenant(request), req)
+
+
+@router.post("/mint/forward_backward_reverse_kl", openapi_extra=_doc(x.ReverseKLRequest))
+async def forward_backward_reverse_kl(request: Request) -> dict:
+    """Scores the completions with the reference (awaited), then queues the student's step."""
+    body = await asyncio.to_thread(s.parse_json, await request.body())
+    return (await distill.reverse_kl(_svc(request), _tenant(request), body, _idem(request))).to_json()
 
 
 @router.post("/train_step", openapi_extra=FWDBWD_DOC)

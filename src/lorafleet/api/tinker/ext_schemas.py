@@ -88,3 +88,25 @@ class TrainStepRequest(Wire):
     seq_id: SeqId | None = None
     forward_backward_input: dict[str, Any]
     adam_params: AdamParams | None = None
+
+
+class ReverseKLDatum(Wire):
+    """One on-policy sequence: the student's tokens and the reference's view of the same
+    completion; tensors in the SDK's JSON TensorData form ({data, dtype, shape})."""
+
+    student_input: dict[str, Any]
+    reference_input: dict[str, Any]
+    target_tokens: dict[str, Any]
+    weights: dict[str, Any]
+    old_logprobs: dict[str, Any] | None = None  # the student's sampling logprobs (required)
+    reference_logprobs: dict[str, Any] | None = None  # given: no reference pass for this datum
+
+
+class ReverseKLRequest(Wire):
+    """MinT `mint_forward_backward_reverse_kl`."""
+
+    model_id: str
+    reference_model_path: str = Field(max_length=1024)
+    data: list[ReverseKLDatum] = Field(min_length=1, max_length=1024)
+    temperature: float = Field(default=1.0, gt=0, le=100)
+    seq_id: SeqId | None = None

@@ -138,6 +138,19 @@ class TinkerSink:
         output = wire.fwdbwd_proto_to_json(t.info.pop("forward_backward"))
         return {"output": output, "metrics": step["metrics"], "type": "train_step"}
 
+    def _reverse_kl(self, job: Job, t: Ticket, res: Any) -> dict[str, Any]:
+        """MinT's reverse-KL answer; the run now carries its reference for the next save's
+        provenance (api/tinker/distill.py)."""
+        out = wire.fwdbwd_proto_to_json(self._forward_backward(job, t, res))
+        row = self.store.get("runs", "model_id", job.run_id) or {}
+        lora = dict(row.get("lora") or {})
+        lora["reverse_kl"] = {**t.info, "calls": (lora.get("reverse_kl") or {}).get("calls", 0) + 1}
+        self.store.update("runs", "model_id", job.run_id, lora=lora, last_request=now())
+        outputs = [{"loss": {"data": [float(sum(o["elementwise_loss"]["data"]))] if "elementwise_loss" in o
+                             else [0.0], "dtype": "float32", "shape": [1]}, **o}
+                   for o in out["loss_fn_outputs"]]
+        return {"outputs": outputs, "metrics": out["metrics"], "type": "mint_forward_backward_reverse_kl"}
+
     # ---- saving -------------------------------------------------------------------------------
 
     def _provenance(self, job: Job, snap: Snapshot, kind: str) -> dict[str, Any]:
@@ -166,6 +179,9 @@ class TinkerSink:
 
             files[OPTIMIZER_NAME] = st_save(snap.optimizer)
         meta = self._provenance(job, snap, kind)
+        distilled = (meta["lora_flags"] or {}).pop("reverse_kl", None)
+        if distilled and kind != "external":  # trained against a reference since the last save
+            meta["loss"] = {"loss_fn": "reverse_kl", "loss_config": {**distilled, "engine_loss": meta["loss"]}}
         if t.info.get("age_recipients"):  # an encrypted export: only .age files leave the server
             files = encryption.encrypt_files(files, t.info["age_recipients"])
             meta["age_encrypted"] = True
@@ -174,6 +190,10 @@ class TinkerSink:
                                                       t.info.get("ttl_seconds"))
         row = self.checkpoints.write(job.tenant, path, files, meta, t.info.get("ttl_seconds"),
                                      t.info.get("user_metadata"))
+        if distilled and kind != "external":  # the next revision records only its own window
+            run = self.store.get("runs", "model_id", job.run_id) or {}
+            self.store.update("runs", "model_id", job.run_id,
+                              lora={k: v for k, v in (run.get("lora") or {}).items() if k != "reverse_kl"})
         return path, row
 
     def _save_weights(self, job: Job, t: Ticket, snap: Snapshot) -> dict[str, Any]:
