@@ -72,10 +72,7 @@ def _array(td: dict[str, Any] | None, where: str, n: int) -> np.ndarray:
 
 
 async def reverse_kl(svc: Any, tenant: str, body: dict[str, Any], idem: str | None) -> Submitted:
-    try:
-        req = x.ReverseKLRequest.model_validate(body)
-    except Exception as e:
-        raise InvalidRequest(f"invalid ReverseKLRequest: {e}") from e
+    req = x.validate(x.ReverseKLRequest, body)
     _, runner = svc.live_run(tenant, req.model_id)
     if req.seq_id is None or req.seq_id <= 0:
         raise InvalidRequest("seq_id must be >= 1")

@@ -5,12 +5,14 @@ copy calls, and MinT's extensions (`/api/v1/mint/...`, `train_step`). Parsed wit
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from lorafleet.api.tinker.schemas import AdamParams, Name, SeqId, Wire
+from lorafleet.errors import InvalidRequest
 
+M = TypeVar("M", bound=BaseModel)
 MAX_SOURCES = 16  # adapters one interpolation may combine
 MAX_COEFFICIENT = 1e6
 
@@ -110,3 +112,14 @@ class ReverseKLRequest(Wire):
     data: list[ReverseKLDatum] = Field(min_length=1, max_length=1024)
     temperature: float = Field(default=1.0, gt=0, le=100)
     seq_id: SeqId | None = None
+
+
+def validate(model: type[M], data: dict[str, Any]) -> M:
+    """An already decoded body as `model`; a failed validation is an InvalidRequest naming
+    each field, as `schemas.parse` words it."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+                             for err in e.errors())
+        raise InvalidRequest(f"invalid {model.__name__}: {problems}") from e

@@ -9,7 +9,7 @@
   checkpoint of a new run of the caller, which `create_training_client_from_state[_with_optimizer]`
   resumes from.
 
-Plain functions of a `TinkerService`; every check happens before anything is written.
+(`forward_backward_reverse_kl` is distill.py.) Plain functions of a `TinkerService`; every check happens before anything is written.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from lorafleet.api.tinker.submitted import Submitted
 from lorafleet.engine.jobs import OptimStep, WorkKind
 from lorafleet.errors import IncompatibleAdapter, InvalidRequest
 from lorafleet.lora import interpolate as soup
-from lorafleet.model.registry import check_base_digest
 from lorafleet.lora import io as lora_io
+from lorafleet.model.registry import check_base_digest
 from lorafleet.train.types import AdamParams
 
 INTERPOLATE_LOSS = "interpolate"  # the provenance `loss_fn` of an interpolated revision
@@ -106,10 +106,7 @@ def interpolate(svc: Any, tenant: str, req: x.InterpolateRequest) -> dict[str, A
 
 def train_step(svc: Any, tenant: str, body: dict[str, Any], idem: str | None) -> Submitted:
     """One future for forward_backward then optim_step on one run, at one seq_id."""
-    try:
-        req = x.TrainStepRequest.model_validate(body)
-    except Exception as e:  # pydantic's message, as every other body
-        raise InvalidRequest(f"invalid TrainStepRequest: {e}") from e
+    req = x.validate(x.TrainStepRequest, body)
     call = wire.decode_forward_backward_json(body, False)
     _, runner = svc.live_run(tenant, call.model_id)
     svc._check_loss(call, runner)
