@@ -11,8 +11,8 @@ file is edited; everything goes through the cookbook's module attributes at run 
    message is present), or `--renderer NAME`;
 3. the datasets: `--data HUB_NAME=PATH` answers `datasets.load_dataset(HUB_NAME, ...)` from a
    local `.jsonl`/`.json`/`.parquet` file (the train split) or a folder `datasets` can load;
-   `--demo-data` answers `HuggingFaceH4/no_robots` and `openai/gsm8k` with 64 made-up rows
-   each, to try a recipe end to end. Other names go to `datasets` unchanged (its local cache
+   `--demo-data` answers `HuggingFaceH4/no_robots`, `openai/gsm8k` and `hicai-zju/SciKnowEval`
+   (sdft's) with 64 made-up rows each, to try a recipe end to end. Other names go to `datasets` unchanged (its local cache
    under `HF_DATASETS_OFFLINE=1`).
 
 `base_url` defaults to `$TINKER_BASE_URL` or http://127.0.0.1:8000 and `model_name` to the
@@ -46,6 +46,11 @@ def demo_dataset(hub_name: str) -> list[dict[str, Any]] | None:
         ]} for i in range(DEMO_ROWS)]
     if hub_name == "openai/gsm8k":
         return [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"}
+                for i in range(DEMO_ROWS)]
+    if hub_name == "hicai-zju/SciKnowEval":  # sdft's default dataset (L3 chemistry MCQs)
+        return [{"question": f"Which of these has {i % 4 + 1} carbon atoms?", "answerKey": "ABCD"[i % 4],
+                 "choices": {"label": list("ABCD"), "text": ["methane", "ethane", "propane", "butane"]},
+                 "domain": "Chemistry", "details": {"level": "L3"}, "type": "mcq-4-choices"}
                 for i in range(DEMO_ROWS)]
     return None
 
@@ -103,14 +108,17 @@ def install(model: str, paths: Paths, *, renderer: str | None = None,
     hub_load: Callable[..., Any] = datasets.load_dataset
 
     def load_dataset(path: Any, name: Any = None, *args: Any, **kwargs: Any) -> Any:
+        split = kwargs.get("split")
         if isinstance(path, str) and path in local:
             log.info("dataset %s from %s", path, local[path])
-            return _load_local(local[path])
+            found = _load_local(local[path])
+            return found[split if split in found else "train"] if split else found
         rows = demo_dataset(path) if demo_data and isinstance(path, str) else None
         if rows is not None:
             log.info("dataset %s: %d demo rows (--demo-data)", path, len(rows))
-            return datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
-                                         "test": datasets.Dataset.from_list(rows[:8])})
+            dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                                       "test": datasets.Dataset.from_list(rows if path.endswith("SciKnowEval") else rows[:8])})
+            return dd[split] if split else dd
         return hub_load(path, name, *args, **kwargs)
 
     datasets.load_dataset = load_dataset
@@ -133,16 +141,30 @@ def run(recipe: str, overrides: Mapping[str, str], paths: Paths, *, renderer: st
         if e.name == "tinker_cookbook":
             raise InvalidRequest("tinker-cookbook is not installed (`make venv` installs 0.6.1)") from None
         raise InvalidRequest(f"no cookbook recipe {recipe!r} (e.g. sl_loop, rl_loop): {e}") from None
-    if not hasattr(mod, "Config") or not hasattr(mod, "main"):
-        raise InvalidRequest(f"tinker_cookbook.recipes.{recipe} has no Config and main to run")
+    # plain recipes: `Config` + `main`; package recipes (`sdft.train`): `CLIConfig` + async `cli_main`
+    config_cls, entry = ((mod.Config, mod.main) if hasattr(mod, "Config") and hasattr(mod, "main") else
+                         (getattr(mod, "CLIConfig", None), getattr(mod, "cli_main", None)))
+    if config_cls is None or entry is None:
+        raise InvalidRequest(f"tinker_cookbook.recipes.{recipe} has no Config and main (or CLIConfig and "
+                             "cli_main) to run")
     args = dict(overrides)
-    args.setdefault("base_url", os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000"))
+    fields = getattr(config_cls, "__chz_fields__", {})
+    base_url = args.pop("base_url", None) or os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000")
+    os.environ["TINKER_BASE_URL"] = base_url  # recipes without a base_url field (decisions.demo)
+    if "base_url" in fields:
+        args["base_url"] = base_url
     args.setdefault("model_name", DEFAULT_BASE)
-    fields = getattr(mod.Config, "__chz_fields__", {})
     if "loss_fn" in fields and "loss_fn" not in args:
         args["loss_fn"] = "importance_sampling"  # the default stable_reinforce is not supported here
+    if "behavior_if_log_dir_exists" in fields and "behavior_if_log_dir_exists" not in args:
+        args["behavior_if_log_dir_exists"] = "raise"  # never a prompt on stdin
     install(args["model_name"], paths, renderer=renderer, data=data, demo_data=demo_data)
+    import asyncio
+    import inspect
+
     import chz
 
-    config = chz.entrypoint(mod.Config, argv=[f"{k}={v}" for k, v in args.items()])
-    mod.main(config)
+    config = chz.entrypoint(config_cls, argv=[f"{k}={v}" for k, v in args.items()])
+    result = entry(config)
+    if inspect.iscoroutine(result):
+        asyncio.run(result)

@@ -25,7 +25,7 @@ def test_migrated_schema_matches_tables(db_url):
     upgrade(db)  # a second open is a no-op
     with db.writer.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
-        assert MigrationContext.configure(conn).get_current_revision() == "0003"
+        assert MigrationContext.configure(conn).get_current_revision() == "0004"
     db.dispose()
     assert diff == []
 

@@ -18,6 +18,7 @@ from tinker import types
 from lorafleet.catalog.records import ADMIN
 from lorafleet.lora import io as lora_io
 from tests.e2e.conftest import TINY
+from tests.helpers import tinker_rows
 from tests.e2e.test_tinker_sdk_basic import BATCH, datum
 
 H = {"X-API-Key": "tml-x"}
@@ -59,12 +60,19 @@ def sources(server):
 
 def _weights(server, path):
     svc = server.service
-    return lora_io.parse_peft_files(svc.checkpoints.read_files(svc.store.get("checkpoints", "tinker_path", path))).weights
+    return lora_io.parse_peft_files(svc.checkpoints.read_files(svc.repo.checkpoint(path))).weights
 
 
 def _delta(w, path):
     a, b = w.pairs[path]
     return w.spec.scale * (b.double() @ a.double())
+
+
+def _add(model, module, delta):
+    """W += delta on one module, as PEFT applies a LoRA: on that module alone (a new
+    Parameter, so the LM head of a tied-embedding base changes without its embedding)."""
+    sub = model.get_submodule(module)
+    sub.weight = torch.nn.Parameter(sub.weight.detach() + delta.to(sub.weight.dtype), requires_grad=False)
 
 
 def test_interpolate_one_zero_is_the_first_source(server, sources):
@@ -95,8 +103,7 @@ def test_interpolate_half_half_is_the_averaged_delta(server, sources, paths):
     model = load_base(TINY, paths).model
     with torch.no_grad():
         for module in wa.pairs:
-            w = model.get_submodule(module).weight
-            w += (0.5 * _delta(wa, module) + 0.5 * _delta(wb, module)).to(w.dtype)
+            _add(model, module, 0.5 * _delta(wa, module) + 0.5 * _delta(wb, module))
         logits = model(torch.tensor([PROMPT[:-1]])).logits[0].float()
     want = torch.log_softmax(logits, -1)[torch.arange(len(PROMPT) - 1), torch.tensor(PROMPT[1:])]
     np.testing.assert_allclose(sampler_logprobs(sc, r.json()["path"]), want.numpy(), atol=1e-4)
@@ -122,7 +129,7 @@ def test_interpolate_svd_rank_reduction_meets_its_bound(server, sources):
 
 def test_interpolate_refusals_write_nothing(server, sources):
     _, [(_, pa), (_, pb)], p_rank2 = sources
-    before = len(server.service.store.select("SELECT * FROM checkpoints"))
+    before = len(tinker_rows(server.service, "checkpoints"))
     cases = {
         "one coefficient per source": {"source_paths": [pa, pb], "coefficients": [1.0]},
         "non-zero": {"source_paths": [pa, pb], "coefficients": [0, 0]},
@@ -140,7 +147,7 @@ def test_interpolate_refusals_write_nothing(server, sources):
     r = post(server, "mint/checkpoints/interpolate", json={"source_paths": ["tinker://x:train:0/sampler_weights/n"],
                                                             "coefficients": [1]})
     assert r.status_code == 404
-    assert len(server.service.store.select("SELECT * FROM checkpoints")) == before
+    assert len(tinker_rows(server.service, "checkpoints")) == before
 
 
 def _run(server, seed):
@@ -214,7 +221,7 @@ def test_upload_then_resume_gives_the_same_next_loss(server):
     tc.optim_step(ADAM).result()
     state = tc.save_state("to-upload").result().path
     svc = server.service
-    files = svc.checkpoints.read_files(svc.store.get("checkpoints", "tinker_path", state))
+    files = svc.checkpoints.read_files(svc.repo.checkpoint(state))
     r = httpx.post(f"{server.url}/api/v1/checkpoints/upload", headers=H, timeout=120,
                    files={"file": ("ckpt.tar.gz", _archive(files), "application/gzip")}, data={"name": "up1"})
     assert r.status_code == 200, r.text
@@ -239,10 +246,9 @@ def test_upload_then_resume_gives_the_same_next_loss(server):
 def test_bad_archives_are_refused_and_leave_nothing(server):
     svc = server.service
     tc = tinker.ServiceClient(base_url=server.url).create_lora_training_client(base_model=TINY, rank=4).result()
-    files = svc.checkpoints.read_files(svc.store.get("checkpoints", "tinker_path",
-                                                     tc.save_state("bad-src").result().path))
-    counts = lambda: (len(svc.store.select("SELECT * FROM checkpoints")),  # noqa: E731
-                      len(svc.store.select("SELECT * FROM runs")), len(svc.store.select("SELECT * FROM sessions")))
+    files = svc.checkpoints.read_files(svc.repo.checkpoint(tc.save_state("bad-src").result().path))
+    counts = lambda: (len(tinker_rows(svc, "checkpoints")),  # noqa: E731
+                      len(tinker_rows(svc, "runs")), len(tinker_rows(svc, "sessions")))
     before = counts()
     config = json.loads(files["adapter_config.json"])
     bad = {
@@ -301,8 +307,7 @@ def test_reverse_kl_against_a_torch_reference(server, sources, paths):
     model = load_base(TINY, paths).model
     with torch.no_grad():
         for module in ref_w.pairs:
-            w = model.get_submodule(module).weight
-            w += _delta(ref_w, module).to(w.dtype)
+            _add(model, module, _delta(ref_w, module))
         scored = ref_input + completion[-1:]
         logits = model(torch.tensor([scored[:-1]])).logits[0].float()
     lp = torch.log_softmax(logits, -1)[torch.arange(len(scored) - 1), torch.tensor(scored[1:])]

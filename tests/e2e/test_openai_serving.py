@@ -265,7 +265,7 @@ def test_tenancy_and_bad_requests_are_4xx_with_a_message(fleet):
         assert e.value.message
     with pytest.raises(openai.BadRequestError, match="2048"):
         c.completions.create(model="alice/a0", prompt="hi", max_tokens=5000)
-    for bad in (dict(temperature=5.0), dict(n=0), dict(top_p=0.0), dict(presence_penalty=1.0), dict(max_tokens=0)):
+    for bad in (dict(temperature=5.0), dict(n=0), dict(top_p=0.0), dict(presence_penalty=3.0), dict(max_tokens=0)):
         with pytest.raises(openai.BadRequestError) as e:
             c.completions.create(model="alice/a0", prompt="hi", **{"max_tokens": 2, **bad})
         assert e.value.message

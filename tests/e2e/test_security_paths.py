@@ -48,6 +48,11 @@ def bob(keyed):
     return httpx.Client(base_url=keyed.url, headers={"X-API-Key": key}, timeout=60)
 
 
+def intact(keyed) -> bool:
+    """The state folder still holds the catalog database and store (the Tinker state's home)."""
+    return (keyed.state_dir / "catalog.db").is_file() and (keyed.state_dir / "store" / "blobs").is_dir()
+
+
 def _files(spec: LoraSpec = SPEC) -> dict[str, str]:
     raw = {"adapter_config.json": json.dumps(spec.to_peft_config(TINY)).encode(),
            "adapter_model.safetensors": b"bob's weights"}
@@ -67,7 +72,7 @@ def _alice_info(keyed, key: str, path: str) -> httpx.Response:
 
 
 @pytest.mark.parametrize("bad", [
-    "tinker://../weights/..",  # was: 201, then weights_info rmtree'd <state>/ (tinker.db included)
+    "tinker://../weights/..",  # was: 201, then weights_info rmtree'd <state>/ (the old tinker.db included)
     "tinker://../weights/escaped",  # was: written outside the checkpoint root
     "RUN/weights/..",  # another run's folder: was deleted
     "tinker://./weights/x", "tinker://r/weights/.", "tinker://r/weights/x\n",
@@ -85,7 +90,7 @@ def test_bad_tinker_paths_are_400_at_every_edge_and_delete_nothing(keyed, alice,
     assert info.status_code == 400, info.text
     load = bob.post("/api/v1/load_weights", json={"path": bad, "session_id": "s-x", "model_seq_id": 0})
     assert load.status_code == 400, load.text
-    assert (keyed.state_dir / "tinker.db").is_file()
+    assert intact(keyed)
     assert not (keyed.state_dir / "weights").exists()  # <root>/../weights/escaped
     assert _alice_info(keyed, key, state).status_code == 200  # alice's checkpoint is intact
 
@@ -164,5 +169,5 @@ def test_a_stored_revision_with_a_traversal_path_cannot_reach_the_disk(keyed, al
                                      "sampling_params": {"max_tokens": 1}})):
         r = bob.post(f"/api/v1/{route}", json=body)
         assert r.status_code == 400, (route, r.text)  # was 500, with <state>/ emptied
-    assert (keyed.state_dir / "tinker.db").is_file()
+    assert intact(keyed)
     assert _alice_info(keyed, key, state).status_code == 200

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import urllib.parse
 
 import httpx
@@ -35,7 +34,12 @@ def strict_json(text: str):
 
 
 def n_futures(server) -> int:
-    return server.service.store.select("SELECT COUNT(*) AS n FROM futures")[0]["n"]
+    from sqlalchemy import func, select
+
+    from lorafleet.catalog.tinker_tables import tinker_futures
+
+    with server.service.repo.db.read() as conn:
+        return conn.execute(select(func.count()).select_from(tinker_futures)).scalar_one()
 
 
 def refused(server, fn, match: str = ""):
@@ -141,9 +145,14 @@ def test_divergence_is_a_clear_user_error_in_strict_json(server, tc):
     with pytest.raises(tinker.TinkerError) as info:  # its gradients never reach the weights
         tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
     assert "refused" in str(info.value)
-    rows = server.service.store.select(
-        "SELECT request_id, category FROM futures WHERE scope = ? AND state = 'failed' "
-        "ORDER BY seq_id", tc.model_id)
+    from sqlalchemy import select
+
+    from lorafleet.catalog.tinker_tables import tinker_futures as f
+
+    with server.service.repo.db.read() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(
+            select(f.c.request_id, f.c.category).where(f.c.scope == tc.model_id, f.c.state == "failed")
+            .order_by(f.c.seq_id))]
     assert [r["category"] for r in rows] == ["user", "user"]
     for accept in ("application/json", "application/x-protobuf"):  # JSON-era and proto clients
         r = httpx.post(f"{server.url}/api/v1/retrieve_future", json={"request_id": rows[0]["request_id"]},
@@ -163,27 +172,39 @@ def test_non_finite_json_result_fails_its_future(server):
 
 
 def test_server_fault_text_stays_in_the_server_log(server, tc, caplog):
-    from lorafleet.api.tinker.checkpoints import KIND_SEGMENT
-
-    root = server.service.checkpoints.root
+    store = server.service.checkpoints.store
+    root = store.root
     tc.forward_backward(BATCH, "cross_entropy").result()
     saved = tc.save_state("fine").result().path
-    # a file where the checkpoint folder should go: an OSError deep in the engine thread
-    blocker = root / tc.model_id / KIND_SEGMENT["sampler"]
-    blocker.write_bytes(b"")
+    tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()  # new weights: new blobs to write
+    # a file where the store's temp folder should be: an OSError deep in the engine's I/O worker
+    (root / "tmp").rename(root / "tmp-aside")
+    (root / "tmp").write_bytes(b"")
     caplog.set_level(logging.ERROR)
-    with pytest.raises(tinker.TinkerError) as info:
-        tc.save_weights_for_sampler("blocked").result()
+    try:
+        with pytest.raises(tinker.TinkerError) as info:
+            tc.save_weights_for_sampler("blocked").result()
+    finally:
+        (root / "tmp").unlink()
+        (root / "tmp-aside").rename(root / "tmp")
     message = str(info.value)
     assert "internal error" in message and "see server log" in message
     assert str(root) not in message and "Errno" not in message
     error_id = message.split("internal error ")[1].split(";")[0]
     assert any(error_id in r.getMessage() and r.exc_info for r in caplog.records)
-    # an unexpected exception in a route: a 500 whose body names only the error id
-    shutil.rmtree(server.service.checkpoints.folder_of(server.service.checkpoints.find("local", saved)))
+    # an unexpected exception in a route (a blob gone from the store): a 500 naming only the error id
     name = saved.rsplit("/", 1)[1]
-    r = httpx.get(f"{server.url}/api/v1/training_runs/{tc.model_id}/checkpoints/weights/{name}"
-                  "/external_weights_urls", headers=H)
+    urls = httpx.get(f"{server.url}/api/v1/training_runs/{tc.model_id}/checkpoints/weights/{name}"
+                     "/external_weights_urls", headers=H).json()["urls"]
+    row = server.service.checkpoints.find("local", saved)
+    ref = server.service.repo.checkpoint_files(row["tinker_path"])["adapter_model.safetensors"]
+    blob = store.path(ref.sha256)
+    kept = blob.read_bytes()
+    blob.unlink()
+    try:
+        r = httpx.get(urls["adapter_model.safetensors"])
+    finally:
+        store.put(kept)  # the same bytes may back other checkpoints of this module
     assert r.status_code == 500
     assert "internal error" in r.json()["detail"] and str(root) not in r.text
 

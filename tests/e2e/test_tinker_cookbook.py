@@ -1,6 +1,14 @@
-"""tinker-cookbook 0.6.1 `sl_loop` and `rl_loop` (loss importance_sampling), unmodified, offline,
-through `lorafleet cookbook` against a live lorafleet server; then `sl_loop` resumes from its
-own checkpoint."""
+"""tinker-cookbook 0.6.1 recipes, unmodified, offline, through `lorafleet cookbook` against a live
+lorafleet server: `sl_loop` (and its resume), `rl_loop` (importance_sampling, gspo), `sdft`
+(top-20 distillation), the library's `distillation.train_off_policy` and the `decisions` demo.
+
+The per-recipe table in docs/tinker.md (`RECIPES`) is generated from a run of these tests:
+
+    .venv/bin/python -m tests.e2e.test_tinker_cookbook
+
+runs them and rewrites the table with each test's outcome; `test_recipe_table_is_current`
+checks the page lists every row of `RECIPES` as passing (what the tests here assert).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +25,38 @@ from tests.e2e.conftest import TINY
 
 pytest.importorskip("tinker_cookbook", reason="tinker-cookbook is installed by `make venv`")
 RL_WRAPPER = Path(__file__).with_name("cookbook_offline.py")
+REPO = Path(__file__).resolve().parents[2]
+BEGIN, END = "<!-- cookbook-recipes:begin -->", "<!-- cookbook-recipes:end -->"
+# (recipe as a user runs it, the settings that matter, the test here that runs it)
+RECIPES = [
+    ("`lorafleet cookbook sl_loop`", "`--data HuggingFaceH4/no_robots=FILE`; resumes from its checkpoints",
+     "test_sl_loop_runs_and_resumes"),
+    ("`lorafleet cookbook rl_loop`", "`loss_fn=importance_sampling` (set for you: the default "
+     "`stable_reinforce` is refused)", "test_rl_loop_importance_sampling"),
+    ("`lorafleet cookbook rl_loop loss_fn=gspo`", "GSPO with `sequence_ratio_mask`", "test_rl_loop_gspo"),
+    ("`lorafleet cookbook sdft.train`", "defaults (`topk=20`: top-k prompt logprobs, (N, K) targets); "
+     "`--demo-data` or `--data hicai-zju/SciKnowEval=FILE`", "test_sdft_topk_distillation"),
+    ("`tinker_cookbook.distillation.train_off_policy` (library)", "`n_teacher_targets=20`",
+     "test_distillation_train_off_policy"),
+    ("`lorafleet cookbook decisions.demo`", "sparse `target_prompt_logprobs`, `max_tokens=1`",
+     "test_decisions_demo_scores_choices_with_target_prompt_logprobs"),
+]
+
+
+def recipe_table(outcomes: dict[str, str]) -> str:
+    """The docs table: one row per recipe, 'yes' where its test passed."""
+    rows = ["| recipe | runs | with | test |", "|---|---|---|---|"]
+    rows += [f"| {name} | {outcomes.get(test, 'not run')} | {flags} | `{test}` |" for name, flags, test in RECIPES]
+    return "\n".join(rows)
+
+
+def test_recipe_table_is_current():
+    text = (REPO / "docs" / "tinker.md").read_text()
+    table = text[text.index(BEGIN) + len(BEGIN): text.index(END)].strip()
+    assert table == recipe_table({t: "yes" for _, _, t in RECIPES}), (
+        "docs/tinker.md's recipe table is stale: `.venv/bin/python -m tests.e2e.test_tinker_cookbook`")
+
+
 pytestmark = pytest.mark.slow
 
 
@@ -75,3 +115,72 @@ def test_rl_loop_importance_sampling(server, tmp_path):
                "lora_rank=4", "max_steps=2", "save_every=0")  # loss_fn: importance_sampling by default
     assert len([m for m in metrics(log) if "progress/batch" in m]) == 2
     assert server.service.runners[TINY].stats["fused_requests"] > before  # it really trained
+
+
+def test_rl_loop_gspo(server, tmp_path):
+    log = tmp_path / "gspo"
+    run_recipe(server, "rl_loop", log, "--demo-data", "loss_fn=gspo", "batch_size=2", "group_size=4",
+               "max_tokens=12", "lora_rank=4", "max_steps=1", "save_every=0")
+    assert len([m for m in metrics(log) if "progress/batch" in m]) == 1
+
+
+def test_sdft_topk_distillation(server, tmp_path):
+    """sdft with its default topk=20: the teacher's top-20 prompt logprobs, then 2-D targets."""
+    log = tmp_path / "sdft"
+    before = server.service.runners[TINY].stats["fused_requests"]
+    run_recipe(server, "sdft.train", log, "--demo-data", "groups_per_batch=2", "max_tokens=8", "lora_rank=4",
+               "max_steps=2", "save_every=0", "eval_every=0", "learning_rate=1e-3")
+    steps = [m for m in metrics(log) if "sdft/topk" in m]
+    assert len(steps) == 2 and steps[0]["sdft/topk"] == 20
+    assert all("sdft/mean_teacher_entropy" in m for m in steps)  # top-k targets were built
+    assert server.service.runners[TINY].stats["fused_requests"] > before
+
+
+def test_distillation_train_off_policy(server, tmp_path, chats):
+    """The library's off-policy distillation: top-20 teacher logprobs become (N, 20) targets."""
+    log = tmp_path / "off"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TINKER_"))}
+    env |= {"LORAFLEET_HOME": str(TEST_HOME)}
+    script = Path(__file__).with_name("cookbook_off_policy.py")
+    r = subprocess.run([sys.executable, str(script), server.url, TINY, str(chats), str(log)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert [m["step"] for m in metrics(log) if "train/loss:sum" in m] == [0, 1]
+
+
+def test_decisions_demo_scores_choices_with_target_prompt_logprobs(server, tmp_path):
+    """decisions: one max_tokens=1 sample per question with sparse target_prompt_logprobs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TINKER_"))}
+    env |= {"LORAFLEET_HOME": str(TEST_HOME), "TINKER_BASE_URL": server.url}
+    r = subprocess.run([sys.executable, "-m", "lorafleet", "cookbook", "decisions.demo", f"model_name={TINY}"],
+                       input="How do I pick a learning rate for LoRA?\n\n", capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    probs = json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])
+    assert set(probs) == {"billing", "sdk", "console", "cookbook"}
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def write_docs() -> None:
+    """Run the recipe tests and rewrite the table in docs/tinker.md with their outcomes."""
+    import tempfile
+    import xml.etree.ElementTree as ET
+
+    report = Path(tempfile.mkdtemp()) / "recipes.xml"
+    names = " or ".join(t for _, _, t in RECIPES)
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", names,
+                    f"--junitxml={report}"], cwd=REPO)
+    outcomes = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        failed = any(c.tag in ("failure", "error") for c in case)
+        skipped = any(c.tag == "skipped" for c in case)
+        outcomes[case.get("name")] = "NO" if failed else "skipped" if skipped else "yes"
+    doc = REPO / "docs" / "tinker.md"
+    text = doc.read_text()
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    doc.write_text(text[:start] + "\n" + recipe_table(outcomes) + "\n" + text[end:])
+    print(recipe_table(outcomes))
+
+
+if __name__ == "__main__":
+    write_docs()

@@ -33,7 +33,7 @@ def spawn(state_dir, port):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
+    deadline = time.time() + 180  # a start is ~15 s alone, ~50 s on a loaded 2-core machine
     while time.time() < deadline:
         try:
             if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:

@@ -19,6 +19,7 @@ from tinker import types
 from lorafleet.api.tinker import trace
 from lorafleet.lora import io as lora_io
 from tests.e2e.conftest import TINY
+from tests.helpers import tinker_rows
 from tests.e2e.test_tinker_sdk_basic import BATCH
 
 ADAM = types.AdamParams(learning_rate=1e-2, eps=1e-8)
@@ -144,13 +145,13 @@ def test_cookbook_download_decrypts_an_age_encrypted_export(server, trained, tmp
     out = weights.download(tinker_path=state, output_dir=str(tmp_path / "adapter"), base_url=server.url)
     got = lora_io.read_peft_dir(out)
     svc = server.service
-    row = svc.store.get("checkpoints", "tinker_path", state)
+    row = svc.repo.checkpoint(state)
     want = lora_io.parse_peft_files(svc.checkpoints.read_files(row))
     assert got.base_model == TINY and got.weights.spec == want.weights.spec
     for path, (a, b) in want.weights.pairs.items():
         assert torch.equal(got.weights.pairs[path][0], a) and torch.equal(got.weights.pairs[path][1], b)
     # the temporary export was encrypted (only .age files) and is gone again
-    exports = svc.store.select("SELECT * FROM checkpoints WHERE kind = 'external'")
+    exports = tinker_rows(svc, "checkpoints", kind="external")
     assert exports == []
 
 

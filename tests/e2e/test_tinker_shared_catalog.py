@@ -50,3 +50,46 @@ def test_checkpoint_moves_between_servers(paths, tmp_path):
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_catalog_revision_without_a_tinker_row_is_adopted_by_its_path(server, service_client):
+    """What a server before migration 0004 left: a revision with a tinker:// path, no Tinker row
+    (its tinker.db was moved aside). The path loads, samples and answers weights_info, and is
+    recorded as a checkpoint over the revision's own blobs (no copy)."""
+    tc = service_client.create_lora_training_client(base_model=TINY, rank=4).result()
+    tc.forward_backward(BATCH, "cross_entropy").result()
+    tc.optim_step(ADAM).result()
+    path = tc.save_weights_for_sampler("legacy").result().path
+    svc = server.service
+    blobs = sorted(sha for sha, _ in svc.checkpoints.store.list_blobs())
+    revision = svc.repo.checkpoint(path)["revision_id"]
+    svc.repo.delete_checkpoint(path)  # as if the row had been in the old tinker.db
+    assert svc.repo.checkpoint(path) is None
+
+    info = tinker.RestClient(base_url=server.url).get_weights_info_by_tinker_path(path).result()
+    assert info.base_model == TINY and info.lora_rank == 4
+    row = svc.repo.checkpoint(path)
+    assert row is not None and row["revision_id"] == revision and row["kind"] == "sampler"
+    assert sorted(sha for sha, _ in svc.checkpoints.store.list_blobs()) == blobs  # no copy
+    sc = service_client.create_sampling_client(model_path=path).result()
+    assert sc.sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2)).result().sequences
+
+
+def test_a_session_finished_through_another_server_frees_its_runs_here(server, service_client):
+    """Another server on the same database ended the session (its row says so); this server's
+    janitor pass unloads the run it holds, and the run answers 404 like any unloaded run."""
+    import time
+
+    tc = service_client.create_lora_training_client(base_model=TINY, rank=4).result()
+    svc = server.service
+    runner = svc.runners[TINY]
+    assert runner.knows_run(tc.model_id)
+    session = svc.repo.run_by_id(tc.model_id)["session_id"]
+    svc.repo.finish_session(session, "success")  # what the other server wrote
+    svc.expire_sessions(timeout_s=3600)
+    deadline = time.time() + 30
+    while runner.knows_run(tc.model_id):
+        assert time.time() < deadline, "the run stayed loaded"
+        time.sleep(0.05)
+    with pytest.raises(tinker.NotFoundError, match="not loaded"):
+        tc.forward_backward(BATCH, "cross_entropy").result()

@@ -61,7 +61,7 @@ class FakeSink:
         self.order.append(id(job))
         self._event(job).set()
 
-    def on_token(self, job, request, sample, token, logprob) -> None:
+    def on_token(self, job, request, sample, token, logprob, top=None) -> None:
         self.first_token.setdefault(id(job), time.monotonic())
         self.tokens.setdefault(id(job), []).append((request, sample, token))
 
@@ -301,6 +301,40 @@ def test_kv_budget_preempts_and_recomputes_without_changing_tokens(paths):
         sched.stop()
     assert [g.sequences[0].tokens for g in got] == [w.sequences[0].tokens for w in want]
     assert sched.stats["preempted"] >= 1
+
+
+def test_per_row_penalties_survive_joins_leaves_and_preemption(paths):
+    """Rows with their own penalties, biases, min_tokens and top-k logprobs, preempted and
+    recomputed under a small KV budget: the continuous decoder (history kept incrementally
+    through joins, leaves and recomputes) gives the reference's tokens and top logprobs."""
+    engine = Engine(load_base("lorafleet/tiny-llama", paths))
+    settings = [dict(temperature=0.9), dict(frequency_penalty=0.8, top_logprobs=3),
+                dict(repetition_penalty=1.5, logit_bias=((5, 4.0),)), dict(min_tokens=20, min_p=0.05, temperature=0.9),
+                dict(presence_penalty=2.0, frequency_penalty=2.0)]  # the newest rows are preempted
+    # greedy, on prompts that repeat: the tiny model loops, so a penalty changes its tokens
+    reqs = [SampleRequest(None, [3, 4, 5, 6, 7] * 2 * (i + 1), 1,
+                          SamplingParams(**{"max_tokens": 24, "seed": i, "temperature": 0.0, **kw}))
+            for i, kw in enumerate(settings)]
+    want = engine.sample(reqs)
+    sched = Scheduler(engine, engine.base, budgets=Budgets(kv_cache_bytes=60_000))
+    sched.start()
+    sink = FakeSink()
+    try:
+        jobs = [sample(sched, sink, [r]) for r in reqs]
+        got = [ok(sink.wait(j))[0] for j in jobs]
+    finally:
+        sched.stop()
+    assert sched.stats["preempted"] >= 1
+    for g, w in zip(got, want):
+        assert g.sequences[0].tokens == w.sequences[0].tokens
+    assert len(got[3].sequences[0].tokens) >= 20
+    plain = engine.sample([SampleRequest(None, r.prompt, 1, SamplingParams(max_tokens=24, temperature=0.0))
+                           for r in reqs[1:3] + reqs[4:]])
+    assert all(p.sequences[0].tokens != g.sequences[0].tokens for p, g in zip(plain, got[1:3] + got[4:]))
+    tops_g, tops_w = got[1].sequences[0].top_logprobs, want[1].sequences[0].top_logprobs
+    assert len(tops_g) == len(got[1].sequences[0].tokens) and [[t for t, _ in x] for x in tops_g] == \
+        [[t for t, _ in x] for x in tops_w]
+    assert got[0].sequences[0].top_logprobs is None
 
 
 def test_a_short_request_finishes_while_a_long_one_decodes(rig):

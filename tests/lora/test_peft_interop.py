@@ -122,4 +122,6 @@ def test_adapter_that_does_not_fit_the_base_is_refused(tiny_engine, smol_engine)
     with pytest.raises(IncompatibleAdapter, match="rank must be"):
         LoraSpec(rank=0)
     with pytest.raises(IncompatibleAdapter, match="unsupported target modules"):
-        LoraSpec(rank=4, target_modules=("lm_head",))
+        LoraSpec(rank=4, target_modules=("embed_tokens",))
+    head = LoraSpec(rank=4, target_modules=("lm_head",))  # the LM head is a site (train_unembed)
+    tiny_engine.remove_adapter(tiny_engine.create_adapter(head, weights=random_adapter(tiny_engine.info, head, seed=2)))

@@ -68,3 +68,40 @@ def test_bad_loss_requests():
         losses.check_inputs("ppo", 4, {"target_tokens": INPUTS["target_tokens"], "logprobs": SLP})
     with pytest.raises(MissingLossInput, match="expected \\(5,\\)"):
         losses.check_inputs("importance_sampling", 5, INPUTS)
+
+
+def test_cross_entropy_takes_2d_targets_and_weights():
+    lp = torch.tensor([[-0.5, -1.0], [-2.0, -0.1]])
+    w = torch.tensor([[0.7, 0.3], [0.0, 1.0]])
+    inputs = {"target_tokens": torch.tensor([[1, 2], [3, 4]]), "weights": w}
+    losses.check_inputs("cross_entropy", 2, inputs)
+    got = losses.elementwise_loss("cross_entropy", lp, inputs, {})
+    torch.testing.assert_close(got, -lp * w)
+    with pytest.raises(MissingLossInput, match="the shape of target_tokens"):
+        losses.check_inputs("cross_entropy", 2, {"target_tokens": inputs["target_tokens"], "weights": torch.ones(2)})
+    with pytest.raises(MissingLossInput, match=r"taken by \['cross_entropy'\] only"):
+        losses.check_inputs("ppo", 2, {"target_tokens": inputs["target_tokens"], "logprobs": torch.zeros(2),
+                                       "advantages": torch.ones(2)})
+
+
+def test_gspo_sequence_ratio_value_and_per_token_gradient():
+    mask = torch.tensor([0.0, 1.0, 1.0, 1.0])
+    inputs = dict(INPUTS, sequence_ratio_mask=mask)
+    lp = LP.clone().requires_grad_()
+    loss = losses.elementwise_loss("gspo", lp, inputs, losses.resolve_config("gspo", {}))
+    seq = float(((LP - SLP) * mask).sum() / mask.sum())
+    s = math.exp(seq)
+    want = [-min(s * a, min(max(s, 0.8), 1.2) * a) for a in ADV.tolist()]
+    assert loss.tolist() == pytest.approx(want, rel=1e-6)
+    loss.sum().backward()
+    unclipped = [1.0 if s * a <= min(max(s, 0.8), 1.2) * a else 0.0 for a in ADV.tolist()]
+    assert lp.grad.tolist() == pytest.approx([-s * a * u for a, u in zip(ADV.tolist(), unclipped)], rel=1e-6)
+    with pytest.raises(MissingLossInput, match="marks no token"):
+        losses.check_inputs("gspo", 4, dict(INPUTS, sequence_ratio_mask=torch.zeros(4)))
+
+
+def test_stable_reinforce_and_custom_are_refused_with_the_alternatives():
+    with pytest.raises(UnknownLoss, match="'importance_sampling', 'cispo' or 'gspo'"):
+        losses.resolve_config("stable_reinforce", {})
+    with pytest.raises(UnknownLoss, match="forward_backward_custom"):
+        losses.resolve_config("custom", {})

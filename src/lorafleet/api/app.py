@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +23,10 @@ from fastapi import FastAPI, Request, Response
 from lorafleet.api.edge import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_BYTES, Edge
 from lorafleet.api.errors import install as install_errors
 from lorafleet.api.tinker.catalog_bridge import CatalogBridge
-from lorafleet.api.tinker.checkpoints import Checkpoints
-from lorafleet.api.tinker.futures import FutureTable
 from lorafleet.api.tinker.ext_routes import router as tinker_ext_router
 from lorafleet.api.tinker.routes import router as tinker_router
 from lorafleet.api.tinker.service import TinkerService
-from lorafleet.api.tinker.store import TinkerStore
+from lorafleet.api.tinker.state import open_state
 from lorafleet.config import Paths
 from lorafleet.engine.decode import Budgets
 from lorafleet.engine.scheduler import Scheduler
@@ -62,7 +59,9 @@ class ServeConfig:
             (engine/decode.py `Budgets`); micro_batch_tokens: training tokens per iteration.
         hold_s: how long retrieve_future holds a poll before answering try_again (SDK: 45 s timeout).
         gap_timeout_s: how long a missing seq_id blocks its model before it is skipped.
-        state_dir: where the Tinker service keeps tinker.db and checkpoints (default home/tinker).
+        state_dir: where servers before catalog migration 0004 kept the Tinker state (tinker.db,
+            checkpoints/; default home/tinker): a server refuses to start while one is there.
+            The state itself lives in the catalog's database and store (api/tinker/state.py).
         threads: torch intra-op threads for the engines (0 = torch's default).
         stall_s: /healthz fails when an engine has had pending work but made no progress (a
             loop turn or a decode step) for this long.
@@ -82,7 +81,7 @@ class ServeConfig:
     stall_s: float = 300.0
     max_sample_queue: int = 512
     session_timeout_s: float = 900.0  # no heartbeat for this long ends a session
-    use_catalog: bool = True  # publish runs and checkpoints into the catalog (paths.database_url)
+    use_catalog: bool = True  # publish runs and checkpoints into the catalog, serve its routes
     max_slots: int = 64  # live adapters per engine (residency slot tier)
     max_host_adapters: int | None = 512  # host-memory adapter cache, in adapters ...
     max_host_bytes: int | None = None  # ... and/or in bytes
@@ -101,21 +100,16 @@ class ServeConfig:
 
 
 def build_service(cfg: ServeConfig, metrics: Any = None) -> TinkerService:
-    state_dir = cfg.state_dir or cfg.paths.home / "tinker"
-    store = TinkerStore(state_dir / "tinker.db")
-    futures = FutureTable(store, hold_s=cfg.hold_s)
-    lost = futures.recover()
-    if lost:
-        log.warning("%d futures were lost by the last shutdown; they now report an error", lost)
-    checkpoints = Checkpoints(store, state_dir / "checkpoints")
     from lorafleet.catalog.records import Quotas
+    from lorafleet.catalog.service import Catalog
 
+    # the Tinker state lives in the catalog's database and store, shared by every server on them
+    catalog = Catalog.open(cfg.paths.database_url, cfg.paths.store_url)
+    state = open_state(catalog, cfg.state_dir or cfg.paths.home / "tinker", hold_s=cfg.hold_s)
     defaults = Quotas(cfg.max_runs, cfg.max_queued, cfg.max_adapters)
     bridge, quotas = None, lambda tenant: defaults
     if cfg.use_catalog:
-        from lorafleet.catalog.service import Catalog
-
-        bridge = CatalogBridge(Catalog.open(cfg.paths.database_url, cfg.paths.store_url))
+        bridge = CatalogBridge(catalog)
         bridge.catalog.default_quotas = defaults
         quotas = bridge.catalog.quotas_for
     runners: dict[str, Scheduler] = {}
@@ -127,7 +121,7 @@ def build_service(cfg: ServeConfig, metrics: Any = None) -> TinkerService:
                                   budgets=budgets, gap_timeout_s=cfg.gap_timeout_s,
                                   max_sample_queue=cfg.max_sample_queue,
                                   micro_batch_tokens=cfg.micro_batch_tokens, metrics=metrics)
-    return TinkerService(runners, store, futures, checkpoints, catalog=bridge, quotas=quotas)
+    return TinkerService(runners, state, catalog=bridge, quotas=quotas)
 
 
 def _residency(engine: Any, bridge: CatalogBridge | None, metrics: Any, cfg: ServeConfig) -> Any:
@@ -183,6 +177,7 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
             for r in svc.runners.values():
                 await asyncio.to_thread(r.stop)
                 r.residency.close()
+            svc.close()
             if catalog is not None:
                 catalog.close()
 
@@ -193,7 +188,7 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
     app.state.catalog = catalog
     if cfg.auth == "keys" and catalog is None:
         raise ValueError("--auth keys needs the catalog's API keys (use_catalog)")
-    app.state.url_secret = secrets.token_bytes(32)
+    app.state.url_secret = svc.repo.secret("download_url_key")  # the same on every server
     install_errors(app)  # the one map from lorafleet errors to HTTP
     # who is calling and how big its body is, before any route reads the body (api/edge.py)
     app.add_middleware(Edge, mode=cfg.auth, lookup=catalog.principal_for_key if catalog else None,
@@ -257,11 +252,13 @@ def _json(status: int, body: dict) -> Response:
 
 
 async def _janitor(svc: TinkerService, session_timeout_s: float, every_s: float = 30.0) -> None:
-    """Retention: expire delivered futures, checkpoints past their TTL, silent sessions."""
+    """Retention: expire delivered futures, fail those of dead servers, drop checkpoints past
+    their TTL, end silent sessions."""
     while True:
         await asyncio.sleep(every_s)
         try:
             svc.futures.expire()
+            svc.futures.recover()  # futures of servers that died (on a shared database)
             svc.checkpoints.gc_expired()
             svc.expire_sessions(session_timeout_s)
         except Exception:

@@ -436,7 +436,11 @@ def expired_revisions(conn: Connection, now: datetime) -> list[tuple[str, bool]]
 
 
 def referenced_blobs(conn: Connection) -> set[str]:
-    return set(conn.execute(select(t.revision_files.c.sha256).distinct()).scalars())
+    """Blobs a revision or a Tinker checkpoint (catalog/tinker_tables.py) names: gc keeps these."""
+    from lorafleet.catalog.tinker_tables import tinker_checkpoint_files
+
+    revs = select(t.revision_files.c.sha256)
+    return set(conn.execute(revs.union(select(tinker_checkpoint_files.c.sha256))).scalars())
 
 
 def all_files(conn: Connection) -> Iterable[tuple[str, str, str, int]]:

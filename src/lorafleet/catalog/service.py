@@ -305,12 +305,14 @@ class Catalog:
         kind: RevisionKind | str = RevisionKind.SAMPLER, step: int | None = None,
         provenance: Provenance | None = None, tinker_path: str | None = None,
         expires_at: datetime | None = None, aliases: Sequence[str] = (), reason: str | None = None,
+        on_commit: Callable[[Connection, Revision], None] | None = None,
     ) -> Revision:
         """Store `files` (filename -> bytes) and commit them as a new immutable revision.
 
         `provenance.parent_revision_id` may be any reference; it defaults to the policy's
         branch point for the first revision of a branched policy. `aliases` are moved to the
-        new revision in the same transaction.
+        new revision in the same transaction. `on_commit(conn, revision)` runs in that
+        transaction too (the Tinker service records its checkpoint row there: both or neither).
         """
         p = self._writable_policy(who, policy)
         kind = validate.revision_kind(kind)
@@ -324,12 +326,13 @@ class Catalog:
         for data in files.values():  # blobs first, fsynced; the row commits only after
             self.store.put(data)
         return self._commit_revision(who, p, manifest, kind, step, prov, parent, tinker_path,
-                                     expires_at, aliases, reason)
+                                     expires_at, aliases, reason, on_commit)
 
     def _commit_revision(
         self, who: Principal, p: Policy, manifest: Manifest, kind: RevisionKind, step: int | None,
         prov: Provenance, parent: str | None, tinker_path: str | None, expires_at: datetime | None,
         aliases: Sequence[str], reason: str | None,
+        on_commit: Callable[[Connection, Revision], None] | None = None,
     ) -> Revision:
         now = self.clock()
         try:
@@ -352,6 +355,8 @@ class Catalog:
                     _audit_alias(conn, p, repo.move_alias(conn, p, a, rev.id, action="set", actor=who.tenant,
                                                           reason=reason or "publish", now=now),
                                  AuditAction.ALIAS_SET)
+                if on_commit is not None:
+                    on_commit(conn, rev)
         except IntegrityError as e:
             if tinker_path:
                 raise Conflict(f"tinker path {tinker_path} already names a revision") from e

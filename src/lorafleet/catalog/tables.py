@@ -179,3 +179,6 @@ audit_events = Table(
     Column("reason", Text),
 )
 Index("ix_audit_events_tenant", audit_events.c.tenant, audit_events.c.id)
+
+# The Tinker service's tables share this metadata (and the migrations): registered on import.
+from lorafleet.catalog import tinker_tables as _tinker_tables  # noqa: E402,F401

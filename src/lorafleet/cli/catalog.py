@@ -95,10 +95,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("ref")
     p = _cmd(sub, "gc", _gc, "delete expired revisions and unreferenced blobs")
     p.add_argument("--grace-s", type=float, default=3600.0, help="keep unreferenced blobs younger than this")
-    p = _cmd(sub, "fsck", _fsck, "verify every revision's blobs against their sha256, and every "
-             "Tinker checkpoint row against its folder")
+    p = _cmd(sub, "fsck", _fsck, "verify every revision's and every Tinker checkpoint's blobs "
+             "against their sha256")
     p.add_argument("--state-dir", type=Path, default=None,
-                   help="the Tinker service's folder, as for serve (default: <lorafleet home>/tinker)")
+                   help="the --state-dir of serve, checked for Tinker state of a server before "
+                        "catalog migration 0004 (default: <lorafleet home>/tinker)")
 
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
     p = _cmd(keys, "create", _keys_create, "create an API key for a tenant (printed once)")
@@ -301,17 +302,14 @@ def _gc(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str]:
 
 
 def _fsck(cat: Catalog, a: argparse.Namespace) -> tuple[Any, str] | int:
-    from lorafleet.api.tinker.checkpoints import check_state
+    from lorafleet.api.tinker.state import check_state
 
     r = cat.check()
-    t = check_state(a.state_dir or paths_from_env().home / "tinker")
-    ok = r.ok and (t is None or t.ok)
+    t = check_state(cat, a.state_dir or paths_from_env().home / "tinker")
+    ok = r.ok and t.ok
     text = f"{r.revisions_checked} revisions checked, {len(r.problems)} problems, {r.unreferenced_blobs} unreferenced blobs"
-    lines = [*r.problems, text]
-    if t is not None:
-        lines += [*t.problems, f"{t.checkpoints_checked} Tinker checkpoints checked, "
-                  f"{len(t.problems)} problems, {t.tmp_folders} temporary folders, "
-                  f"{t.orphan_folders} folders without a row (interrupted writes)"]
+    lines = [*r.problems, text, *t.problems,
+             f"{t.checkpoints_checked} Tinker checkpoints checked, {len(t.problems)} problems"]
     if a.json:
         print(json.dumps(_plain(r) | {"ok": ok, "tinker": _plain(t)}, indent=2))
     else:

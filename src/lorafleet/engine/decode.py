@@ -21,6 +21,8 @@ are prefilled again; their sampling state is kept, so the tokens are unchanged).
 Each row samples from its own `torch.Generator` (seeded from the request's seed and the
 sample index), so a seeded request gives the same tokens whatever else is in the batch.
 Stop strings are checked on a tail window of the row's tokens, not the whole completion.
+Before choosing, each row's logits go through its logits pipeline (engine/logits.py: bias,
+min_tokens, penalties over the row's history, which the batch keeps aligned with its rows).
 
 Rows take their LoRA operands from the preallocated slot buffers (engine/slots.py) by a
 row -> slot index. The pure reference for all of this is `engine/generate.py` (one whole
@@ -39,9 +41,10 @@ from torch import Tensor
 
 from lorafleet.engine.generate import _generator, _routes_now
 from lorafleet.engine.jobs import Job, Sample
+from lorafleet.engine.logits import History, needs_history, process_logits
 from lorafleet.engine.sampling import choose_tokens
 from lorafleet.engine.slots import SlotTable
-from lorafleet.engine.types import SampledSequence, SampleRequest, SampleResult
+from lorafleet.engine.types import SampledSequence, SampleRequest, SampleResult, TopLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +78,17 @@ class _Row:
     stop_ids: frozenset[int]
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top: list[TopLogprobs] = field(default_factory=list)  # with params.top_logprobs
     routes: list[Tensor] = field(default_factory=list)
     stop_reason: str | None = None
 
     @property
     def params(self):
         return self.job.requests[self.request].params
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.job.requests[self.request].prompt
 
 
 @dataclass(slots=True, eq=False)
@@ -90,6 +98,7 @@ class _JobState:
     slots: list[int]  # SlotTable index per request (0: the base alone)
     results: list[list[SampledSequence | None]]
     prompt_lps: list[list[float | None] | None]
+    prompt_top: list[list[TopLogprobs | None] | None]
     left: int  # rows not finished yet
     failed: bool = False
 
@@ -105,6 +114,7 @@ class _Prefill:
     fed: int = 0
     kv: list[tuple[Tensor, Tensor]] | None = None
     lps: list[float | None] = field(default_factory=list)
+    top_lps: list[TopLogprobs | None] = field(default_factory=list)
     routes: list[Tensor] = field(default_factory=list)
     recompute: bool = False
     last_logits: Tensor | None = None  # [1, V] at the last position fed
@@ -117,11 +127,12 @@ class DecodeBatch:
         engine: the Engine (its model, LoRA runtime, tokenizer, routers).
         table: the adapter slots rows index (engine/slots.py).
         budgets: per-step limits.
-        on_token: (job, request, sample, token, logprob) for every chosen token.
+        on_token: (job, request, sample, token, logprob, top) for every chosen token; `top` is
+            the position's top-k (token, logprob) with params.top_logprobs = k, else None.
     """
 
     def __init__(self, engine, table: SlotTable, budgets: Budgets,
-                 on_token: Callable[[Job, int, int, int, float], None]) -> None:
+                 on_token: Callable[[Job, int, int, int, float, TopLogprobs | None], None]) -> None:
         self.engine = engine
         self.table = table
         self.budgets = budgets
@@ -134,6 +145,7 @@ class DecodeBatch:
         self.dtype = base.dtype
         self.device = engine.device
         self.router_paths = engine.router_paths
+        self.vocab = engine.info.vocab_size
         self.rows: list[_Row] = []
         self._empty()
         self._operands = None
@@ -255,24 +267,32 @@ class DecodeBatch:
             for b, row in enumerate(self.rows):
                 if row.job.requests[row.request].record_routes:
                     row.routes.append(step_routes[b])
-        tokens = self._choose(self.rows, out.logits[:, -1])
+        tokens = self._choose(self.rows, out.logits[:, -1], self.history)
+        if self.history is not None:
+            self.history.observe(tokens)
         self.pending = tokens.to(self.device)
         keep = [b for b, row in enumerate(self.rows) if row.stop_reason is None]
         if len(keep) < len(self.rows):
             self._select(keep)
 
-    def _choose(self, rows: list[_Row], logits_BV: Tensor) -> Tensor:
-        """Choose one token per row, report it, and mark rows that stop."""
+    def _choose(self, rows: list[_Row], logits_BV: Tensor, history: History | None = None) -> Tensor:
+        """Choose one token per row (after its logits pipeline), report it, and mark rows that stop."""
         params = [r.params for r in rows]
-        tokens, logprobs = choose_tokens(
+        chosen = choose_tokens(
             logits_BV, [p.temperature for p in params], [p.top_k for p in params],
             [p.top_p for p in params], [r.generator for r in rows],
+            processed_BV=process_logits(logits_BV, rows, history),
+            top_n=max(p.top_logprobs for p in params), min_ps=[p.min_p for p in params],
         )
+        tokens = chosen.tokens
         for b, row in enumerate(rows):
             tok = int(tokens[b])
+            top = chosen.top(b, row.params.top_logprobs)
             row.tokens.append(tok)
-            row.logprobs.append(float(logprobs[b]))
-            self.on_token(row.job.job, row.request, row.sample, tok, row.logprobs[-1])
+            row.logprobs.append(float(chosen.logprobs[b]))
+            if top is not None:
+                row.top.append(top)
+            self.on_token(row.job.job, row.request, row.sample, tok, row.logprobs[-1], top)
             if tok in row.stop_ids or self._hit_stop_string(row):
                 row.stop_reason = "stop"
             elif len(row.tokens) >= row.params.max_tokens:
@@ -286,20 +306,25 @@ class DecodeBatch:
 
         A token adds at least one character except for byte fragments of a multi-byte
         character (up to 4 tokens per character), so 4 tokens per character of the longest
-        stop string (plus slack) always cover it.
+        stop string (plus slack) always cover it. Before `min_tokens` tokens nothing stops,
+        and after them only a stop string that ends in the newest token's text does (vLLM).
         """
-        stops = row.params.stop_strings
-        if not stops:
+        stops, min_tokens = row.params.stop_strings, row.params.min_tokens
+        if not stops or len(row.tokens) <= min_tokens:
             return False
         window = 4 * max(len(s) for s in stops) + 4
         text = self.tokenizer.decode(row.tokens[-window:], skip_special_tokens=False)
-        return any(s in text for s in stops)
+        if not min_tokens:
+            return any(s in text for s in stops)
+        head = len(self.tokenizer.decode(row.tokens[-window:-1], skip_special_tokens=False))
+        return any(text.find(s, max(0, head - len(s) + 1)) >= 0 for s in stops)
 
     def _retire(self, row: _Row) -> None:
         state = row.job
         state.results[row.request][row.sample] = SampledSequence(
             tokens=row.tokens, logprobs=row.logprobs, stop_reason=row.stop_reason or "length",
             routes=torch.cat(row.routes, dim=1).cpu() if row.routes else None,
+            top_logprobs=row.top if row.params.top_logprobs else None,
         )
         self._end_rows(state, 1)
 
@@ -308,6 +333,7 @@ class DecodeBatch:
         self.mask: Tensor = torch.zeros(0, 0, dtype=torch.int64, device=self.device)
         self.pos: Tensor = torch.zeros(0, dtype=torch.int64, device=self.device)  # next position per row
         self.pending: Tensor = torch.zeros(0, dtype=torch.int64, device=self.device)  # chosen, not fed yet
+        self.history: History | None = None  # while some row has a penalty (engine/logits.py)
 
     def _select(self, keep: list[int]) -> None:
         """Keep only the batch rows `keep` (in order); trim KV columns no row uses."""
@@ -323,6 +349,8 @@ class DecodeBatch:
         self.mask = mask[:, start:]
         self.kv = [(k[idx, :, start:], v[idx, :, start:]) for k, v in self.kv]
         self.pos, self.pending = self.pos[idx], self.pending[idx]
+        if self.history is not None:
+            self.history = self.history.select(idx) if needs_history(self.rows) else None
 
     def _row_operands(self):
         if self._operands is None:
@@ -342,7 +370,7 @@ class DecodeBatch:
         from transformers.cache_utils import DynamicCache
 
         req = pre.job.requests[pre.request]
-        want_lp = req.prompt_logprobs and not pre.recompute
+        want_lp = (req.prompt_logprobs or req.topk_prompt_logprobs > 0) and not pre.recompute
         dev = self.device
         ids = torch.tensor([pre.ids[pre.fed: pre.fed + n]], dtype=torch.int64, device=dev)
         positions = torch.arange(pre.fed, pre.fed + n, dtype=torch.int64, device=dev)[None]
@@ -360,11 +388,15 @@ class DecodeBatch:
         if want_lp:
             if pre.fed == 0:
                 pre.lps.append(None)
+                pre.top_lps.append(None)
             lp = torch.log_softmax(out.logits[0].float(), dim=-1)
             targets = pre.ids[pre.fed + 1: pre.fed + n + 1]
             if targets:
                 t = torch.tensor(targets, dtype=torch.int64, device=lp.device)
                 pre.lps.extend(lp[: len(targets)].gather(1, t[:, None])[:, 0].tolist())
+                if req.topk_prompt_logprobs > 0:
+                    top = torch.topk(lp[: len(targets)], req.topk_prompt_logprobs, dim=-1)
+                    pre.top_lps.extend(list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist()))
         pre.fed += n
         pre.last_logits = out.logits[:, -1]
         self.stats["prefill_chunks"] += 1
@@ -375,6 +407,8 @@ class DecodeBatch:
         if not pre.recompute:
             if state.requests[pre.request].prompt_logprobs:
                 state.prompt_lps[pre.request] = pre.lps
+            if state.requests[pre.request].topk_prompt_logprobs > 0:
+                state.prompt_top[pre.request] = pre.top_lps
             if pre.routes and state.requests[pre.request].record_routes:
                 prompt_routes = torch.cat(pre.routes, dim=1)  # [layers, P, k]
                 for row in pre.rows:
@@ -412,6 +446,10 @@ class DecodeBatch:
             self.kv = [(torch.cat([k0, k1]), torch.cat([v0, v1])) for (k0, v0), (k1, v1) in zip(self.kv, kv)]
             self.mask = torch.cat([self.mask, mask_new])
         self.rows += rows
+        if self.history is not None:
+            self.history = self.history.cat(History.of(rows, self.vocab, self.device))
+        elif needs_history(rows):  # the first row with a penalty: the whole batch gets one
+            self.history = History.of(self.rows, self.vocab, self.device)
         self.pos = torch.cat([self.pos, torch.full((len(rows),), length, dtype=torch.int64, device=self.device)])
         self.pending = torch.cat([self.pending, tokens.to(self.device, torch.int64)])
         self._operands = None
@@ -460,11 +498,12 @@ def job_state(job: Job, slots: list[int]) -> _JobState:
     payload: Sample = job.payload  # type: ignore[assignment]
     reqs = payload.requests
     return _JobState(job, reqs, slots, [[None] * r.num_samples for r in reqs],
-                     [None] * len(reqs), left=sum(r.num_samples for r in reqs))
+                     [None] * len(reqs), [None] * len(reqs), left=sum(r.num_samples for r in reqs))
 
 
 def results(state: _JobState) -> list[SampleResult]:
-    return [SampleResult(sequences=list(seqs), prompt_logprobs=state.prompt_lps[i])  # type: ignore[arg-type]
+    return [SampleResult(sequences=list(seqs), prompt_logprobs=state.prompt_lps[i],  # type: ignore[arg-type]
+                         topk_prompt_logprobs=state.prompt_top[i])
             for i, seqs in enumerate(state.results)]
 
 

@@ -20,10 +20,11 @@ from torch import Tensor
 
 from lorafleet.engine.batch import right_pad, row_operands
 from lorafleet.engine.generate import generate
-from lorafleet.engine.types import SampleRequest, SampleResult
+from lorafleet.engine.logprobs import PromptScorer, PromptScores, PromptScoring
+from lorafleet.engine.types import MAX_TOP_LOGPROBS, SampleRequest, SampleResult, SamplingParams
 from lorafleet.errors import BadTokens, InvalidRequest, NotFound
 from lorafleet.lora.inject import inject
-from lorafleet.lora.layers import MultiLoraRouter
+from lorafleet.lora.layers import MultiLoraRouter, RowOperands
 from lorafleet.lora.io import from_peft_tensors, to_peft_tensors
 from lorafleet.lora.spec import LoraSpec
 from lorafleet.lora.weights import LoraWeights
@@ -70,6 +71,32 @@ def _leaves(weights: LoraWeights, device: torch.device) -> tuple[LoraWeights, li
     return LoraWeights(weights.spec, pairs), params, names
 
 
+def target_logprobs(logits_BTV: Tensor, targets: list[Tensor]) -> list[Tensor]:
+    """log p(target) of every row from one batch of logits: [N] for 1-D targets, [N, K] for
+    2-D ones (row b's targets are `targets[b]`, N its length). Differentiable.
+
+    All-1-D batches take the fused cross-entropy kernel; a batch with 2-D targets takes one
+    logsumexp over the vocabulary and a gather of its (padded) K columns, so a distillation
+    row costs the same forward as any other.
+    """
+    dev = logits_BTV.device
+    if all(t.ndim == 1 for t in targets):
+        targets_BT = right_pad(targets, pad=0).to(dev)
+        lp_BT = -F.cross_entropy(
+            logits_BTV.float().flatten(0, 1), targets_BT.flatten(), reduction="none"
+        ).view(targets_BT.shape)
+        return [lp_BT[b, : len(t)] for b, t in enumerate(targets)]
+    k = max(t.shape[1] if t.ndim == 2 else 1 for t in targets)
+    targets_BTK = torch.zeros(len(targets), logits_BTV.shape[1], k, dtype=torch.int64)
+    for b, t in enumerate(targets):
+        t2 = t if t.ndim == 2 else t[:, None]
+        targets_BTK[b, : t2.shape[0], : t2.shape[1]] = t2
+    logits = logits_BTV.float()
+    lp_BTK = logits.gather(-1, targets_BTK.to(dev)) - torch.logsumexp(logits, dim=-1, keepdim=True)
+    return [lp_BTK[b, : len(t), : t.shape[1]] if t.ndim == 2 else lp_BTK[b, : len(t), 0]
+            for b, t in enumerate(targets)]
+
+
 class Engine:
     """Trains and samples any number of LoRA adapters over one frozen base model."""
 
@@ -77,7 +104,7 @@ class Engine:
         self.base = base
         self.info = base.info
         self.device = next(base.model.parameters()).device
-        self.runtime = inject(base.model, base.info.lora_modules)
+        self.runtime = inject(base.model, base.info.lora_modules + base.info.unembed)
         # MoE routers in layer order: the first axis of recorded / replayed routes
         self.router_paths = [m.path for m in base.model.modules() if isinstance(m, MultiLoraRouter)]
         self._adapters: dict[int, _Live] = {}
@@ -204,25 +231,22 @@ class Engine:
         dev = self.device
         slot_B = torch.tensor([ri for ri, _ in rows], device=dev)
         tokens_BT = right_pad([d.tokens.to(torch.int64) for _, d in rows], pad=0).to(dev)
-        targets_BT = right_pad([d.loss_inputs["target_tokens"].to(torch.int64) for _, d in rows], pad=0).to(dev)
+        targets = [d.loss_inputs["target_tokens"].to(torch.int64) for _, d in rows]
         with torch.set_grad_enabled(train):
             operands = row_operands(slots, slot_B, self.base.dtype)
             replay = self._replay(reqs, rows, tokens_BT.shape[1])
             # right padding needs no mask: causal attention never looks at later positions
             with self.runtime.use(operands), self.runtime.routes(replay=replay):
                 logits_BTV = self.base.model(input_ids=tokens_BT, use_cache=False).logits
-            lp_BT = -F.cross_entropy(
-                logits_BTV.float().flatten(0, 1), targets_BT.flatten(), reduction="none"
-            ).view(targets_BT.shape)
+            lp_rows = target_logprobs(logits_BTV, targets)
             outputs: list[list[dict[str, Tensor]]] = [[] for _ in reqs]
-            sums: list[Tensor] = [lp_BT.new_zeros(()) for _ in reqs]
+            sums: list[Tensor] = [lp_rows[0].new_zeros(()) for _ in reqs]
             for b, (ri, d) in enumerate(rows):
-                n = d.tokens.shape[0]
                 inputs = {k: v.to(dev) for k, v in d.loss_inputs.items()}
-                loss_N = losses.elementwise_loss(reqs[ri].loss_fn, lp_BT[b, :n], inputs, configs[ri])
+                loss_N = losses.elementwise_loss(reqs[ri].loss_fn, lp_rows[b], inputs, configs[ri])
                 sums[ri] = sums[ri] + loss_N.sum()
-                outputs[ri].append({"logprobs": lp_BT[b, :n].detach().clone(), "elementwise_loss": loss_N.detach().clone()})
-            total = sum((s for s, r in zip(sums, reqs) if not r.forward_only), lp_BT.new_zeros(()))
+                outputs[ri].append({"logprobs": lp_rows[b].detach().clone(), "elementwise_loss": loss_N.detach().clone()})
+            total = sum((s for s, r in zip(sums, reqs) if not r.forward_only), lp_rows[0].new_zeros(()))
             if train and total.requires_grad:
                 total.backward()
         return [
@@ -286,8 +310,34 @@ class Engine:
             raise InvalidRequest(f"top_k must be -1 (off) or >= 0, got {p.top_k}")
         if p.stop_token_ids is not None:
             self._check_ids(torch.tensor(list(p.stop_token_ids), dtype=torch.int64), "stop token ids")
+        self._check_logits_params(p, req)
         if req.record_routes and not self.router_paths:
             raise InvalidRequest(f"record_routes: {self.info.name} is not a mixture of experts")
+
+    def _check_logits_params(self, p: SamplingParams, req: SampleRequest) -> None:
+        """The settings of the logits pipeline (engine/logits.py) and of top-k logprobs."""
+        for name, value, lo, hi in (("presence_penalty", p.presence_penalty, -2.0, 2.0),
+                                    ("frequency_penalty", p.frequency_penalty, -2.0, 2.0)):
+            if not lo <= value <= hi:
+                raise InvalidRequest(f"{name} must be in [{lo}, {hi}], got {value}")
+        if not (0 < p.repetition_penalty <= 2.0):
+            raise InvalidRequest(f"repetition_penalty must be in (0, 2], got {p.repetition_penalty}")
+        if p.logit_bias:
+            self._check_ids(torch.tensor([t for t, _ in p.logit_bias], dtype=torch.int64), "logit_bias token ids")
+            bad = [v for _, v in p.logit_bias if not -100 <= v <= 100]
+            if bad:
+                raise InvalidRequest(f"logit_bias values must be in [-100, 100], got {bad[0]}")
+        if not 0 <= p.min_p <= 1:
+            raise InvalidRequest(f"min_p must be in [0, 1], got {p.min_p}")
+        if p.allowed_token_ids is not None:
+            if not p.allowed_token_ids:
+                raise InvalidRequest("allowed_token_ids must not be empty")
+            self._check_ids(torch.tensor(p.allowed_token_ids, dtype=torch.int64), "allowed_token_ids")
+        if not 0 <= p.min_tokens <= p.max_tokens:
+            raise InvalidRequest(f"min_tokens must be in [0, max_tokens = {p.max_tokens}], got {p.min_tokens}")
+        for name, k in (("top_logprobs", p.top_logprobs), ("topk_prompt_logprobs", req.topk_prompt_logprobs)):
+            if not 0 <= k <= MAX_TOP_LOGPROBS:
+                raise InvalidRequest(f"{name} must be in [0, {MAX_TOP_LOGPROBS}], got {k}")
 
     def sample(self, reqs: list[SampleRequest],
                on_token: Callable[[int, int, int, float], bool | None] | None = None) -> list[SampleResult]:
@@ -304,6 +354,29 @@ class Engine:
             self.base.model, self.runtime, self.base.tokenizer, self.base.eos_token_id, reqs, adapters,
             router_paths=self.router_paths, on_token=on_token,
         )
+
+    @torch.no_grad()
+    def score_prompt(self, prompt: list[int], scoring: PromptScoring, operands: RowOperands,
+                     chunk: int = 512) -> tuple[PromptScores, Tensor]:
+        """One forward of `prompt` (in chunks over a KV cache, one row, the given LoRA operands):
+        its `PromptScores` and the logits [1, V] after its last token (to sample from)."""
+        from transformers.cache_utils import DynamicCache
+
+        scorer = PromptScorer(prompt, scoring)
+        cache = DynamicCache()
+        ids = torch.tensor([prompt], dtype=torch.int64, device=self.device)
+        last = None
+        with self.runtime.use(operands):
+            for start in range(0, len(prompt), chunk):
+                end = min(start + chunk, len(prompt))
+                out = self.base.model(input_ids=ids[:, start:end], cache=cache, use_cache=True,
+                                      position_ids=torch.arange(start, end, device=self.device)[None],
+                                      logits_to_keep=0 if scoring.full_logits else 1)
+                cache = out.cache
+                if scoring.full_logits:
+                    scorer.feed(start, out.logits[0])
+                last = out.logits[:, -1]
+        return scorer.result(), last
 
     def decode_forward(self, **inputs):
         """One model forward of the continuous decoder (a prefill chunk or a decode step)."""

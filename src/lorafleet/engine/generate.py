@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from lorafleet.engine.batch import left_pad, row_operands, select_rows
+from lorafleet.engine.logits import process_logits
 from lorafleet.engine.sampling import choose_tokens
-from lorafleet.engine.types import SampledSequence, SampleRequest, SampleResult
+from lorafleet.engine.types import SampledSequence, SampleRequest, SampleResult, SamplingParams, TopLogprobs
 from lorafleet.lora.layers import LoraRuntime
 from lorafleet.lora.weights import LoraWeights
 
@@ -30,6 +31,9 @@ class _Row:
     stop_ids: set[int]
     tokens: list[int]
     logprobs: list[float]
+    params: SamplingParams
+    prompt: list[int]
+    top: list[TopLogprobs] = field(default_factory=list)
     stop_reason: str | None = None
     routes: list[Tensor] = field(default_factory=list)  # [moe_layers, positions, k] chunks, if recorded
 
@@ -44,18 +48,28 @@ def _generator(seed: int | None, sample_index: int) -> torch.Generator:
 
 
 def _hit_stop_string(tokenizer, row: _Row, stops: tuple[str, ...]) -> bool:
-    if not stops:
+    """A stop string in the completion; with min_tokens, only after them and only one that
+    ends in the newest token's text (what engine/decode.py does incrementally)."""
+    min_tokens = row.params.min_tokens
+    if not stops or len(row.tokens) <= min_tokens:
         return False
     text = tokenizer.decode(row.tokens, skip_special_tokens=False)
-    return any(s in text for s in stops)
+    if not min_tokens:
+        return any(s in text for s in stops)
+    head = len(tokenizer.decode(row.tokens[:-1], skip_special_tokens=False))
+    return any(text.find(s, max(0, head - len(s) + 1)) >= 0 for s in stops)
 
 
-def _prompt_logprobs(logits_TV: Tensor, prompt: list[int]) -> list[float | None]:
-    """log p(prompt[i] | prompt[:i]) for i >= 1; `logits_TV` are the prompt's last len(prompt) positions."""
+def _prompt_logprobs(logits_TV: Tensor, prompt: list[int], k: int = 0) -> tuple[list[float | None], list | None]:
+    """log p(prompt[i] | prompt[:i]) for i >= 1, and with k > 0 the top k (token, logprob) of
+    each of those positions; `logits_TV` are the prompt's last len(prompt) positions."""
     lp = torch.log_softmax(logits_TV[:-1].float(), dim=-1)
     targets = torch.tensor(prompt[1:], dtype=torch.int64, device=lp.device)
     values = lp.gather(1, targets[:, None])[:, 0].tolist()
-    return [None, *values]
+    if k <= 0:
+        return [None, *values], None
+    top = torch.topk(lp, k, dim=-1)
+    return [None, *values], [None, *(list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist()))]
 
 
 @torch.no_grad()
@@ -93,7 +107,7 @@ def generate(
     req_slot = torch.tensor([slot_of[id(w) if w is not None else 0] for w in adapters], device=dev)
     operands = row_operands(slots, req_slot, dtype) if any(w is not None for w in slots) else {}
 
-    want_prompt_lp = any(r.prompt_logprobs for r in requests)
+    want_prompt_lp = any(r.prompt_logprobs or r.topk_prompt_logprobs for r in requests)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     with runtime.use(operands), runtime.routes(record=record):
         out = model(
@@ -103,7 +117,8 @@ def generate(
     prompt_routes = _routes_now(record, router_paths, ids.shape[0])
     cache = out.cache
     prompt_lps = [
-        _prompt_logprobs(out.logits[i, ids.shape[1] - len(r.prompt):], r.prompt) if r.prompt_logprobs else None
+        _prompt_logprobs(out.logits[i, ids.shape[1] - len(r.prompt):], r.prompt, r.topk_prompt_logprobs)
+        if r.prompt_logprobs or r.topk_prompt_logprobs else (None, None)
         for i, r in enumerate(requests)
     ]
 
@@ -117,6 +132,8 @@ def generate(
             stop_ids={eos_id} if r.params.stop_token_ids is None else set(r.params.stop_token_ids),
             tokens=[],
             logprobs=[],
+            params=r.params,
+            prompt=r.prompt,
         )
         for i, r in enumerate(requests)
         for k in range(r.num_samples)
@@ -134,19 +151,25 @@ def generate(
 
     while live:
         params = [requests[rows[j].request].params for j in live]
-        tokens, logprobs = choose_tokens(
+        chosen = choose_tokens(
             logits,
             [p.temperature for p in params],
             [p.top_k for p in params],
             [p.top_p for p in params],
             [rows[j].generator for j in live],
+            processed_BV=process_logits(logits, [rows[j] for j in live]),  # history rebuilt per step
+            top_n=max(p.top_logprobs for p in params), min_ps=[p.min_p for p in params],
         )
+        tokens = chosen.tokens
         keep: list[int] = []
         for b, j in enumerate(live):
             row, p = rows[j], params[b]
             tok = int(tokens[b])
             row.tokens.append(tok)
-            row.logprobs.append(float(logprobs[b]))
+            row.logprobs.append(float(chosen.logprobs[b]))
+            top = chosen.top(b, p.top_logprobs)
+            if top is not None:
+                row.top.append(top)
             if on_token is not None and on_token(row.request, row.sample, tok, row.logprobs[-1]):
                 row.stop_reason = "abort"
             elif tok in row.stop_ids or _hit_stop_string(tokenizer, row, p.stop_strings):
@@ -184,11 +207,14 @@ def generate(
             SampledSequence(
                 tokens=row.tokens, logprobs=row.logprobs, stop_reason=row.stop_reason or "length",
                 routes=torch.cat(row.routes, dim=1).cpu() if row.routes else None,
+                top_logprobs=row.top if row.params.top_logprobs else None,
             )
             for row in rows
             if row.request == i
         ]
-        results.append(SampleResult(sequences=seqs, prompt_logprobs=prompt_lps[i]))
+        plp, ptop = prompt_lps[i]
+        results.append(SampleResult(sequences=seqs, prompt_logprobs=plp if r.prompt_logprobs else None,
+                                    topk_prompt_logprobs=ptop))
     return results
 
 

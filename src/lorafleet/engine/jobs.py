@@ -3,7 +3,7 @@
 The service layer (api/tinker, api/openai) validates a request once and builds a `Job` with
 a typed payload; the scheduler (engine/scheduler.py) runs it and reports through the job's
 `Sink`: `done(job, result)` or `failed(job, error)` exactly once, and `on_token` for every
-token a sample job's rows choose. The engine knows no wire format, future table or database:
+token a sample job's rows choose (with its top-k logprobs when the request asked for them). The engine knows no wire format, future table or database:
 what a result means to a client is the sink's business (api/tinker/jobs.py, api/openai).
 
 Results per kind: CREATE_RUN / LOAD_RUN / LOAD_WEIGHTS / UNLOAD_RUN -> `RunState`;
@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from lorafleet.engine.types import SampleRequest
+from lorafleet.engine.types import SampleRequest, TopLogprobs
 from lorafleet.lora.spec import LoraSpec
 from lorafleet.lora.weights import LoraWeights
 from lorafleet.train.types import AdamParams, Datum
@@ -170,7 +170,8 @@ class Sink(Protocol):
 
     def failed(self, job: Job, error: Exception) -> None: ...
 
-    def on_token(self, job: Job, request: int, sample: int, token: int, logprob: float) -> None: ...
+    def on_token(self, job: Job, request: int, sample: int, token: int, logprob: float,
+                 top: TopLogprobs | None = None) -> None: ...
 
 
 @dataclass(eq=False, slots=True)
@@ -213,5 +214,6 @@ class NullSink:
     def failed(self, job: Job, error: Exception) -> None:
         pass
 
-    def on_token(self, job: Job, request: int, sample: int, token: int, logprob: float) -> None:
+    def on_token(self, job: Job, request: int, sample: int, token: int, logprob: float,
+                 top: TopLogprobs | None = None) -> None:
         pass

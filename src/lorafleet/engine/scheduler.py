@@ -41,11 +41,13 @@ from typing import Any
 
 import torch
 
+from lorafleet.engine import scoring
 from lorafleet.engine.decode import Budgets, DecodeBatch, job_state, results
 from lorafleet.engine.jobs import UNORDERED, Job, WorkKind
 from lorafleet.engine.queues import SampleQueue
 from lorafleet.engine.residency import Residency
 from lorafleet.engine.training import Training, fused_token_cap
+from lorafleet.engine.types import TopLogprobs
 from lorafleet.errors import Cancelled, NoCapacity, NotFound
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,8 @@ class Scheduler:
         self.samples = SampleQueue(max_jobs=max_sample_queue)
         self.decode = DecodeBatch(engine, self.residency.table, budgets or Budgets(), self._on_token)
         self._unordered: list[Job] = []
+        self._scored: dict[Job, scoring.Scored] = {}  # decoding jobs' prompt scores (engine/scoring.py)
+        self._scored_tokens = 0  # prompt tokens scored in the current sampling step
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{base.name}", daemon=True)
@@ -263,6 +267,7 @@ class Scheduler:
         if self._closed is not None:
             self._fail_decoding(NoCapacity(self._closed))
             return
+        self._scored_tokens = 0
         try:
             with torch.no_grad():
                 self.decode.step(self._admit_next)
@@ -275,6 +280,7 @@ class Scheduler:
 
     def _fail_decoding(self, error: Exception) -> None:
         for state in self.decode.clear():
+            self._scored.pop(state.job, None)
             if not state.failed:
                 self._end_sample(state.job, error)
 
@@ -284,17 +290,25 @@ class Scheduler:
             if job.payload.lease is not None:  # type: ignore[union-attr]
                 job.payload.lease.release()  # type: ignore[union-attr]
             if state.failed:
+                self._scored.pop(job, None)
                 continue  # reported when it failed
+            scored = self._scored.pop(job, None)
             if job.cancelled:
                 self._report(job, Cancelled("the client went away"))
             else:
-                self._report(job, results(state))
+                res = results(state)
+                self._report(job, res if scored is None else scoring.attach(res, scored))
             if self.metrics is not None:
                 self.metrics.batch_size.labels("sample").observe(sum(r.num_samples for r in state.requests))
 
     def _admit_next(self) -> bool:
-        """Admit the next sample job that fits (least-served adapter first); False if none."""
+        """Admit the next sample job that fits (least-served adapter first); False if none.
+
+        Prompts scored this step count against the step's token budget, so a queue of
+        scoring-only jobs (a teacher's top-k) cannot hold decoding rows for more than a step."""
         while True:
+            if self._scored_tokens >= self.decode.budgets.max_num_batched_tokens:
+                return False
             running = self._running_per_adapter()
             job = self.samples.pop(lambda key: running.get(key, 0), self._fits)
             if job is None:
@@ -333,6 +347,18 @@ class Scheduler:
         if not p.requests:  # type: ignore[union-attr]  # a warm-up: the adapter is in a slot now
             self._end_sample(job, [])
             return False
+        if scoring.wants_scores(p.requests):  # type: ignore[union-attr]  # one forward of the prompt
+            self._scored_tokens += sum(len(r.prompt) for r in p.requests if r.scoring is not None)  # type: ignore[union-attr]
+            try:
+                scored = scoring.score(self.engine, p.requests, scoring.operands_for(self.residency.table, slot))  # type: ignore[union-attr]
+                if scoring.answerable(p.requests):  # type: ignore[union-attr]
+                    on_token = lambda r, k, t, lp, top: self._on_token(job, r, k, t, lp, top)  # noqa: E731
+                    self._end_sample(job, scoring.one_token_results(self.engine, p.requests, scored, on_token))  # type: ignore[union-attr]
+                    return False
+            except Exception as e:
+                self._end_sample(job, e)
+                return False
+            self._scored[job] = scored
         self.decode.admit(job_state(job, [slot] * len(p.requests)))  # type: ignore[union-attr]
         return True
 
@@ -341,11 +367,12 @@ class Scheduler:
             job.payload.lease.release()  # type: ignore[union-attr]
         self._report(job, outcome)
 
-    def _on_token(self, job: Job, request: int, sample: int, token: int, logprob: float) -> None:
+    def _on_token(self, job: Job, request: int, sample: int, token: int, logprob: float,
+                  top: TopLogprobs | None) -> None:
         if job.cancelled:
             return
         try:
-            job.sink.on_token(job, request, sample, token, logprob)
+            job.sink.on_token(job, request, sample, token, logprob, top)
         except Exception:  # a streaming client's callback failed: its rows leave, nobody else's
             log.exception("on_token failed; cancelling the job")
             job.cancel()

@@ -20,7 +20,11 @@ LINEAR_MODULES = ATTN_MODULES + MLP_MODULES
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The MoE router (`mlp.gate`, [num_experts, hidden]); opt-in, never part of the default targets.
 ROUTER_MODULES = ("gate",)
-SUPPORTED_MODULES = LINEAR_MODULES + ROUTER_MODULES
+# The LM head (`lm_head`, [vocab, hidden]; Tinker's `train_unembed`); opt-in too. On bases with
+# tied embeddings the LoRA adds to the head's output only, as PEFT's does: the input embedding
+# stays the base's.
+UNEMBED_MODULES = ("lm_head",)
+SUPPORTED_MODULES = LINEAR_MODULES + ROUTER_MODULES + UNEMBED_MODULES
 # PEFT `target_parameters` on transformers' fused expert tensors -> our projection names.
 PEFT_EXPERT_PARAMETERS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 MAX_RANK = 128
@@ -34,7 +38,7 @@ class LoraSpec:
         rank: `r`, 1..128.
         alpha: `lora_alpha`; the update is scaled by alpha/r (alpha/sqrt(r) with rslora).
         target_modules: projection names (PEFT's `target_modules`), a subset of LINEAR_MODULES, plus
-            `gate` (the router) on MoE bases. On a MoE base the MLP names put one LoRA on every
+            `gate` (the router) on MoE bases and `lm_head` (the LM head). On a MoE base the MLP names put one LoRA on every
             routed expert's projection (and one on the shared expert, if any).
         use_rslora: rank-stabilised scaling.
     """

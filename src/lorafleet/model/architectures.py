@@ -9,6 +9,8 @@ LoRA sites are found from the model's own modules, never from a fixed path map:
 - every sparse MoE block whose `experts` module holds fused 3-D expert tensors in a layout
   `lora.moe` knows (`EXPERT_LAYOUTS`) gives one packed site per projection,
   `...mlp.experts.{gate_proj|up_proj|down_proj}` (A [E, r, in], B [E, out, r]);
+- the LM head `lm_head` (an `nn.Linear` on the model itself) is a site, opt-in (Tinker's
+  `train_unembed`): it is not among `BaseInfo.lora_modules`, see `BaseInfo.unembed`;
 - its router `...mlp.gate` is a site when it is a plain top-k softmax router, which
   `MultiLoraRouter` reproduces exactly (Qwen2/Qwen3-MoE, OLMoE, Mixtral). Grouped or
   sigmoid routers (DeepSeek) and biased top-k-then-softmax ones (gpt-oss) stay frozen and
@@ -59,11 +61,13 @@ class Site:
 
     @property
     def proj(self) -> str:
-        return self.path.rsplit(".", 1)[1]
+        return self.path.rsplit(".", 1)[-1]
 
     @property
     def layer(self) -> int:
-        return int(LAYER.search(self.path).group(1))  # type: ignore[union-attr]
+        """The decoder layer of the site; the LM head comes after the last layer."""
+        m = LAYER.search(self.path)
+        return int(m.group(1)) if m else 1 << 30
 
 
 def expert_layout(experts: nn.Module) -> str | None:
@@ -125,6 +129,9 @@ def lora_sites(model: nn.Module) -> list[Site]:
         router = softmax_router(block)
         if router is not None:
             sites.append(Site(f"{block_path}.gate", int(router.weight.shape[0]), int(router.weight.shape[1])))
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Linear):  # the LM head (Tinker's train_unembed), after the layers
+        sites.append(Site("lm_head", head.out_features, head.in_features))
     order = {m: i for i, m in enumerate(SUPPORTED_MODULES)}
     sites.sort(key=lambda s: (s.layer, order[s.proj], 0 if ".experts." in s.path else 1))
     return sites

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from lorafleet.config import Paths
 from lorafleet.errors import IncompatibleAdapter, UnknownBaseModel
-from lorafleet.lora.spec import SUPPORTED_MODULES, LoraSpec
+from lorafleet.lora.spec import SUPPORTED_MODULES, UNEMBED_MODULES, LoraSpec
 from lorafleet.model import gguf, smollm2, sources
 from lorafleet.model.architectures import LAYER, Site, check_supported, lora_sites, meta_model
 from lorafleet.model.files import sha256_file
@@ -74,9 +74,15 @@ class BaseInfo:
 
     @property
     def lora_modules(self) -> tuple[str, ...]:
-        """Projection names that take a LoRA on this base, in canonical order."""
+        """Projection names inside the decoder layers that take a LoRA on this base, in
+        canonical order (the LM head, opt-in, is `unembed`)."""
         present = {s.proj for s in self.sites.values()}
-        return tuple(m for m in SUPPORTED_MODULES if m in present)
+        return tuple(m for m in SUPPORTED_MODULES if m in present and m not in UNEMBED_MODULES)
+
+    @property
+    def unembed(self) -> tuple[str, ...]:
+        """`("lm_head",)` when the LM head takes a LoRA (Tinker's train_unembed), else ()."""
+        return tuple(m for m in UNEMBED_MODULES if m in self.sites)
 
     @property
     def module_shapes(self) -> dict[str, tuple[int, int]]:
@@ -239,11 +245,11 @@ def lora_shape(info: BaseInfo, path: str) -> tuple[int, int, int, str]:
 
 def check_targets(info: BaseInfo, spec: LoraSpec) -> None:
     """Raise IncompatibleAdapter unless `info` takes a LoRA on every target module of `spec`."""
-    missing = set(spec.target_modules) - set(info.lora_modules)
+    missing = set(spec.target_modules) - set(info.lora_modules) - set(info.unembed)
     if missing:
         raise IncompatibleAdapter(
             f"target modules {sorted(missing)} do not exist on {info.name}; "
-            f"it takes LoRA on {list(info.lora_modules)}"
+            f"it takes LoRA on {list(info.lora_modules + info.unembed)}"
         )
 
 

@@ -15,12 +15,17 @@ from lorafleet.api.auth import get_tenant
 from lorafleet.api.checks import refuse_nul_params
 from lorafleet.api.errors import body as error_body
 from lorafleet.api.errors import client_message, status_for
+from lorafleet.api.openai import logprobs as lp
 from lorafleet.api.openai import schemas as s
+from lorafleet.api.openai.params import (
+    Output, candidates, chat_logprobs, completion_logprobs, refuse_unsupported, sampling,
+)
+from lorafleet.api.openai.params import max_tokens as max_tokens_of
 from lorafleet.api.openai.service import OpenAIService, Target
-from lorafleet.api.openai.text import IncrementalText, truncate_at_stop
+from lorafleet.api.openai.text import IncrementalText, final_text
 from lorafleet.api.tinker.catalog_bridge import policy_name
 from lorafleet.catalog.records import Principal
-from lorafleet.engine.types import SampleResult, SamplingParams
+from lorafleet.engine.types import SampledSequence, SampleResult, SamplingParams
 from lorafleet.errors import InvalidRequest, LorafleetError
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(refuse_nul_params)])
@@ -29,31 +34,6 @@ DEFAULT_MAX_TOKENS = 16
 
 def get_service(request: Request) -> OpenAIService:
     return request.app.state.openai
-
-
-def _refuse_unsupported(req: s._Request) -> None:
-    bad = [name for name, ok in (
-        ("presence_penalty", req.presence_penalty == 0),
-        ("frequency_penalty", req.frequency_penalty == 0),
-        ("logit_bias", not req.logit_bias),
-        ("best_of", getattr(req, "best_of", None) in (None, 1, req.n)),
-        ("echo", not getattr(req, "echo", False)),
-        ("suffix", getattr(req, "suffix", None) is None),
-        ("tools", not getattr(req, "tools", None)),
-    ) if not ok]
-    fmt = getattr(req, "response_format", None)
-    if fmt and fmt.get("type", "text") != "text":
-        bad.append("response_format")
-    if bad:
-        raise InvalidRequest(f"not supported by this server: {', '.join(bad)} (leave them unset)")
-
-
-def _params(req: s._Request, max_tokens: int) -> SamplingParams:
-    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stops) > 16 or any(not x for x in stops):
-        raise InvalidRequest("stop must be up to 16 non-empty strings")
-    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                          top_k=req.top_k, seed=req.seed, stop_strings=tuple(stops))
 
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (each x n choices)
@@ -104,109 +84,146 @@ def _check_context(svc: OpenAIService, target: Target, prompts: list[list[int]],
         svc.check_context(target, len(p), max_tokens)
 
 
-def _finish(tokenizer, tokens: list[int], reason: str, stops: list[str]) -> tuple[str, str]:
-    text, hit = truncate_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
-    return text, "stop" if hit else reason
-
-
-def _usage(prompts: list[list[int]], results: list[SampleResult]) -> s.Usage:
+def _usage(prompts: list[list[int]], completion_tokens: int) -> s.Usage:
     p = sum(len(x) for x in prompts)
-    c = sum(len(q.tokens) for r in results for q in r.sequences)
-    return s.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+    return s.Usage(prompt_tokens=p, completion_tokens=completion_tokens, total_tokens=p + completion_tokens)
 
 
-def _piece(tokenizer, token: int) -> str:
-    return tokenizer.decode([token], skip_special_tokens=False)
+def _generated(results: list[SampleResult]) -> int:
+    """Tokens generated, every candidate counted (best_of ones not returned too)."""
+    return sum(len(q.tokens) for r in results for q in r.sequences)
+
+
+def _best(seqs: list[SampledSequence], n: int) -> list[SampledSequence]:
+    """best_of: the n candidates with the highest cumulative (raw) logprob, best first."""
+    if len(seqs) == n:
+        return seqs
+    return sorted(seqs, key=lambda q: sum(q.logprobs), reverse=True)[:n]
+
+
+def _setup(svc: OpenAIService, req: s._Request, target: Target, max_tokens: int, top: int | None):
+    eos, vocab = svc.vocab(target)
+    return sampling(req, max_tokens, eos, vocab, top)
 
 
 @router.post("/completions", response_model=None)
 async def completions(req: s.CompletionRequest, who: Principal = Depends(get_tenant),
                       svc: OpenAIService = Depends(get_service)):
-    _refuse_unsupported(req)
-    max_tokens = req.max_tokens or DEFAULT_MAX_TOKENS
-    params = _params(req, max_tokens)
+    refuse_unsupported(req, chat=False)
+    rows = candidates(req)
+    asked, max_tokens = max_tokens_of(req, DEFAULT_MAX_TOKENS)
     target = svc.resolve(req.model, who)  # once: the request runs on this revision
+    params, out = _setup(svc, req, target, max_tokens, completion_logprobs(req))
     tokenizer = svc.tokenizer(target)
     texts = [req.prompt] if isinstance(req.prompt, str) else [x for x in req.prompt if isinstance(x, str)]
     svc.check_prompt_chars(target, max(map(len, texts), default=0))
     prompts = await svc.tokenize(_completion_prompts, tokenizer, req.prompt)
     _check_context(svc, target, prompts, max_tokens)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    stops = list(params.stop_strings)
+    echoes = [_echo_text(tokenizer, p, texts[i] if len(texts) == len(prompts) else None, out) if req.echo else ""
+              for i, p in enumerate(prompts)]
     if req.stream:
-        return await _sse(svc, target, prompts, params, req.n, lambda i, delta, reason: s.Completion(
-            id=rid, created=created, model=req.model,
-            choices=[s.CompletionChoice(index=i, text=delta or "", finish_reason=reason)]).model_dump(exclude_none=True))
-    results = await svc.sample(target, prompts, params, req.n)
+        def chunk(i: int, delta: str | None, reason: str | None, entries: list[lp.Entry], offset: int) -> dict:
+            logprobs = lp.completion(tokenizer, entries, out.logprobs, out.as_ids, offset) \
+                if out.logprobs is not None and entries else None
+            return s.Completion(id=rid, created=created, model=req.model, choices=[s.CompletionChoice(
+                index=i, text=delta or "", finish_reason=reason, logprobs=logprobs)]).model_dump(exclude_none=True)
+        return await _sse(svc, target, prompts, params, out, req, req.n, chunk, echoes)
+    scoring = out.logprobs if req.echo and out.logprobs is not None else None
+    results = await svc.sample(target, prompts, params, rows, prompt_logprobs=scoring)
+    if asked == 0:  # echo alone: the one token the engine generated is not part of the answer
+        results = [SampleResult([SampledSequence([], [], "length", top_logprobs=[]) for _ in r.sequences],
+                                r.prompt_logprobs, r.topk_prompt_logprobs) for r in results]
     choices = []
     for pi, res in enumerate(results):
-        for k, seq in enumerate(res.sequences):
-            text, reason = _finish(tokenizer, seq.tokens, seq.stop_reason, stops)
-            lp = None
-            if req.logprobs is not None:
-                pieces = [_piece(tokenizer, t) for t in seq.tokens]
-                offsets = [sum(len(x) for x in pieces[:j]) for j in range(len(pieces))]
-                lp = s.CompletionLogprobs(
-                    tokens=pieces, token_logprobs=seq.logprobs, text_offset=offsets,
-                    top_logprobs=[{p: v} for p, v in zip(pieces, seq.logprobs)] if req.logprobs else None)
-            choices.append(s.CompletionChoice(index=pi * req.n + k, text=text, finish_reason=reason, logprobs=lp))
-    return s.Completion(id=rid, created=created, model=req.model, choices=choices, usage=_usage(prompts, results))
+        for k, seq in enumerate(_best(res.sequences, req.n)):
+            text, reason = final_text(tokenizer, seq.tokens, seq.stop_reason, out)
+            logprobs = None
+            if out.logprobs is not None:
+                entries = lp.sequence_entries(seq)
+                if req.echo:
+                    entries = lp.prompt_entries(prompts[pi], res.prompt_logprobs, res.topk_prompt_logprobs) + entries
+                logprobs = lp.completion(tokenizer, entries, out.logprobs, out.as_ids)
+            choices.append(s.CompletionChoice(index=pi * req.n + k, text=echoes[pi] + text, finish_reason=reason,
+                                              logprobs=logprobs))
+    return s.Completion(id=rid, created=created, model=req.model, choices=choices,
+                        usage=_usage(prompts, _generated(results)))
+
+
+def _echo_text(tokenizer, prompt: list[int], text: str | None, out) -> str:
+    """The prompt as echoed: the string given, or its token ids decoded."""
+    return text if text is not None else tokenizer.decode(prompt, skip_special_tokens=out.skip_special)
 
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(req: s.ChatCompletionRequest, who: Principal = Depends(get_tenant),
                            svc: OpenAIService = Depends(get_service)):
-    _refuse_unsupported(req)
-    max_tokens = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS
-    params = _params(req, max_tokens)
+    refuse_unsupported(req, chat=True)
+    _, max_tokens = max_tokens_of(req, DEFAULT_MAX_TOKENS)
     target = svc.resolve(req.model, who)  # once: the request runs on this revision
+    params, out = _setup(svc, req, target, max_tokens, chat_logprobs(req))
     tokenizer = svc.tokenizer(target)
     svc.check_prompt_chars(target, sum(_chars(m.content) for m in req.messages))
     prompt = await svc.tokenize(_chat_prompt, tokenizer, req.messages)
     _check_context(svc, target, [prompt], max_tokens)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    stops = list(params.stop_strings)
     if req.stream:
-        def chunk(i: int, delta: str | None, reason: str | None) -> dict:
+        def chunk(i: int, delta: str | None, reason: str | None, entries: list[lp.Entry], offset: int) -> dict:
             d = {} if delta is None else {"content": delta}
             if delta is not None and reason is None and i >= 0:
                 d.setdefault("role", "assistant")
+            choice = {"index": i, "delta": d, "finish_reason": reason}
+            if out.logprobs is not None and entries:
+                choice["logprobs"] = lp.chat(tokenizer, entries, out.logprobs, out.as_ids).model_dump()
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                    "choices": [{"index": i, "delta": d, "finish_reason": reason}]}
-        return await _sse(svc, target, [prompt], params, req.n, chunk)
+                    "choices": [choice]}
+        return await _sse(svc, target, [prompt], params, out, req, req.n, chunk)
     (res,) = await svc.sample(target, [prompt], params, req.n)
     choices = []
     for k, seq in enumerate(res.sequences):
-        text, reason = _finish(tokenizer, seq.tokens, seq.stop_reason, stops)
-        lp = None
-        if req.logprobs:
-            content = []
-            for t, v in zip(seq.tokens, seq.logprobs):
-                piece = _piece(tokenizer, t)
-                top = [{"token": piece, "logprob": v, "bytes": list(piece.encode())}] if req.top_logprobs else []
-                content.append(s.TokenLogprob(token=piece, logprob=v, bytes=list(piece.encode()), top_logprobs=top))
-            lp = s.ChoiceLogprobs(content=content)
-        choices.append(s.ChatChoice(index=k, message=s.AssistantMessage(content=text), finish_reason=reason, logprobs=lp))
-    return s.ChatCompletion(id=rid, created=created, model=req.model, choices=choices, usage=_usage([prompt], [res]))
+        text, reason = final_text(tokenizer, seq.tokens, seq.stop_reason, out)
+        logprobs = None
+        if out.logprobs is not None:
+            logprobs = lp.chat(tokenizer, lp.sequence_entries(seq), out.logprobs, out.as_ids)
+        choices.append(s.ChatChoice(index=k, message=s.AssistantMessage(content=text), finish_reason=reason,
+                                    logprobs=logprobs))
+    return s.ChatCompletion(id=rid, created=created, model=req.model, choices=choices,
+                            usage=_usage([prompt], _generated([res])))
 
 
-async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingParams, n: int,
-               make_chunk) -> StreamingResponse:
+async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingParams, out: Output, req: s._Request,
+               n: int, make_chunk, echoes: list[str] | None = None) -> StreamingResponse:
     """Stream token deltas as server-sent events; one choice index per (prompt, sample).
 
     Admission (cold load, host hold, serving queue) happens before the response starts, so a
     full queue is a real 429 + Retry-After for a stream too. Errors after that are reported
-    in-stream. A client that closes the stream cancels the job: its rows stop.
+    in-stream. A client that closes the stream cancels the job: its rows stop. With logprobs,
+    a chunk carries the entries of the tokens its text came from (a token whose text is held
+    back, a stop string's prefix or half a character, rides with the next chunk). With
+    `stream_options.include_usage`, a last chunk with no choices carries the usage; with
+    `continuous_usage_stats` too, every chunk carries its choice's usage so far (vLLM's).
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     tokenizer = svc.tokenizer(target)
-    texts = {i: IncrementalText(tokenizer, list(params.stop_strings)) for i in range(len(prompts) * n)}
+    rows = len(prompts) * n
+    texts = {i: IncrementalText(tokenizer, out) for i in range(rows)}
+    pending: dict[int, list[lp.Entry]] = {i: [] for i in range(rows)}
+    offsets = dict.fromkeys(range(rows), 0)
+    generated = dict.fromkeys(range(rows), 0)
 
-    def on_token(req_i: int, sample_k: int, token: int, logprob: float) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, (req_i * n + sample_k, token))
+    def on_token(req_i: int, sample_k: int, token: int, logprob: float, top) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, (req_i * n + sample_k, lp.Entry(token, logprob, top)))
 
     admitted = await svc.submit(target, prompts, params, n, on_token)
+    usage = req.stream_options is not None and req.stream_options.include_usage
+    continuous = usage and req.stream_options.continuous_usage_stats  # type: ignore[union-attr]
+
+    def chunk_of(i: int, delta: str | None, reason: str | None, entries: list[lp.Entry]) -> bytes:
+        chunk = make_chunk(i, delta, reason, entries, offsets[i])
+        if continuous:
+            chunk["usage"] = _usage([prompts[i // n]], generated[i]).model_dump()
+        return _event(chunk)
 
     async def run() -> None:
         try:
@@ -214,9 +231,18 @@ async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingPara
         except Exception as e:  # reported in-stream: the status line is already sent
             await queue.put(("error", e))
 
+    def emit(i: int, delta: str | None, reason: str | None) -> bytes:
+        entries, pending[i] = pending[i], []
+        event = chunk_of(i, delta, reason, entries)
+        offsets[i] += sum(len(lp.token_str(tokenizer, e.token, out.as_ids)) for e in entries)
+        return event
+
     async def events() -> AsyncIterator[bytes]:
         task = asyncio.create_task(run())
         try:
+            for i in range(rows) if echoes else ():
+                if echoes[i // n]:
+                    yield chunk_of(i, echoes[i // n], None, [])
             while True:
                 item = await queue.get()
                 if item[0] == "done":
@@ -224,10 +250,14 @@ async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingPara
                         for k, seq in enumerate(res.sequences):
                             i = pi * n + k
                             tail = texts[i].finish()
-                            reason = "stop" if texts[i].stopped else seq.stop_reason
-                            if tail:
-                                yield _event(make_chunk(i, tail, None))
-                            yield _event(make_chunk(i, None, reason))
+                            reason = "stop" if texts[i].stopped or seq.stop_reason == "stop" else "length"
+                            if tail or pending[i]:
+                                yield emit(i, tail, None)
+                            yield chunk_of(i, None, reason, [])
+                    if usage:  # the chunks' envelope, no choices, and the usage
+                        last = make_chunk(0, None, None, [], 0)
+                        last["choices"], last["usage"] = [], _usage(prompts, _generated(item[1])).model_dump()
+                        yield _event(last)
                     break
                 if item[0] == "error":
                     exc = item[1]
@@ -236,10 +266,14 @@ async def _sse(svc: OpenAIService, target: Target, prompts, params: SamplingPara
                     yield _event(error_body(message, type(exc).__name__ if ours else "InternalError",
                                             status_for(exc) if ours else 500, "/v1/"))
                     break
-                i, token = item
-                delta = texts[i].push(token)
+                i, entry = item
+                if texts[i].done:
+                    continue
+                pending[i].append(entry)
+                generated[i] += 1
+                delta = texts[i].push(entry.token)
                 if delta:
-                    yield _event(make_chunk(i, delta, None))
+                    yield emit(i, delta, None)
             yield b"data: [DONE]\n\n"
         finally:  # also when the client went away: cancelling the wait cancels the job
             task.cancel()

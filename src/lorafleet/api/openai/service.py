@@ -24,12 +24,12 @@ from lorafleet.catalog.refs import RefKind, parse_ref
 from lorafleet.catalog.service import Catalog
 from lorafleet.engine.jobs import Job, Sample, WorkKind
 from lorafleet.engine.residency import Lease
-from lorafleet.engine.types import SampleRequest, SampleResult, SamplingParams
+from lorafleet.engine.types import SampleRequest, SampleResult, SamplingParams, TopLogprobs
 from lorafleet.errors import InvalidRequest, NotFound
 from lorafleet.metrics import Metrics
 from lorafleet.model.registry import check_base_digest
 
-TokenCallback = Callable[[int, int, int, float], None]  # (request, sample, token, logprob)
+TokenCallback = Callable[[int, int, int, float, TopLogprobs | None], None]  # (request, sample, token, logprob, top)
 T = TypeVar("T")
 MAX_CHARS_PER_TOKEN = 32
 
@@ -80,6 +80,11 @@ class OpenAIService:
 
     def tokenizer(self, target: Target):
         return self.runners[target.base].base.tokenizer
+
+    def vocab(self, target: Target) -> tuple[int, int]:
+        """(EOS token id, vocabulary size) of the target's base."""
+        base = self.runners[target.base].base
+        return base.eos_token_id, base.info.vocab_size
 
     def check_prompt_chars(self, target: Target, chars: int) -> None:
         """Before tokenizing: a prompt this long cannot fit the context window whatever its
@@ -179,6 +184,7 @@ class OpenAIService:
         params: SamplingParams,
         n: int,
         on_token: TokenCallback | None = None,
+        prompt_logprobs: int | None = None,
     ) -> Admitted:
         """Admission: a residency lease on the target's revision (see `acquire`), then a typed
         sample job on the base's scheduler.
@@ -186,19 +192,21 @@ class OpenAIService:
         Raises NoCapacity (429) when the cold-load or sample queue is full, so a caller can
         answer before it sends anything (a stream's status line). The engine releases the
         lease when the job ends (answered, failed, or cancelled by the client).
+        `prompt_logprobs`: None = none; 0 = each prompt token's logprob; k > 0 = and the top k.
         """
         runner = self.runners[target.base]
         admitted = Admitted(prompts, n, time.perf_counter())
 
-        def count(i: int, k: int, token: int, logprob: float) -> None:
+        def count(i: int, k: int, token: int, logprob: float, top: TopLogprobs | None) -> None:
             if admitted.first_token_at is None:
                 admitted.first_token_at = time.perf_counter()
             if on_token is not None:
-                on_token(i, k, token, logprob)
+                on_token(i, k, token, logprob, top)
 
         lease = await self.acquire(target)
         admitted.reply = Reply(count)
-        requests = [SampleRequest(None, p, n, params) for p in prompts]
+        requests = [SampleRequest(None, p, n, params, prompt_logprobs=prompt_logprobs is not None,
+                                  topk_prompt_logprobs=prompt_logprobs or 0) for p in prompts]
         admitted.job = Job(WorkKind.SAMPLE, Sample(requests, lease), admitted.reply)
         self._submit(runner, admitted.job)
         return admitted
@@ -234,9 +242,10 @@ class OpenAIService:
         params: SamplingParams,
         n: int,
         on_token: TokenCallback | None = None,
+        prompt_logprobs: int | None = None,
     ) -> list[SampleResult]:
         """Sample `n` completions per prompt on the target's revision: `submit`, then `result`."""
-        return await self.result(await self.submit(target, prompts, params, n, on_token))
+        return await self.result(await self.submit(target, prompts, params, n, on_token, prompt_logprobs))
 
 
 @dataclass(slots=True)
@@ -277,6 +286,7 @@ class Reply:
         with contextlib.suppress(InvalidStateError):
             self.future.set_exception(error)
 
-    def on_token(self, job: Job, request: int, sample: int, token: int, logprob: float) -> None:
+    def on_token(self, job: Job, request: int, sample: int, token: int, logprob: float,
+                 top: TopLogprobs | None = None) -> None:
         if self._on_token is not None:
-            self._on_token(request, sample, token, logprob)
+            self._on_token(request, sample, token, logprob, top)

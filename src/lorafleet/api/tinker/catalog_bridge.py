@@ -14,6 +14,7 @@ External exports are copies of the weights for download and are not published ag
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -56,6 +57,19 @@ def inherited_metadata(user_metadata: dict[str, Any] | None) -> dict[str, Any] |
     return {k: v for k, v in user_metadata.items() if k != POLICY_KEY}
 
 
+@dataclass(frozen=True, slots=True)
+class CatalogCheckpoint:
+    """A catalog revision seen as a Tinker checkpoint (see `CatalogBridge.fetch`)."""
+
+    owner: str
+    base_model: str
+    base_digest: str | None
+    revision_id: str
+    files: dict[str, Any]  # filename -> BlobRef
+    adapter_config: bytes
+    public: bool
+
+
 class CatalogBridge:
     """Thin adapter over `lorafleet.catalog.service.Catalog` for the Tinker runner."""
 
@@ -85,8 +99,9 @@ class CatalogBridge:
             return False
 
     def publish(self, tenant: str, path: TinkerPath, files: dict[str, bytes],
-                meta: dict[str, Any], ttl_s: float | None = None) -> str | None:
-        """Publish one checkpoint as a revision; returns the revision id (None: not published)."""
+                meta: dict[str, Any], ttl_s: float | None = None, on_commit: Any = None) -> str | None:
+        """Publish one checkpoint as a revision; returns the revision id (None: not published).
+        `on_commit(conn, revision)` runs in the revision's transaction (the checkpoint's row)."""
         from lorafleet.catalog.records import Provenance, RevisionKind
         from lorafleet.catalog.service import OPTIMIZER_FILE
 
@@ -109,22 +124,25 @@ class CatalogBridge:
             who, self.catalog.policy_for_run(who, path.model_id).full_name, out, kind=kind,
             step=meta.get("step"), provenance=prov, tinker_path=str(path),
             expires_at=datetime.now(UTC) + timedelta(seconds=ttl_s) if ttl_s else None,
+            on_commit=on_commit,
         )
         return rev.id
 
-    def fetch(self, tenant: str, path: TinkerPath) -> tuple[str, str, dict[str, bytes]] | None:
-        """(owner tenant, base model, files) of a checkpoint published by any lorafleet server
-        sharing this catalog, if `tenant` may read it; None when the catalog has no such path."""
+    def fetch(self, tenant: str, path: TinkerPath) -> CatalogCheckpoint | None:
+        """A revision with this tinker path that `tenant` may read but that has no Tinker row
+        (published before the Tinker state moved into the catalog); None when there is none."""
         from lorafleet.errors import InvalidRequest, NotFound
 
         who = self._who(tenant)
         try:
             rev = self.catalog.resolve(str(path), who)
             policy = self.catalog.get_policy(who, rev.policy)
-            files = self.catalog.read_files(who, str(path))
-        except (NotFound, InvalidRequest):
+            manifest = self.catalog.manifest(who, str(path))
+            config = self.catalog.store.get(manifest.as_dict()["adapter_config.json"])
+        except (NotFound, InvalidRequest, KeyError):
             return None
-        return policy.owner, policy.base_model, files
+        return CatalogCheckpoint(policy.owner, policy.base_model, policy.base_digest, rev.id,
+                                 manifest.as_dict(), config, policy.public)
 
     def delete(self, tenant: str, path: str) -> None:
         try:

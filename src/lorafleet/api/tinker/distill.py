@@ -32,10 +32,10 @@ from lorafleet.api.tinker import ext_schemas as x
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.checkpoints import parse_path
 from lorafleet.api.tinker.jobs import Ticket
-from lorafleet.api.tinker.store import now
+from lorafleet.api.tinker.repo import now
 from lorafleet.api.tinker.submitted import Submitted
 from lorafleet.engine.jobs import Job, Sample, WorkKind
-from lorafleet.engine.types import SampleRequest, SamplingParams
+from lorafleet.engine.types import SampleRequest, SamplingParams, TopLogprobs
 from lorafleet.errors import BadTokens, InvalidRequest, LorafleetError
 from lorafleet.lora import io as lora_io
 
@@ -60,7 +60,8 @@ class _Collect:
     def failed(self, job: Job, error: Exception) -> None:
         self.loop.call_soon_threadsafe(self._set, error)
 
-    def on_token(self, job: Job, request: int, sample: int, token: int, logprob: float) -> None:
+    def on_token(self, job: Job, request: int, sample: int, token: int, logprob: float,
+                 top: TopLogprobs | None = None) -> None:
         pass
 
 
@@ -122,7 +123,7 @@ async def reverse_kl(svc: Any, tenant: str, body: dict[str, Any], idem: str | No
     except Exception:
         svc.futures.forget(request_id)
         raise
-    svc.store.update("runs", "model_id", req.model_id, last_request=now())
+    svc.repo.update_run(req.model_id, last_request=now())
     return Submitted(request_id, model_id=req.model_id)
 
 

@@ -3,8 +3,8 @@
 What the cookbook's `weights.download()` expects of a `weights/` checkpoint: it saves an
 external export encrypted to a key it generated, and then every file the export's signed URLs
 list must be `<name>.age`, age-encrypted to that key; it decrypts each one (`pyrage`) into
-`<name>`. So an encrypted export holds only `.age` files for download (its `tinker_meta.json`
-stays on the server, unlisted). Recipients are X25519 (`age1...`) or SSH (`ssh-ed25519 ...`,
+`<name>`. So an encrypted export stores only `.age` files (its provenance is the checkpoint's
+row, never a file). Recipients are X25519 (`age1...`) or SSH (`ssh-ed25519 ...`,
 `ssh-rsa ...`) public keys, checked when the call is made, before any work is queued.
 """
 

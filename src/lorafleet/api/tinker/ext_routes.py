@@ -65,7 +65,7 @@ async def trace_file(session_id: str, expires: int, signature: str, request: Req
             or expires < time.time():
         raise NotFound("this download link is invalid or expired")
     svc = _svc(request)
-    row = svc.store.get("sessions", "session_id", session_id)
+    row = svc.repo.session_by_id(session_id)
     if row is None:
         raise NotFound("session not found")
     data = await asyncio.to_thread(trace.session_trace, svc, row["tenant"], session_id)

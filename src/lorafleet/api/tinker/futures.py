@@ -5,13 +5,19 @@ Semantics (reference/tinker_protocol.md §4-§5, peers.md §3):
   content fingerprint returns the original request id; different content is a `Conflict`
   (422, never 409, which the SDK retries for minutes).
 - `wait` holds a poll up to `hold_s` (~30 s, below the SDK's 45 s read timeout) and returns
-  None for "try again". All waiting polls share one in-process event per future; the engine
-  thread completes futures through `loop.call_soon_threadsafe`, no database polling.
+  None for "try again". On the server computing a future, all its polls share one in-process
+  event that the engine thread sets through `loop.call_soon_threadsafe` (no database polling).
 - A result is kept `keep_delivered_s` (>= 5 min) after its first delivery and
   `keep_undelivered_s` before; past that the payload is dropped and the row answers `Expired`
   (HTTP 410) instead of a bare 404.
-- Rows live in `TinkerStore`, so after a restart every future still answers: finished ones
-  with their result, unfinished ones with an error saying the work was lost.
+- Rows live in the catalog's database (api/tinker/repo.py), so after a restart every future
+  still answers, and several API servers share them: a future created through one server can
+  be retrieved through any other. Each row names the server instance computing it (`owner`,
+  api/tinker/instance.py). A poll on the owning server waits on an in-process event that the
+  engine thread sets; a poll anywhere else reads the database every `poll_s` (growing to
+  `max_poll_s`), and fails the future at once when its owner is no longer alive.
+- Futures whose owner died (a crash, a restart) fail with an error saying the work was lost:
+  at start (`recover`), in the janitor, and when a poll finds them.
 - JSON results are stored as strict JSON: one holding NaN or infinity fails the future with
   a user error instead. A failure keeps a lorafleet error's message (category "user"); any
   other exception is a server fault whose text stays in the server log (`internal_error`).
@@ -28,12 +34,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorafleet.api.errors import client_message
-from lorafleet.api.tinker.store import TinkerStore, now
+from lorafleet.api.tinker.instance import Instance
+from lorafleet.api.tinker.repo import DONE, EXPIRED, FAILED, PENDING, TinkerRepo, idem_hash, now
 from lorafleet.errors import Conflict, Expired, InvalidRequest, LorafleetError, NoCapacity, NotFound
 
-PENDING, DONE, FAILED, EXPIRED = "pending", "done", "failed", "expired"
+__all__ = ["DONE", "EXPIRED", "FAILED", "PENDING", "FutureResult", "FutureTable"]
 JSON_TYPE, PROTO_TYPE = "application/json", "application/x-protobuf"
-LOST_AT_RESTART = "the server restarted before this request finished; its work was lost"
+LOST_AT_RESTART = ("the server computing this request stopped (restarted or crashed) before it "
+                   "finished; its work was lost")
 NOT_FINITE = ("the result holds NaN or infinity: training diverged (lower the learning rate, "
               "check the loss inputs) or the weights are no longer finite")
 
@@ -55,14 +63,20 @@ class FutureTable:
 
     def __init__(
         self,
-        store: TinkerStore,
+        repo: TinkerRepo,
+        instance: Instance,
         hold_s: float = 30.0,
         keep_delivered_s: float = 300.0,
         keep_undelivered_s: float = 3600.0,
         keep_tombstone_s: float = 86400.0,
+        poll_s: float = 0.05,
+        max_poll_s: float = 0.5,
     ) -> None:
-        self.store = store
+        self.repo = repo
+        self.instance = instance
         self.hold_s = hold_s
+        self.poll_s = poll_s
+        self.max_poll_s = max_poll_s
         self.keep_delivered_s = max(keep_delivered_s, 300.0)
         self.keep_undelivered_s = keep_undelivered_s
         self.keep_tombstone_s = keep_tombstone_s
@@ -81,11 +95,10 @@ class FutureTable:
         self._loop = loop
 
     def recover(self) -> int:
-        """After a restart: futures whose work was lost fail with an explicit error."""
-        return self.store.execute(
-            "UPDATE futures SET state = ?, error = ?, category = 'server', completed = ? "
-            "WHERE state = ?", FAILED, LOST_AT_RESTART, now(), PENDING,
-        )
+        """Fail the pending futures of every server instance that is no longer alive (this
+        server's previous run among them); returns how many. Live servers' work is untouched."""
+        return sum(self.repo.fail_pending_of(owner, LOST_AT_RESTART)
+                   for owner in self.repo.pending_owners() if not self.instance.alive(owner))
 
     # ------------------------------------------------------------------ submit
 
@@ -106,56 +119,45 @@ class FutureTable:
             Conflict: same (scope, seq_id) or idempotency key but different content.
         """
         limit = self.queue_limit(tenant)
+        idem = idem_hash(idem_key)
         with self._lock:
-            dup = self._find_duplicate(tenant, scope, seq_id, idem_key)
-            if dup is not None:
-                if dup["fingerprint"] != fingerprint or dup["kind"] != kind:
-                    where = f"seq_id {seq_id} of {scope}" if scope else "idempotency key"
-                    raise Conflict(
-                        f"a different request was already submitted with {where} "
-                        f"(request {dup['request_id']}); a retry must resend the same content"
-                    )
-                return dup["request_id"], False
-            if limit is not None:
-                queued = self.store.select("SELECT COUNT(*) AS n FROM futures WHERE tenant = ? AND state = ?",
-                                           tenant, PENDING)[0]["n"]
-                if queued >= limit:
-                    raise NoCapacity(f"quota max_queued={limit} of tenant {tenant!r} is reached: {queued} "
-                                     "requests are queued; retry once some complete", retry_after_s=1.0)
-            request_id = f"req-{uuid.uuid4().hex}"
-            self.store.insert("futures", {
-                "request_id": request_id, "tenant": tenant, "kind": kind, "scope": scope,
-                "seq_id": seq_id, "idem_key": idem_key, "fingerprint": fingerprint,
-                "state": PENDING, "created": now(),
-            })
-            return request_id, True
+            for _ in range(3):  # a concurrent duplicate (another thread or server) wins the insert
+                dup = self.repo.duplicate_future(tenant, scope, seq_id, idem)
+                if dup is not None:
+                    return self._same(dup, kind, fingerprint, scope, seq_id), False
+                if limit is not None:
+                    queued = self.repo.pending_count(tenant)
+                    if queued >= limit:
+                        raise NoCapacity(f"quota max_queued={limit} of tenant {tenant!r} is reached: {queued} "
+                                         "requests are queued; retry once some complete", retry_after_s=1.0)
+                request_id = f"req-{uuid.uuid4().hex}"
+                if self.repo.insert_future({
+                    "request_id": request_id, "tenant": tenant, "kind": kind, "scope": scope,
+                    "seq_id": seq_id, "idem_key": idem, "fingerprint": fingerprint,
+                    "state": PENDING, "owner": self.instance.id, "created": now(),
+                }):
+                    return request_id, True
+            where = f"seq_id {seq_id} of {scope}" if scope else "idempotency key"
+            raise Conflict(f"{where} is taken by a request of another tenant")
 
-    def _find_duplicate(self, tenant, scope, seq_id, idem_key) -> dict[str, Any] | None:
-        if scope is not None and seq_id is not None:
-            rows = self.store.select(
-                "SELECT * FROM futures WHERE scope = ? AND seq_id = ?", scope, seq_id
+    @staticmethod
+    def _same(dup: dict[str, Any], kind: str, fingerprint: str, scope: str | None, seq_id: int | None) -> str:
+        if dup["fingerprint"] != fingerprint or dup["kind"] != kind:
+            where = f"seq_id {seq_id} of {scope}" if scope else "idempotency key"
+            raise Conflict(
+                f"a different request was already submitted with {where} "
+                f"(request {dup['request_id']}); a retry must resend the same content"
             )
-            if rows:
-                return rows[0]
-        if idem_key:
-            rows = self.store.select(
-                "SELECT * FROM futures WHERE idem_key = ? AND tenant = ?", idem_key, tenant
-            )
-            if rows:
-                return rows[0]
-        return None
+        return dup["request_id"]
 
     def forget(self, request_id: str) -> None:
         """Drop a future that was never handed to a client (its submit failed validation)."""
-        self.store.execute("DELETE FROM futures WHERE request_id = ?", request_id)
+        self.repo.delete_future(request_id)
 
     # ------------------------------------------------------------------ complete (any thread)
 
     def complete(self, request_id: str, payload: bytes, content_type: str) -> None:
-        self.store.update(
-            "futures", "request_id", request_id,
-            state=DONE, payload=payload, content_type=content_type, completed=now(),
-        )
+        self.repo.finish_future(request_id, state=DONE, payload=payload, content_type=content_type)
         for observe in self.observers:  # before the wake: a client that has the result sees it
             observe(request_id, payload)
         self._wake(request_id)
@@ -177,10 +179,7 @@ class FutureTable:
         """
         message = client_message(exc, what or request_id)
         category = "user" if isinstance(exc, LorafleetError) else "server"
-        self.store.update(
-            "futures", "request_id", request_id,
-            state=FAILED, error=message, category=category, completed=now(),
-        )
+        self.repo.finish_future(request_id, state=FAILED, error=message, category=category)
         for observe in self.observers:
             observe(request_id, None)
         self._wake(request_id)
@@ -204,50 +203,65 @@ class FutureTable:
             NotFound: no such future for this tenant.
             Expired: it existed, but its retention ran out.
         """
-        result = self._read(request_id, tenant)
+        hold = self.hold_s if hold_s is None else hold_s
+        result, owner = self._read(request_id, tenant)
         if result is not None:
             return result
+        if owner != self.instance.id:
+            return await self._poll(request_id, tenant, owner, hold)
         event = self._events.setdefault(request_id, asyncio.Event())
-        result = self._read(request_id, tenant)  # completed between the read and the register
+        result, _ = self._read(request_id, tenant)  # completed between the read and the register
         if result is not None:
             return result
         try:
-            await asyncio.wait_for(event.wait(), self.hold_s if hold_s is None else hold_s)
+            await asyncio.wait_for(event.wait(), hold)
         except TimeoutError:
             return None
-        return self._read(request_id, tenant)
+        return self._read(request_id, tenant)[0]
 
-    def _read(self, request_id: str, tenant: str) -> FutureResult | None:
-        row = self.store.get("futures", "request_id", request_id)
+    async def _poll(self, request_id: str, tenant: str, owner: str | None, hold: float) -> FutureResult | None:
+        """Another server computes it: read the database until it finishes or `hold` passes;
+        an owner found dead fails it (its work is lost)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + hold
+        delay = self.poll_s
+        while True:
+            if not self.instance.alive(owner):
+                self.repo.fail_pending_of(owner, LOST_AT_RESTART)
+            result, owner = self._read(request_id, tenant)
+            if result is not None:
+                return result
+            left = deadline - loop.time()
+            if left <= 0:
+                return None
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, self.max_poll_s)
+
+    def _read(self, request_id: str, tenant: str) -> tuple[FutureResult | None, str | None]:
+        """(the finished result or None while pending, the owner)."""
+        row = self.repo.future(request_id)
         if row is None or row["tenant"] != tenant:
             raise NotFound(f"future {request_id} not found")
         if row["state"] == EXPIRED:
             raise Expired(f"the result of {request_id} expired and was discarded")
         if row["state"] == PENDING:
-            return None
+            return None, row["owner"]
         if row["delivered"] is None:
-            self.store.update("futures", "request_id", request_id, delivered=now())
+            self.repo.mark_delivered(request_id)
         return FutureResult(
-            state=row["state"], kind=row["kind"], content_type=row["content_type"], payload=row["payload"],
+            state=row["state"], kind=row["kind"], content_type=row["content_type"],
+            payload=None if row["payload"] is None else bytes(row["payload"]),
             error=row["error"], category=row["category"],
-        )
+        ), row["owner"]
 
     def state_of(self, request_id: str) -> str | None:
-        row = self.store.get("futures", "request_id", request_id)
-        return None if row is None else row["state"]
+        row = self.repo.future_state(request_id)
+        return None if row is None else row[0]
 
     # ------------------------------------------------------------------ retention
 
     def expire(self, at: float | None = None) -> int:
         """Drop payloads past retention (tombstones answer 410); delete old tombstones."""
         t = now() if at is None else at
-        n = self.store.execute(
-            "UPDATE futures SET state = ?, payload = NULL WHERE state IN (?, ?) AND ("
-            "(delivered IS NOT NULL AND delivered < ?) OR (delivered IS NULL AND completed < ?))",
-            EXPIRED, DONE, FAILED, t - self.keep_delivered_s, t - self.keep_undelivered_s,
-        )
-        self.store.execute(
-            "DELETE FROM futures WHERE state = ? AND completed < ?",
-            EXPIRED, t - self.keep_tombstone_s,
-        )
-        return n
+        return self.repo.expire_futures(t - self.keep_delivered_s, t - self.keep_undelivered_s,
+                                        t - self.keep_tombstone_s)

@@ -1,10 +1,10 @@
 """The Tinker side of engine jobs: typed payloads built from validated wire calls, and the sink
-that turns engine results into futures, checkpoint folders and catalog revisions.
+that turns engine results into futures, checkpoints and catalog revisions.
 
 `TinkerSink.done` / `failed` run on the engine's I/O worker (engine/scheduler.py), never on
-the compute thread: a save's PEFT serialisation, checkpoint write and catalog publish happen
-here, from the tensor snapshot the compute thread took. Saves also publish a catalog revision
-with provenance (see `catalog_bridge.py`).
+the compute thread: a save's PEFT serialisation, blob writes and catalog publish happen here,
+from the tensor snapshot the compute thread took. A training or sampler save is one catalog
+revision with provenance (see `catalog_bridge.py`) and its checkpoint row, in one transaction.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import lorafleet
 from lorafleet.api.tinker import encryption, wire
 from lorafleet.api.tinker.checkpoints import OPTIMIZER_NAME, Checkpoints, TinkerPath
 from lorafleet.api.tinker.futures import PROTO_TYPE, FutureTable
-from lorafleet.api.tinker.store import TinkerStore, now
+from lorafleet.api.tinker.repo import TinkerRepo, now
 from lorafleet.engine.jobs import ForwardBackward, Job, NullSink, Snapshot, UnloadRun, WorkKind
+from lorafleet.engine.types import TopLogprobs
 from lorafleet.errors import Conflict
 from lorafleet.lora import io as lora_io
 from lorafleet.train.types import Datum
@@ -47,7 +48,7 @@ def fwdbwd_payload(call: wire.FwdBwdCall) -> ForwardBackward:
     for d in call.data:
         inputs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.inputs.items()}
         if call.loss_fn == "cross_entropy" and "weights" not in inputs:
-            inputs["weights"] = torch.ones(d.tokens.size, dtype=torch.float32)
+            inputs["weights"] = torch.ones(inputs["target_tokens"].shape, dtype=torch.float32)
         data.append(Datum(tokens=torch.from_numpy(d.tokens), loss_inputs=inputs))
     return ForwardBackward(data=data, loss_fn=call.loss_fn, loss_config=dict(call.loss_config),
                            forward_only=call.forward_only, fingerprint=call.fingerprint)
@@ -56,10 +57,10 @@ def fwdbwd_payload(call: wire.FwdBwdCall) -> ForwardBackward:
 class TinkerSink:
     """Completes Tinker futures from engine results (on the engine's I/O worker)."""
 
-    def __init__(self, futures: FutureTable, store: TinkerStore, checkpoints: Checkpoints,
+    def __init__(self, futures: FutureTable, repo: TinkerRepo, checkpoints: Checkpoints,
                  base: Any, scheduler: Any, catalog: Any = None) -> None:
         self.futures = futures
-        self.store = store
+        self.repo = repo
         self.checkpoints = checkpoints
         self.base = base
         self.scheduler = scheduler
@@ -82,7 +83,8 @@ class TinkerSink:
         if t.request_id:  # a non-lorafleet error is logged; its text never reaches the client
             self.futures.fail(t.request_id, error, f"{t.call} {t.request_id}")
 
-    def on_token(self, job: Job, request: int, sample: int, token: int, logprob: float) -> None:
+    def on_token(self, job: Job, request: int, sample: int, token: int, logprob: float,
+                 top: TopLogprobs | None = None) -> None:
         pass
 
     # ---- runs ---------------------------------------------------------------------------------
@@ -125,7 +127,7 @@ class TinkerSink:
         return wire.encode_forward_backward_output(wire.FwdBwdOutcome(outputs, metrics))
 
     def _optim_step(self, job: Job, t: Ticket, res: Any) -> dict[str, Any]:
-        self.store.update("runs", "model_id", job.run_id, step=res.state.step, last_request=now())
+        self.repo.update_run(job.run_id, step=res.state.step, last_request=now())
         return {"metrics": res.metrics, "type": "optim_step"}
 
     def _train_step_fwdbwd(self, job: Job, t: Ticket, res: Any) -> object:
@@ -142,10 +144,10 @@ class TinkerSink:
         """MinT's reverse-KL answer; the run now carries its reference for the next save's
         provenance (api/tinker/distill.py)."""
         out = wire.fwdbwd_proto_to_json(self._forward_backward(job, t, res))
-        row = self.store.get("runs", "model_id", job.run_id) or {}
+        row = self.repo.run_by_id(job.run_id or "") or {}
         lora = dict(row.get("lora") or {})
         lora["reverse_kl"] = {**t.info, "calls": (lora.get("reverse_kl") or {}).get("calls", 0) + 1}
-        self.store.update("runs", "model_id", job.run_id, lora=lora, last_request=now())
+        self.repo.update_run(job.run_id or "", lora=lora, last_request=now())
         outputs = [{"loss": {"data": [float(sum(o["elementwise_loss"]["data"]))] if "elementwise_loss" in o
                              else [0.0], "dtype": "float32", "shape": [1]}, **o}
                    for o in out["loss_fn_outputs"]]
@@ -155,7 +157,7 @@ class TinkerSink:
 
     def _provenance(self, job: Job, snap: Snapshot, kind: str) -> dict[str, Any]:
         s = snap.state
-        row = self.store.get("runs", "model_id", job.run_id) or {}
+        row = self.repo.run_by_id(job.run_id or "") or {}
         adam = None if s.last_adam is None else {
             k: getattr(s.last_adam, k) for k in s.last_adam.__dataclass_fields__}
         return {
@@ -166,9 +168,10 @@ class TinkerSink:
         }
 
     def _write(self, job: Job, t: Ticket, snap: Snapshot, kind: str) -> tuple[TinkerPath, dict[str, Any]]:
-        """Checkpoint files from the snapshot: the catalog first (a failed publish leaves no
-        checkpoint), then the folder. MoE expert LoRA stays packed except in external exports
-        (the per-expert layout PEFT loads, see docs/moe.md)."""
+        """Checkpoint files from the snapshot: blobs first, then the catalog revision and the
+        checkpoint row in one transaction (a failed publish leaves no checkpoint). MoE expert
+        LoRA stays packed except in external exports (the per-expert layout PEFT loads, see
+        docs/moe.md)."""
         path = TinkerPath(job.run_id or "", kind, t.info["name"])
         if self.checkpoints.exists(path):
             raise Conflict(f"checkpoint {path} already exists; checkpoints are immutable")
@@ -185,15 +188,15 @@ class TinkerSink:
         if t.info.get("age_recipients"):  # an encrypted export: only .age files leave the server
             files = encryption.encrypt_files(files, t.info["age_recipients"])
             meta["age_encrypted"] = True
-        if self.catalog is not None:
-            meta["revision_id"] = self.catalog.publish(job.tenant, path, files, meta,
-                                                      t.info.get("ttl_seconds"))
-        row = self.checkpoints.write(job.tenant, path, files, meta, t.info.get("ttl_seconds"),
-                                     t.info.get("user_metadata"))
+        ttl = t.info.get("ttl_seconds")
+        publish = None
+        if self.catalog is not None and kind != "external":  # exports are downloads, not revisions
+            publish = lambda files, on_commit: self.catalog.publish(  # noqa: E731
+                job.tenant, path, files, meta, ttl, on_commit=on_commit)
+        row = self.checkpoints.write(job.tenant, path, files, meta, ttl, t.info.get("user_metadata"),
+                                     publish=publish)
         if distilled and kind != "external":  # the next revision records only its own window
-            run = self.store.get("runs", "model_id", job.run_id) or {}
-            self.store.update("runs", "model_id", job.run_id,
-                              lora={k: v for k, v in (run.get("lora") or {}).items() if k != "reverse_kl"})
+            self.repo.clear_run_flag(job.run_id or "", "reverse_kl")
         return path, row
 
     def _save_weights(self, job: Job, t: Ticket, snap: Snapshot) -> dict[str, Any]:
@@ -219,10 +222,20 @@ class TinkerSink:
     def _sample(self, job: Job, t: Ticket, results: list[Any]) -> bytes:
         res = results[0]
         out = wire.SampleOutcome(
-            sequences=[wire.SampledSeq(list(s.tokens), [float(x) for x in s.logprobs], s.stop_reason)
+            sequences=[wire.SampledSeq(list(s.tokens), [float(x) for x in s.logprobs], s.stop_reason, s.top_logprobs)
                        for s in res.sequences],
             prompt_logprobs=None if res.prompt_logprobs is None else list(res.prompt_logprobs),
         )
+        sc = res.prompt_scores
+        if sc is not None:
+            if sc.logprobs is not None:
+                out.prompt_logprobs = list(sc.logprobs)
+            if sc.topk_ids is not None:
+                out.topk_prompt = (sc.topk_ids.numpy(), sc.topk_logprobs.numpy())
+            if sc.targets is not None:
+                out.target_prompt = (t.info["targets"], sc.targets.numpy())
+            if sc.alt_tokens is not None:
+                out.alt_tokens = (sc.alt_tokens.numpy(), sc.alt_logprobs.numpy())
         return wire.encode_sample_response(out)
 
 

@@ -23,9 +23,9 @@ from lorafleet.api.tinker import schemas as s
 from lorafleet.api.tinker import upload as archive
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.catalog_bridge import POLICY_KEY, run_policy_name
-from lorafleet.api.tinker.checkpoints import META_NAME, OPTIMIZER_NAME, TinkerPath, check_name, parse_path
+from lorafleet.api.tinker.checkpoints import OPTIMIZER_NAME, TinkerPath, check_name, parse_path
 from lorafleet.api.tinker.jobs import Ticket, fwdbwd_payload
-from lorafleet.api.tinker.store import now
+from lorafleet.api.tinker.repo import now
 from lorafleet.api.tinker.submitted import Submitted
 from lorafleet.engine.jobs import OptimStep, WorkKind
 from lorafleet.errors import IncompatibleAdapter, InvalidRequest
@@ -78,22 +78,22 @@ def interpolate(svc: Any, tenant: str, req: x.InterpolateRequest) -> dict[str, A
             "target_rank": req.target_rank, "max_frobenius_error": combined.max_error}},
     }
     t = now()
-    svc.store.insert("sessions", {
+    svc.repo.insert_finished_run({
         "session_id": session_id, "tenant": tenant, "created": t, "last_heartbeat": t,
         "finished": "success", "user_metadata": user_metadata, "display_name": f"interpolation of {paths[0]}",
-        "tags": ["interpolate"], "sdk_version": None, "project_id": None})
-    svc.store.insert("runs", {
-        "model_id": model_id, "tenant": tenant, "session_id": session_id, "base_model": runner.base.name,
+        "tags": ["interpolate"], "sdk_version": None, "project_id": None,
+    }, {"model_id": model_id, "tenant": tenant, "session_id": session_id, "base_model": runner.base.name,
         "lora": flags, "user_metadata": user_metadata, "created": t, "last_request": t})
+    publish = None
     try:
-        if svc.catalog is not None:
+        if svc.catalog is not None:  # the revision and the checkpoint row: one transaction
             svc.catalog.create_run(tenant, model_id, runner.base.name, meta["base_digest"], weights.spec,
                                    user_metadata, parent_path=str(paths[0]))
-            meta["revision_id"] = svc.catalog.publish(tenant, target, files, meta)
-        svc.checkpoints.write(tenant, target, files, meta)
+            publish = lambda files, on_commit: svc.catalog.publish(  # noqa: E731
+                tenant, target, files, meta, on_commit=on_commit)
+        svc.checkpoints.write(tenant, target, files, meta, publish=publish)
     except Exception:
-        svc.store.execute("DELETE FROM runs WHERE model_id = ?", model_id)
-        svc.store.execute("DELETE FROM sessions WHERE session_id = ?", session_id)
+        svc.repo.delete_run(tenant, model_id, session_id)
         raise
     return {"path": str(target), "checkpoint_type": "sampler", "source_paths": [str(p) for p in paths],
             "coefficients": list(req.coefficients), "has_rank_shards": req.target_rank is None,
@@ -127,7 +127,7 @@ def train_step(svc: Any, tenant: str, body: dict[str, Any], idem: str | None) ->
         except Exception:
             svc.futures.forget(request_id)
             raise
-    svc.store.update("runs", "model_id", call.model_id, last_request=now())
+    svc.repo.update_run(call.model_id, last_request=now())
     return Submitted(request_id, model_id=call.model_id)
 
 
@@ -139,13 +139,13 @@ def upload(svc: Any, tenant: str, data: bytes, base_model: str | None, name: str
     files = archive.read_archive(data)
     adapter = lora_io.parse_peft_files(files)  # IncompatibleAdapter (400) for a bad adapter
     meta_in: dict[str, Any] = {}
-    if META_NAME in files:
+    if archive.META_NAME in files:  # not stored: what it says goes into the checkpoint's row
         try:
-            meta_in = json.loads(files.pop(META_NAME))
+            meta_in = json.loads(files.pop(archive.META_NAME))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InvalidRequest(f"{META_NAME} in the archive is not valid JSON: {e}") from e
+            raise InvalidRequest(f"{archive.META_NAME} in the archive is not valid JSON: {e}") from e
         if not isinstance(meta_in, dict):
-            raise InvalidRequest(f"{META_NAME} in the archive must hold a JSON object")
+            raise InvalidRequest(f"{archive.META_NAME} in the archive must hold a JSON object")
     base = base_model or adapter.base_model or meta_in.get("base_model")
     if not base:
         raise InvalidRequest("the archive does not name its base model: pass base_model")
@@ -166,30 +166,28 @@ def upload(svc: Any, tenant: str, data: bytes, base_model: str | None, name: str
     path = TinkerPath(model_id, "training", ckpt_name)
     flags = _flags(files)
     t = now()
-    svc.store.insert("sessions", {
-        "session_id": session_id, "tenant": tenant, "created": t, "last_heartbeat": t,
-        "finished": "success", "user_metadata": None, "display_name": f"upload {ckpt_name}",
-        "tags": ["checkpoint_upload"], "sdk_version": None, "project_id": None})
-    svc.store.insert("runs", {
-        "model_id": model_id, "tenant": tenant, "session_id": session_id,
-        "base_model": runner.base.name, "lora": flags, "user_metadata": None,
-        "created": t, "last_request": t})
     step = meta_in.get("step")
     meta = {"kind": "training", "base_model": runner.base.name,
             "base_digest": getattr(runner.base, "digest", None),
             "step": int(step) if isinstance(step, int) and step >= 0 else 0,
             "parent": None, "lora_flags": flags, "tenant": tenant, "time": t, "uploaded": True}
-    try:
+    svc.repo.insert_finished_run({
+        "session_id": session_id, "tenant": tenant, "created": t, "last_heartbeat": t,
+        "finished": "success", "user_metadata": None, "display_name": f"upload {ckpt_name}",
+        "tags": ["checkpoint_upload"], "sdk_version": None, "project_id": None,
+    }, {"model_id": model_id, "tenant": tenant, "session_id": session_id,
+        "base_model": runner.base.name, "lora": flags, "user_metadata": None,
+        "created": t, "last_request": t})
+    try:  # not a catalog revision: the run that resumes from it publishes its own saves
         svc.checkpoints.write(tenant, path, files, meta)
     except Exception:
-        svc.store.execute("DELETE FROM runs WHERE model_id = ?", model_id)
-        svc.store.execute("DELETE FROM sessions WHERE session_id = ?", session_id)
+        svc.repo.delete_run(tenant, model_id, session_id)
         raise
     return {"path": str(path), "tinker_path": str(path), "checkpoint_id": path.checkpoint_id,
             "has_optimizer_state": OPTIMIZER_NAME in files, "type": "checkpoint_upload"}
 
 
 def _flags(files: dict[str, bytes]) -> dict[str, Any]:
-    from lorafleet.api.tinker.service import _flags_from_files
+    from lorafleet.api.tinker.service import _flags_from_config
 
-    return _flags_from_files(files)
+    return _flags_from_config(files.get(lora_io.CONFIG_NAME, b"{}"))

@@ -27,11 +27,7 @@ class RestQueries:
         ]}
 
     def training_runs(self, tenant: str, limit: int, offset: int) -> dict[str, Any]:
-        rows = self.store.select(
-            "SELECT * FROM runs WHERE tenant = ? ORDER BY created DESC LIMIT ? OFFSET ?",
-            tenant, limit, offset,
-        )
-        total = self.store.select("SELECT COUNT(*) AS n FROM runs WHERE tenant = ?", tenant)[0]["n"]
+        rows, total = self.repo.runs(tenant, limit, offset)
         return {"training_runs": [self._run_json(r) for r in rows],
                 "cursor": {"offset": offset, "limit": limit, "total_count": total}}
 
@@ -75,24 +71,18 @@ class RestQueries:
         flags = (row.get("meta") or {}).get("lora_flags") or {}
         return {
             "base_model": (row.get("meta") or {}).get("base_model"), "is_lora": True,
-            "lora_rank": flags.get("rank"), "train_unembed": False,
+            "lora_rank": flags.get("rank"), "train_unembed": bool(flags.get("train_unembed")),
             "train_mlp": flags.get("train_mlp"), "train_attn": flags.get("train_attn"),
             "optimizer_config": {"type": "adamw"},
         }
 
     def sessions(self, tenant: str, limit: int, offset: int) -> dict[str, Any]:
-        rows = self.store.select(
-            "SELECT session_id FROM sessions WHERE tenant = ? ORDER BY created DESC LIMIT ? OFFSET ?",
-            tenant, limit, offset,
-        )
-        return {"sessions": [r["session_id"] for r in rows]}
+        return {"sessions": self.repo.sessions(tenant, limit, offset)}
 
     def session(self, tenant: str, session_id: str) -> dict[str, Any]:
         row = self.session_row(tenant, session_id)
-        runs = self.store.select("SELECT model_id FROM runs WHERE session_id = ?", session_id)
-        samplers = self.store.select("SELECT sampler_id FROM samplers WHERE session_id = ?", session_id)
-        return {"training_run_ids": [r["model_id"] for r in runs],
-                "sampler_ids": [r["sampler_id"] for r in samplers],
+        runs, samplers = self.repo.ids_of_session(session_id)
+        return {"training_run_ids": runs, "sampler_ids": samplers,
                 "user_metadata": {k: str(v) for k, v in (row["user_metadata"] or {}).items()} or None,
                 "display_name": row["display_name"]}
 

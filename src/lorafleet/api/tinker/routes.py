@@ -15,11 +15,10 @@ import logging
 import tarfile
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 
 from lorafleet.api.auth import tenant as _tenant
 from lorafleet.api.checks import refuse_nul_params
@@ -363,9 +362,8 @@ def _downloadable(request: Request, model_id: str, kind: str, name: str) -> dict
 async def external_weights_urls(model_id: str, kind: str, name: str, request: Request) -> dict:
     row = _downloadable(request, model_id, kind, name)
     expires = int(time.time()) + URL_TTL_S
-    folder = _svc(request).checkpoints.folder_of(row)
-    urls = {f.name: _signed_url(request, row["tinker_path"], f.name, expires)
-            for f in sorted(folder.iterdir()) if f.is_file() and downloadable(f.name, row.get("meta"))}
+    urls = {name: _signed_url(request, row["tinker_path"], name, expires)
+            for name in _svc(request).checkpoints.file_names(row) if downloadable(name, row.get("meta"))}
     return {"urls": urls, "expires": datetime.fromtimestamp(expires, UTC).isoformat()}
 
 
@@ -388,25 +386,26 @@ async def download_file(token: str, expires: int, signature: str, filename: str,
             or expires < time.time():
         raise NotFound("this download link is invalid or expired")
     path = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    svc = _svc(request)
-    row = svc.store.get("checkpoints", "tinker_path", str(parse_path(path)))
+    checkpoints = _svc(request).checkpoints
+    row = checkpoints.repo.checkpoint(str(parse_path(path)))
     if row is None:
         raise NotFound("checkpoint not found")
-    folder = svc.checkpoints.folder_of(row)
     if filename == ARCHIVE_NAME:
-        return Response(_tar(folder), media_type="application/x-tar")
-    target = folder / filename
-    if not target.is_file() or target.parent != folder:
+        files = await asyncio.to_thread(checkpoints.read_files, row)
+        return Response(_tar(files), media_type="application/x-tar")
+    data = await asyncio.to_thread(checkpoints.read_file, row, filename)
+    if data is None:
         raise NotFound("file not found")
-    return FileResponse(target, media_type="application/octet-stream")
+    return Response(data, media_type="application/octet-stream")
 
 
-def _tar(folder: Path) -> bytes:
+def _tar(files: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for f in sorted(folder.iterdir()):
-            if f.is_file():
-                tar.add(f, arcname=f.name)
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
         marker = tarfile.TarInfo("checkpoint_complete")
         tar.addfile(marker, io.BytesIO(b""))
     return buf.getvalue()

@@ -2,10 +2,10 @@
 
 Every `forward_backward` result carries scalar metrics (`loss:sum` and whatever the loss
 function reports); the SDK hands them to the client and forgets them. `RunMetrics` keeps them
-in the Tinker store, one row per (run, step, metric), so /admin/v1/runs/{id} can draw a run's
+in the Tinker state, one row per (run, step, metric), so /admin/v1/runs/{id} can draw a run's
 loss curve live (api/routes/console.py). A training call (`kind` "train") is recorded under the
 optimizer step its gradients go into (the run's step count when it finished); a forward-only
-call is recorded as "eval". Rewards are computed by the client, never sent: the server only
+call is recorded as "eval" (rows in `tinker_run_metrics`, api/tinker/repo.py). Rewards are computed by the client, never sent: the server only
 shows what it sees.
 
 Flow: `TinkerService._enqueue` calls `watch(job)` before the job reaches the engine, and the
@@ -18,26 +18,17 @@ from __future__ import annotations
 import logging
 import threading
 
-from lorafleet.api.tinker.store import TinkerStore, now
+from lorafleet.api.tinker.repo import TinkerRepo, now
 from lorafleet.engine.jobs import Job, WorkKind
 
 log = logging.getLogger(__name__)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS run_metrics (
-  model_id TEXT NOT NULL, step INTEGER NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL,
-  value REAL NOT NULL, at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS run_metrics_run ON run_metrics(model_id, step);
-"""
 MAX_POINTS = 10_000  # the most rows one series query returns (the newest)
 
 
 class RunMetrics:
-    def __init__(self, store: TinkerStore) -> None:
-        self.store = store
-        for stmt in filter(str.strip, SCHEMA.split(";")):
-            store.execute(stmt)
+    def __init__(self, repo: TinkerRepo) -> None:
+        self.repo = repo
         self._watched: dict[str, tuple[str, str]] = {}  # request_id -> (model_id, kind)
         self._lock = threading.Lock()
 
@@ -60,20 +51,17 @@ class RunMetrics:
 
             msg = pb.ForwardBackwardOutput()
             msg.ParseFromString(payload)
-            run = self.store.get("runs", "model_id", model_id)
+            run = self.repo.run_by_id(model_id)
             step = run["step"] if run else 0
             at = now()
-            for name, value in msg.metrics.items():
-                self.store.insert("run_metrics", {"model_id": model_id, "step": step, "kind": kind,
-                                                  "name": name, "value": float(value), "at": at})
+            self.repo.insert_metrics([{"model_id": model_id, "step": step, "kind": kind, "name": name,
+                                       "value": float(value), "at": at} for name, value in msg.metrics.items()])
         except Exception:  # a console chart must never fail a training call
             log.exception("could not record the metrics of %s", request_id)
 
     def series(self, model_id: str) -> dict[str, list[list[float]]]:
         """`{"train/loss:sum": [[step, value], ...], ...}`, oldest first."""
-        rows = self.store.select(
-            "SELECT step, kind, name, value FROM (SELECT rowid AS r, * FROM run_metrics "
-            "WHERE model_id = ? ORDER BY rowid DESC LIMIT ?) ORDER BY r", model_id, MAX_POINTS)
+        rows = self.repo.metrics(model_id, MAX_POINTS)
         out: dict[str, list[list[float]]] = {}
         for r in rows:
             out.setdefault(f"{r['kind']}/{r['name']}", []).append([r["step"], r["value"]])

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from lorafleet.api.tinker import schemas as s
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.checkpoints import parse_path
 from lorafleet.api.tinker.jobs import Ticket
-from lorafleet.api.tinker.store import now
+from lorafleet.api.tinker.repo import now
 from lorafleet.api.tinker.submitted import Submitted
 from lorafleet.engine.jobs import Job, Sample, WorkKind
+from lorafleet.engine.logprobs import PromptScoring
 from lorafleet.engine.scheduler import Scheduler
-from lorafleet.engine.types import SampleRequest, SamplingParams
+from lorafleet.engine.types import MAX_TOP_LOGPROBS, SampleRequest, SamplingParams
 from lorafleet.errors import BadTokens, Conflict, InvalidRequest, NotFound
 from lorafleet.lora import io as lora_io
+from lorafleet.train.losses import STABILITY_INFO
 
 MAX_SAMPLES = 128
 DEFAULT_MAX_TOKENS = 256
@@ -40,21 +44,18 @@ class SamplingCalls:
             self.runner(base)
         else:
             raise InvalidRequest("create_sampling_session needs base_model or model_path")
-        existing = self.store.get("samplers", "sampler_id", sampler_id)
-        if existing is not None:
-            if existing["tenant"] != tenant or existing["model_path"] != req.model_path:
-                raise Conflict(f"sampling session {sampler_id} already exists with other weights")
-        else:
-            self.store.insert("samplers", {
+        if not self.repo.insert_sampler({
                 "sampler_id": sampler_id, "tenant": tenant, "session_id": req.session_id,
                 "base_model": base, "model_path": req.model_path, "source_model_id": None,
-                "created": now(),
-            })
+                "created": now()}):
+            existing = self.repo.sampler_by_id(sampler_id)
+            if existing is None or existing["tenant"] != tenant or existing["model_path"] != req.model_path:
+                raise Conflict(f"sampling session {sampler_id} already exists with other weights")
         return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
 
     def get_sampler(self, tenant: str, sampler_id: str) -> dict[str, Any]:
-        row = self.store.get("samplers", "sampler_id", sampler_id)
-        if row is None or row["tenant"] != tenant:
+        row = self.repo.sampler(tenant, sampler_id)
+        if row is None:
             raise NotFound(f"sampler {sampler_id} not found")
         return {"sampler_id": sampler_id, "base_model": row["base_model"],
                 "model_path": row["model_path"]}
@@ -63,10 +64,13 @@ class SamplingCalls:
         key, base, ckpt, base_only = self._sampler_target(tenant, req)
         runner = self.runner(base)
         prompt = wire.model_input_tokens(req.prompt)
-        request = self._sample_request(runner, req, prompt)
+        targets = None if req.target_prompt_logprobs is None or not prompt else wire.target_ids_from_json(
+            req.target_prompt_logprobs, len(prompt) - 1, runner.base.info.vocab_size)
+        request = self._sample_request(runner, req, prompt, targets)
         scope = req.sampling_session_id if req.seq_id is not None else None
 
         def build(t: Ticket) -> Job:
+            t.info["targets"] = targets  # the answer keeps the request's layout
             lease = None if base_only else runner.residency.acquire(key, self._sampler_loader(key, ckpt))
             return self.job(runner, WorkKind.SAMPLE, Sample([request], lease), tenant, t)
 
@@ -86,8 +90,8 @@ class SamplingCalls:
     def _sampler_target(self, tenant: str, req: s.SampleRequest):
         """(sampler key, base model, checkpoint row to load or None, base-model-only?)."""
         if req.sampling_session_id:
-            row = self.store.get("samplers", "sampler_id", req.sampling_session_id)
-            if row is None or row["tenant"] != tenant:
+            row = self.repo.sampler(tenant, req.sampling_session_id)
+            if row is None:
                 raise NotFound(f"sampling session {req.sampling_session_id} not found")
             if row["model_path"]:
                 ckpt = self.find_checkpoint(tenant, parse_path(row["model_path"]))
@@ -102,17 +106,13 @@ class SamplingCalls:
             return f"base:{req.base_model}", req.base_model, None, True
         raise InvalidRequest("asample needs sampling_session_id, model_path or base_model")
 
-    def _sample_request(self, runner: Scheduler, req: s.SampleRequest, prompt: list[int]) -> SampleRequest:
-        unsupported = {
-            "topk_prompt_logprobs": req.topk_prompt_logprobs, "topk_sample_logprobs": req.topk_sample_logprobs,
-            "prompt_alt_tokens_k": req.prompt_alt_tokens_k,
-            "target_prompt_logprobs": req.target_prompt_logprobs is not None,
-            "prompt_logprobs_last_n": req.prompt_logprobs_last_n is not None,
-            "record_stability_info": bool(req.record_stability_info),
-        }
-        used = [k for k, v in unsupported.items() if v]
-        if used:
-            raise InvalidRequest(f"not supported by lorafleet: {used}")
+    def _sample_request(self, runner: Scheduler, req: s.SampleRequest, prompt: list[int],
+                        targets: wire.TargetIds | None = None) -> SampleRequest:
+        if req.record_stability_info:
+            raise InvalidRequest(STABILITY_INFO)
+        if req.topk_sample_logprobs > MAX_TOP_LOGPROBS:
+            raise InvalidRequest(f"topk_sample_logprobs must be at most {MAX_TOP_LOGPROBS}, "
+                                 f"got {req.topk_sample_logprobs}")
         info = runner.base.info
         if not prompt:
             raise BadTokens("the prompt is empty")
@@ -145,6 +145,33 @@ class SamplingCalls:
                                 f"({info.vocab_size}) of {runner.base.name}")
         params = SamplingParams(max_tokens=max_tokens, temperature=sp.temperature, top_p=sp.top_p,
                                 top_k=sp.top_k, seed=sp.seed, stop_strings=stop_strings,
-                                stop_token_ids=stop_ids)
+                                stop_token_ids=stop_ids, top_logprobs=req.topk_sample_logprobs)
+        scoring = _scoring(req, prompt, targets)
         return SampleRequest(None, prompt, req.num_samples, params,
-                             prompt_logprobs=bool(req.prompt_logprobs))
+                             prompt_logprobs=bool(req.prompt_logprobs) and scoring is None,
+                             scoring=scoring)
+
+
+MAX_TOPK = 1024  # top-k prompt logprobs / alternative draws per position, at most
+
+
+def _scoring(req: s.SampleRequest, prompt: list[int], targets: wire.TargetIds | None) -> PromptScoring | None:
+    """The prompt scores a Tinker request asks for beyond plain prompt logprobs (None: none),
+    computed in one forward of the prompt (engine/scoring.py)."""
+    if not (req.topk_prompt_logprobs or req.prompt_alt_tokens_k or req.target_prompt_logprobs is not None
+            or req.prompt_logprobs_last_n is not None):
+        return None
+    for name, k in (("topk_prompt_logprobs", req.topk_prompt_logprobs), ("prompt_alt_tokens_k", req.prompt_alt_tokens_k)):
+        if k > MAX_TOPK:
+            raise InvalidRequest(f"{name} must be at most {MAX_TOPK}, got {k}")
+    last_n = req.prompt_logprobs_last_n
+    if last_n is not None:
+        if not req.prompt_logprobs:
+            raise InvalidRequest("prompt_logprobs_last_n applies to prompt logprobs; set prompt_logprobs")
+        if not 1 <= last_n <= len(prompt) - 1:
+            raise InvalidRequest(f"prompt_logprobs_last_n must be between 1 and len(prompt) - 1 = "
+                                 f"{len(prompt) - 1}, got {last_n}")
+    sp = req.sampling_params
+    return PromptScoring(logprobs=bool(req.prompt_logprobs), topk=req.topk_prompt_logprobs, last_n=last_n,
+                         targets=None if targets is None else torch.from_numpy(targets.ids),
+                         alt_k=req.prompt_alt_tokens_k, temperature=sp.temperature, seed=sp.seed)

@@ -171,6 +171,7 @@ class LoadWeightsRequest(Wire):
     model_seq_id: SeqId | None = None
     base_model: str | None = None
     user_metadata: Metadata = None
+    optimizer_config: dict[str, Any] | None = None
 
 
 class CreateSamplingSessionRequest(Wire):

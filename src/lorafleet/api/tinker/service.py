@@ -20,20 +20,18 @@ from lorafleet.api.tinker import schemas as s
 from lorafleet.api.tinker import encryption, wire
 from lorafleet.api.tinker.catalog_bridge import inherited_metadata, run_policy_name
 from lorafleet.api.tinker.checkpoints import (
-    META_NAME,
     OPTIMIZER_NAME,
-    Checkpoints,
     TinkerPath,
     check_name,
     parse_path,
 )
-from lorafleet.api.tinker.futures import FutureTable
 from lorafleet.api.tinker.jobs import Ticket, TinkerSink, fwdbwd_payload
 from lorafleet.api.tinker.rest import RestQueries
 from lorafleet.api.tinker.run_metrics import RunMetrics
+from lorafleet.api.tinker.state import TinkerState
 from lorafleet.api.tinker.submitted import Submitted
 from lorafleet.api.tinker.sampling import SamplingCalls
-from lorafleet.api.tinker.store import TinkerStore, now
+from lorafleet.api.tinker.repo import now
 from lorafleet.engine.jobs import (
     CreateRun,
     Job,
@@ -58,7 +56,7 @@ from lorafleet.errors import (
 )
 from lorafleet.lora import io as lora_io
 from lorafleet.catalog.records import Quotas
-from lorafleet.lora.spec import ATTN_MODULES, MLP_MODULES, LoraSpec
+from lorafleet.lora.spec import ATTN_MODULES, MLP_MODULES, UNEMBED_MODULES, LoraSpec
 from lorafleet.model.registry import check_base_digest
 from lorafleet.train.types import AdamParams
 
@@ -84,23 +82,26 @@ class TinkerService(SamplingCalls, RestQueries):
     def __init__(
         self,
         runners: dict[str, Scheduler],
-        store: TinkerStore,
-        futures: FutureTable,
-        checkpoints: Checkpoints,
+        state: TinkerState,
         catalog: Any = None,
         quotas: Callable[[str], Quotas] = lambda tenant: Quotas(),
     ) -> None:
         self.catalog = catalog  # CatalogBridge or None
         self.quotas = quotas  # a tenant's limits in force (catalog/records.py Quotas)
-        futures.queue_limit = lambda tenant: quotas(tenant).max_queued
+        state.futures.queue_limit = lambda tenant: quotas(tenant).max_queued
         self.runners = runners  # base name -> the engine scheduler of that base
-        self.store = store
+        self.state = state  # rows in the catalog's database, blobs in its store (api/tinker/state.py)
+        self.repo, futures, checkpoints = state.repo, state.futures, state.checkpoints
         self.futures = futures
         self.checkpoints = checkpoints
-        self.sinks = {name: TinkerSink(futures, store, checkpoints, r.base, r, catalog)
+        self.sinks = {name: TinkerSink(futures, self.repo, checkpoints, r.base, r, catalog)
                       for name, r in runners.items()}
-        self.run_metrics = RunMetrics(store)  # per-step loss curves for the console
+        self.run_metrics = RunMetrics(self.repo)  # per-step loss curves for the console
         futures.observers.append(self.run_metrics.done)
+
+    def close(self) -> None:
+        """Release this server's liveness lock: its unfinished futures now fail elsewhere."""
+        self.state.close()
 
     # ------------------------------------------------------------------ helpers
 
@@ -121,8 +122,8 @@ class TinkerService(SamplingCalls, RestQueries):
         return runner
 
     def run_row(self, tenant: str, model_id: str) -> dict[str, Any]:
-        row = self.store.get("runs", "model_id", model_id)
-        if row is None or row["tenant"] != tenant:
+        row = self.repo.run(tenant, model_id)
+        if row is None:
             raise NotFound(f"training run {model_id} not found")
         return row
 
@@ -131,36 +132,33 @@ class TinkerService(SamplingCalls, RestQueries):
         runner = self.runner(row["base_model"])
         if not runner.knows_run(model_id):
             raise NotFound(
-                f"training run {model_id} is not loaded (the server restarted or its session "
-                "ended); create a training client from one of its checkpoints"
+                f"training run {model_id} is not loaded on this server (the server restarted, its "
+                "session ended, or it lives on another server); create a training client from "
+                "one of its checkpoints"
             )
         return row, runner
 
     def session_row(self, tenant: str, session_id: str) -> dict[str, Any]:
-        row = self.store.get("sessions", "session_id", session_id)
-        if row is None or row["tenant"] != tenant:
+        row = self.repo.session(tenant, session_id)
+        if row is None:
             raise NotFound(f"session {session_id} not found")
         return row
 
     def find_checkpoint(self, tenant: str, path: TinkerPath) -> dict[str, Any]:
-        """A checkpoint row: from this server, or else from the shared catalog (a checkpoint
-        another lorafleet server published), copied into the local checkpoint folders."""
+        """A checkpoint row, or else a catalog revision with this path that has none (published
+        before the Tinker state moved into the catalog), recorded as a checkpoint over the
+        same blobs (no copy)."""
         try:
             return self.checkpoints.find(tenant, path)
         except NotFound:
             found = self.catalog.fetch(tenant, path) if self.catalog is not None else None
             if found is None:
                 raise
-        owner, base_model, files = found
-        meta = json.loads(files.pop(META_NAME, b"{}") or b"{}")
-        meta.setdefault("base_model", base_model)
-        meta.setdefault("lora_flags", _flags_from_files(files))
-        try:
-            self.checkpoints.write(owner, path, files, meta)
-            if owner != tenant:  # the catalog let a non-owner see it: it is published
-                self.checkpoints.set_public(owner, str(path), True)
-        except Conflict:  # a concurrent request copied it first
-            pass
+        meta = {"base_model": found.base_model, "base_digest": found.base_digest,
+                "lora_flags": _flags_from_config(found.adapter_config), "revision_id": found.revision_id}
+        # the catalog let a non-owner see it: it is published
+        self.checkpoints.adopt(found.owner, path, found.files, meta, public=found.owner != tenant,
+                               revision_id=found.revision_id)
         return self.checkpoints.find(tenant, path)
 
     def job(self, runner: Scheduler, kind: WorkKind, payload: Payload, tenant: str, ticket: Ticket,
@@ -193,7 +191,7 @@ class TinkerService(SamplingCalls, RestQueries):
     def create_session(self, tenant: str, req: s.CreateSessionRequest) -> dict[str, Any]:
         session_id = f"s-{uuid.uuid4().hex[:16]}"
         t = now()
-        self.store.insert("sessions", {
+        self.repo.insert_session({
             "session_id": session_id, "tenant": tenant, "created": t, "last_heartbeat": t,
             "user_metadata": req.user_metadata, "display_name": req.display_name,
             "tags": req.tags, "sdk_version": req.sdk_version, "project_id": req.project_id,
@@ -204,50 +202,62 @@ class TinkerService(SamplingCalls, RestQueries):
         row = self.session_row(tenant, session_id)
         if row["finished"]:
             raise Expired(f"session {session_id} is finished")
-        self.store.update("sessions", "session_id", session_id, last_heartbeat=now())
+        self.repo.touch_session(session_id)
         return {"type": "session_heartbeat"}
 
     def finish_session(self, tenant: str, session_id: str, reason: str) -> None:
         """The client closed its ServiceClient: free the session's adapters in the engines."""
         self.session_row(tenant, session_id)
-        self.store.update("sessions", "session_id", session_id, finished=reason or "success")
+        self.repo.finish_session(session_id, reason or "success")
         self._unload_session(session_id, f"session {session_id} finished")
 
     def _unload_session(self, session_id: str, reason: str) -> None:
-        for row in self.store.select("SELECT * FROM runs WHERE session_id = ?", session_id):
-            runner = self.runners.get(row["base_model"])
-            if runner is not None and runner.knows_run(row["model_id"]):
-                runner.submit(self.job(runner, WorkKind.UNLOAD_RUN, UnloadRun(reason), row["tenant"],
-                                       Ticket("", "unload"), run_id=row["model_id"]))
+        for row in self.repo.runs_of_session(session_id):
+            self._unload(row["base_model"], row["model_id"], row["tenant"], reason)
+
+    def _unload(self, base_model: str, model_id: str, tenant: str, reason: str) -> None:
+        runner = self.runners.get(base_model)
+        if runner is not None and runner.knows_run(model_id):
+            runner.submit(self.job(runner, WorkKind.UNLOAD_RUN, UnloadRun(reason), tenant,
+                                   Ticket("", "unload"), run_id=model_id))
 
     def expire_sessions(self, timeout_s: float) -> int:
-        """End sessions whose heartbeats stopped (the SDK sends one every 10 s)."""
-        rows = self.store.select(
-            "SELECT session_id FROM sessions WHERE finished IS NULL AND last_heartbeat < ?",
-            now() - timeout_s,
-        )
-        for row in rows:
-            self.store.update("sessions", "session_id", row["session_id"], finished="expired")
-            self._unload_session(row["session_id"], "its heartbeats stopped")
-        return len(rows)
+        """End sessions whose heartbeats stopped (the SDK sends one every 10 s), and free the
+        runs loaded here whose session ended through another server sharing this state."""
+        silent = self.repo.silent_sessions(now() - timeout_s)
+        for session_id in silent:
+            self.repo.finish_session(session_id, "expired")
+            self._unload_session(session_id, "its heartbeats stopped")
+        for runner in self.runners.values():
+            for model_id in self.repo.finished_runs(list(runner.runs)):
+                row = self.repo.run_by_id(model_id)
+                if row is not None:
+                    self._unload(row["base_model"], model_id, row["tenant"], "its session finished")
+        return len(silent)
 
     # ------------------------------------------------------------------ models
 
     def create_model(self, tenant: str, req: s.CreateModelRequest, idem: str | None) -> Submitted:
         self.session_row(tenant, req.session_id)
+        check_optimizer(req.optimizer_config)
         runner = self.runner(req.base_model)
         lora = req.lora_config or s.LoraConfig()
         targets = (ATTN_MODULES if lora.train_attn else ()) + (MLP_MODULES if lora.train_mlp else ())
         targets = tuple(m for m in targets if m in runner.base.info.lora_modules)
+        if lora.train_unembed:  # LoRA on the LM head too (the cookbook's default)
+            if not runner.base.info.unembed:
+                raise InvalidRequest(f"train_unembed: {runner.base.name} has no separate LM head to "
+                                     "put a LoRA on; pass train_unembed=False")
+            targets += runner.base.info.unembed
         if not targets:
-            raise InvalidRequest("train_attn and train_mlp are both false: nothing to train")
+            raise InvalidRequest("train_attn, train_mlp and train_unembed are all false: nothing to train")
         spec = LoraSpec(rank=lora.rank, alpha=LORA_ALPHA, target_modules=targets)
         flags = {"rank": lora.rank, "train_attn": lora.train_attn, "train_mlp": lora.train_mlp,
-                 "train_unembed": False, "requested_train_unembed": lora.train_unembed,
+                 "train_unembed": lora.train_unembed,
                  "target_modules": list(spec.target_modules), "lora_alpha": LORA_ALPHA}
         model_id = f"{req.session_id}:train:{req.model_seq_id}"
         run_policy_name(tenant, model_id, req.user_metadata)  # a bad name is a 400 now
-        if self.store.get("runs", "model_id", model_id) is None:
+        if self.repo.run_by_id(model_id) is None:
             self._check_runs_quota(tenant)
         fingerprint = s.CreateModelRequest.model_dump_json(req)
         request_id, created = self.futures.submit(
@@ -264,18 +274,14 @@ class TinkerService(SamplingCalls, RestQueries):
         limit = self.quotas(tenant).max_runs
         if limit is None:
             return
-        runs = self.store.select(
-            "SELECT COUNT(*) AS n FROM runs r JOIN sessions s ON s.session_id = r.session_id "
-            "WHERE r.tenant = ? AND s.finished IS NULL", tenant)[0]["n"]
+        runs = self.repo.open_runs(tenant)
         if runs >= limit:
             raise QuotaExceeded(f"quota max_runs={limit} of tenant {tenant!r} is reached: {runs} training "
                                 "runs are in open sessions; finish a session or raise the quota")
 
     def _insert_run(self, tenant, session_id, model_id, base, flags, user_metadata) -> None:
-        if self.store.get("runs", "model_id", model_id) is not None:
-            raise Conflict(f"training run {model_id} already exists")
         t = now()
-        self.store.insert("runs", {
+        self.repo.insert_run({
             "model_id": model_id, "tenant": tenant, "session_id": session_id,
             "base_model": base, "lora": flags,
             "user_metadata": {k: str(v) for k, v in (user_metadata or {}).items()},
@@ -333,7 +339,7 @@ class TinkerService(SamplingCalls, RestQueries):
                     )
 
     def _touch(self, model_id: str) -> None:
-        self.store.update("runs", "model_id", model_id, last_request=now())
+        self.repo.update_run(model_id, last_request=now())
 
     def _ordered(self, tenant: str, call: str, kind: WorkKind, model_id: str, seq_id: int | None,
                  payload: Payload, info: dict[str, Any], fingerprint: str, idem: str | None) -> Submitted:
@@ -372,10 +378,8 @@ class TinkerService(SamplingCalls, RestQueries):
         (another tenant's run answers 404 like a missing one, never 422 for a taken name)."""
         self.run_row(tenant, model_id)
         if self.checkpoints.exists(path):
-            dup = self.store.select(
-                "SELECT fingerprint FROM futures WHERE scope = ? AND seq_id = ?", model_id, seq_id
-            )
-            if not dup or dup[0]["fingerprint"] != fingerprint:
+            dup = self.repo.duplicate_future(tenant, model_id, seq_id, None)
+            if dup is None or dup["fingerprint"] != fingerprint:
                 raise Conflict(f"checkpoint {path} already exists; checkpoints are immutable")
 
     def save_weights_for_sampler(
@@ -396,8 +400,8 @@ class TinkerService(SamplingCalls, RestQueries):
             info["sampler_id"] = sampler_id
         sub = self._ordered(tenant, "save_weights_for_sampler", WorkKind.SAVE, req.model_id,
                             req.seq_id, Save(parent=parent), info, req.model_dump_json(), idem)
-        if "sampler_id" in info and self.store.get("samplers", "sampler_id", info["sampler_id"]) is None:
-            self.store.insert("samplers", {
+        if "sampler_id" in info:
+            self.repo.insert_sampler({
                 "sampler_id": info["sampler_id"], "tenant": tenant,
                 "session_id": row["session_id"], "base_model": row["base_model"],
                 "model_path": None, "source_model_id": req.model_id, "created": now(),
@@ -417,6 +421,7 @@ class TinkerService(SamplingCalls, RestQueries):
                              req.seq_id, Save(parent=str(path)), info, req.model_dump_json(), idem)
 
     def load_weights(self, tenant: str, req: s.LoadWeightsRequest, idem: str | None) -> Submitted:
+        check_optimizer(req.optimizer_config)
         ckpt = self.find_checkpoint(tenant, parse_path(req.path))
         if req.optimizer and ckpt["kind"] != "training":
             raise InvalidRequest(f"{req.path} holds no optimizer state; load a weights/ checkpoint")
@@ -466,14 +471,26 @@ class TinkerService(SamplingCalls, RestQueries):
         return weights, st_load(files[OPTIMIZER_NAME])
 
     def _source_metadata(self, ckpt: dict[str, Any]) -> dict[str, Any] | None:
-        src = self.store.get("runs", "model_id", ckpt["model_id"])
+        src = self.repo.run_by_id(ckpt["model_id"])
         return src["user_metadata"] if src else None
 
 
-def _flags_from_files(files: dict[str, bytes]) -> dict[str, Any]:
-    config = json.loads(files.get("adapter_config.json", b"{}") or b"{}")
+def check_optimizer(config: dict[str, Any] | None) -> None:
+    """Refuse a non-Adam optimizer family where the run is created (where the client first
+    names it), not at its first optim_step."""
+    kind = (config or {}).get("type", "adamw")
+    if kind != "adamw":
+        raise InvalidRequest(
+            f"optimizer {kind!r} is not supported by lorafleet: training runs use AdamW. Create the "
+            "training client without optimizer= (the default AdamOptimizerConfig) and pass "
+            "types.AdamParams to optim_step"
+        )
+
+
+def _flags_from_config(adapter_config: bytes) -> dict[str, Any]:
+    config = json.loads(adapter_config or b"{}")
     targets = set(config.get("target_modules") or ())
     return {"rank": config.get("r"), "train_attn": bool(targets & set(ATTN_MODULES)),
-            "train_mlp": bool(targets & set(MLP_MODULES)), "train_unembed": False,
+            "train_mlp": bool(targets & set(MLP_MODULES)), "train_unembed": bool(targets & set(UNEMBED_MODULES)),
             "target_modules": sorted(targets), "lora_alpha": config.get("lora_alpha")}
 

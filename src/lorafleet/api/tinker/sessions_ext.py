@@ -1,7 +1,7 @@
 """The session and copy calls tinker SDK 0.38 added: `copy_weights`, `search_sessions`,
 `assign_session_project`, `export_session_trace` (the trace itself is `trace.py`).
 
-Plain functions of a `TinkerService` (its store, checkpoints and rows), returning the JSON the
+Plain functions of a `TinkerService` (its repository and checkpoints), returning the JSON the
 SDK's pydantic types read (`CopyWeightsResponse`, `SessionSearchResponse`, ...). A project is
 a label on a session (set at `create_session` or moved here); a tenant sees only its own
 sessions whatever it searches, as everywhere else in lorafleet.
@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lorafleet.api.tinker import ext_schemas as s
-from lorafleet.api.tinker.checkpoints import META_NAME, TinkerPath, parse_path
-from lorafleet.api.tinker.store import now
+from lorafleet.api.tinker.checkpoints import TinkerPath, parse_path
+from lorafleet.api.tinker.repo import now
 from lorafleet.errors import Conflict, InvalidRequest, NotFound
 
 MIN_COPY_TTL_S = 3600
@@ -40,6 +40,8 @@ def copy_weights(svc: Any, tenant: str, req: s.CopyWeightsRequest, idem: str | N
     source = parse_path(req.source_path)
     row = svc.find_checkpoint(tenant, source)
     meta = dict(row.get("meta") or {})
+    t = now()
+    new_session: dict[str, Any] | None = None  # the session a project copy makes for itself
     if req.session_id is not None:
         if req.model_seq_id is None:
             raise InvalidRequest("copy_weights with session_id needs model_seq_id as well")
@@ -48,34 +50,38 @@ def copy_weights(svc: Any, tenant: str, req: s.CopyWeightsRequest, idem: str | N
     elif req.destination_project_id:
         session_id = _copy_session_id(tenant, idem)
         model_id = f"{session_id}:train:0"
-        existing = svc.store.get("sessions", "session_id", session_id)
+        existing = svc.repo.session_by_id(session_id)
         if existing is None:
-            t = now()
-            svc.store.insert("sessions", {
+            new_session = {
                 "session_id": session_id, "tenant": tenant, "created": t, "last_heartbeat": t,
                 "finished": "success", "user_metadata": {"copied_from": str(source)},
                 "display_name": f"copy of {source}", "tags": ["copy_weights"],
-                "sdk_version": None, "project_id": req.destination_project_id})
+                "sdk_version": None, "project_id": req.destination_project_id}
         elif existing["tenant"] != tenant:
             raise NotFound(f"session {session_id} not found")
     else:
         raise InvalidRequest("copy_weights needs destination_project_id, or session_id and model_seq_id")
     target = TinkerPath(model_id, source.kind, source.name)
-    run = svc.store.get("runs", "model_id", model_id)
-    if run is not None:
+    if svc.repo.run_by_id(model_id) is not None:
         if svc.checkpoints.exists(target) and (svc.checkpoints.find(tenant, target).get("meta") or {}) \
                 .get("copied_from") == str(source):
             return {"tinker_path": str(target)}  # a retry of this very copy
         raise Conflict(f"training run {model_id} already exists; copy into another model_seq_id")
-    t = now()
-    svc.store.insert("runs", {
-        "model_id": model_id, "tenant": tenant, "session_id": model_id.split(":")[0],
-        "base_model": meta.get("base_model") or "", "lora": meta.get("lora_flags") or {"rank": 0},
-        "user_metadata": {"copied_from": str(source)}, "created": t, "last_request": t})
-    files = {k: v for k, v in svc.checkpoints.read_files(row).items() if k != META_NAME}
+    files = svc.checkpoints.read_files(row)
+    run = {"model_id": model_id, "tenant": tenant, "session_id": model_id.split(":")[0],
+           "base_model": meta.get("base_model") or "", "lora": meta.get("lora_flags") or {"rank": 0},
+           "user_metadata": {"copied_from": str(source)}, "created": t, "last_request": t}
+    if new_session is not None:
+        svc.repo.insert_finished_run(new_session, run)
+    else:
+        svc.repo.insert_run(run)
     meta.update(copied_from=str(source), tenant=tenant, time=t)
     meta.pop("revision_id", None)  # the copy is not a catalog revision of its own
-    svc.checkpoints.write(tenant, target, files, meta, req.ttl_seconds, row.get("user_metadata"))
+    try:  # the blobs are the source's (content-addressed): only rows are new
+        svc.checkpoints.write(tenant, target, files, meta, req.ttl_seconds, row.get("user_metadata"))
+    except Exception:
+        svc.repo.delete_run(tenant, model_id, new_session and new_session["session_id"])
+        raise
     return {"tinker_path": str(target)}
 
 
@@ -93,8 +99,8 @@ def _copy_session_id(tenant: str, idem: str | None) -> str:
 def assign_project(svc: Any, tenant: str, session_id: str, project_id: str | None) -> dict[str, Any]:
     if not project_id:
         raise InvalidRequest("project_id is required (a session cannot be moved out of a project)")
-    svc.session_row(tenant, session_id)
-    svc.store.update("sessions", "session_id", session_id, project_id=project_id)
+    if not svc.repo.set_session_project(tenant, session_id, project_id):
+        raise NotFound(f"session {session_id} not found")
     return {"session_id": session_id, "project_id": project_id}
 
 
@@ -107,8 +113,7 @@ def search_sessions(svc: Any, tenant: str, req: s.SessionSearchRequest) -> dict[
     if kind == "user" and f"tml:tenant:{tenant}" not in req.owner.get("owner_urns", []) \
             and tenant not in req.owner.get("owner_urns", []):
         return {"sessions": [], "next_cursor": None}
-    rows = svc.store.select("SELECT * FROM sessions WHERE tenant = ? ORDER BY created DESC, "
-                            "session_id DESC", tenant)
+    rows = svc.repo.tenant_sessions(tenant)
     if req.cursor is not None:
         after = (round(req.cursor.last_created_at.timestamp(), 6), req.cursor.last_session_id)
         rows = [r for r in rows if (round(r["created"], 6), r["session_id"]) < after]
@@ -123,7 +128,9 @@ def search_sessions(svc: Any, tenant: str, req: s.SessionSearchRequest) -> dict[
     if more:
         last = page[-1]
         cursor = {"last_created_at": _iso(last["created"]), "last_session_id": last["session_id"]}
-    return {"sessions": [_summary(svc, r) for r in page], "next_cursor": cursor}
+    totals = svc.repo.session_checkpoint_totals(tenant, [r["session_id"] for r in page])
+    return {"sessions": [_summary(r, totals.get(r["session_id"], (0, 0))) for r in page],
+            "next_cursor": cursor}
 
 
 def _matches(row: dict[str, Any], req: s.SessionSearchRequest) -> bool:
@@ -162,17 +169,14 @@ def _status_matches(status: dict[str, Any] | None, query: dict[str, Any]) -> boo
     return not reasons or status.get("reason", {}).get("type") in reasons
 
 
-def _summary(svc: Any, row: dict[str, Any]) -> dict[str, Any]:
-    ckpts = svc.store.select(
-        "SELECT COUNT(*) AS n, COALESCE(SUM(c.size_bytes), 0) AS bytes FROM checkpoints c "
-        "JOIN runs r ON r.model_id = c.model_id WHERE r.session_id = ?", row["session_id"])[0]
+def _summary(row: dict[str, Any], ckpts: tuple[int, int]) -> dict[str, Any]:
     return {
         "session_id": row["session_id"], "created_at": _iso(row["created"]),
         "owner": row["tenant"], "project_id": row["project_id"] or DEFAULT_PROJECT,
-        "status": _status(row), "checkpoints_count": int(ckpts["n"]),
+        "status": _status(row), "checkpoints_count": ckpts[0],
         "display_name": row["display_name"],
         "user_metadata": {k: str(v) for k, v in (row["user_metadata"] or {}).items()} or None,
-        "checkpoint_storage_bytes": int(ckpts["bytes"]),
+        "checkpoint_storage_bytes": ckpts[1],
     }
 
 

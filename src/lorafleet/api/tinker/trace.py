@@ -60,16 +60,11 @@ def _uuid(name: str) -> int:
 def session_trace(svc: Any, tenant: str, session_id: str) -> bytes:
     """The Perfetto trace of one of the tenant's sessions (NotFound for anyone else's)."""
     svc.session_row(tenant, session_id)
-    runs = [r["model_id"] for r in svc.store.select("SELECT model_id FROM runs WHERE session_id = ?", session_id)]
-    samplers = [r["sampler_id"] for r in svc.store.select(
-        "SELECT sampler_id FROM samplers WHERE session_id = ?", session_id)]
+    runs, samplers = svc.repo.ids_of_session(session_id)
     tracks = {f"{session_id}:models": f"session {session_id}"}
     tracks |= {run: f"training run {run}" for run in runs}
     tracks |= {f"sample:{sid}": f"sampler {sid}" for sid in samplers}
-    rows = []
-    for scope in tracks:
-        rows += svc.store.select("SELECT kind, scope, state, created, completed FROM futures "
-                                 "WHERE tenant = ? AND scope = ? ORDER BY created", tenant, scope)
+    rows = svc.repo.futures_of_scopes(tenant, tracks)
     return encode(session_id, tracks, rows)
 
 

@@ -2,8 +2,9 @@
 
 Accepted: a gzip'd (or plain) tar holding the files of one checkpoint, at its top level or in
 one folder: `adapter_config.json`, `adapter_model.safetensors`, optionally
-`optimizer_state.safetensors` and `tinker_meta.json` (what `.../archive` downloads, plus its
-`checkpoint_complete` marker). Nothing is extracted to disk: members are read into memory, so
+`optimizer_state.safetensors` (what `.../archive` downloads, plus its `checkpoint_complete`
+marker) and `tinker_meta.json` (the provenance file older lorafleet archives held: its
+`base_model`, `base_digest` and `step` are read, the file is not stored). Nothing is extracted to disk: members are read into memory, so
 no name can lead anywhere. Refused (InvalidRequest, 400), before anything is stored: a name that
 is absolute or has `..`, a link or any member that is not a regular file or folder, an unknown
 file, a duplicate, more than `MAX_MEMBERS` members, declared sizes over `MAX_UNPACKED_BYTES` in
@@ -22,10 +23,11 @@ import tarfile
 import zlib
 from pathlib import PurePosixPath
 
-from lorafleet.api.tinker.checkpoints import META_NAME, OPTIMIZER_NAME
+from lorafleet.api.tinker.checkpoints import OPTIMIZER_NAME
 from lorafleet.errors import InvalidRequest
 from lorafleet.lora.io import CONFIG_NAME, WEIGHTS_NAME
 
+META_NAME = "tinker_meta.json"
 ALLOWED = frozenset({CONFIG_NAME, WEIGHTS_NAME, OPTIMIZER_NAME, META_NAME})
 IGNORED = frozenset({"checkpoint_complete"})
 MAX_MEMBERS = 16

@@ -41,6 +41,7 @@ MAX_DATUM_TOKENS = 1 << 20
 MAX_REQUEST_VALUES = 1 << 24
 MAX_TOKEN_ID = (1 << 31) - 1  # token ids travel as int32 (proto encoded_text)
 MAX_SEQ_ID = (1 << 63) - 1
+MASK_LOGPROB = -99999.0  # the SDK's TopkLogprobs sentinel: (token 0, this logprob) = not scored
 
 
 @dataclass(slots=True)
@@ -69,21 +70,43 @@ class FwdBwdCall:
     fingerprint: str = ""
 
 
+TopK = list[tuple[int, float]]  # (token id, logprob), most likely first
+MASK_LOGPROB = -99999.0  # the SDK's sentinel of an empty top-k cell (tinker.types.topk_logprobs)
+
+
 @dataclass(slots=True)
 class SampledSeq:
-    """One generated sequence: tokens, one logprob per token, 'stop' or 'length'."""
+    """One generated sequence: tokens, one logprob per token, 'stop' or 'length', and with
+    topk_sample_logprobs the top k of every position."""
 
     tokens: list[int]
     logprobs: list[float]
     stop_reason: str
+    topk: list[TopK] | None = None
+
+
+@dataclass(slots=True)
+class TargetIds:
+    """`SampleRequest.target_prompt_logprobs`: int64 [len(prompt) - 1, K] token ids (-1 = no
+    cell), and the CSR layout it came in (None: dense), which the answer keeps."""
+
+    ids: np.ndarray
+    crow: np.ndarray | None = None
+    col: np.ndarray | None = None
 
 
 @dataclass(slots=True)
 class SampleOutcome:
-    """The result of one asample request (num_samples sequences)."""
+    """The result of one asample request (num_samples sequences) and its prompt scores:
+    top-k ids / logprobs [P, k] (sentinel rows where not scored), the logprobs of the
+    requested target ids [P - 1, K] (in the request's layout), the alternative draws
+    (tokens, logprobs) [P - 1, k]."""
 
     sequences: list[SampledSeq]
     prompt_logprobs: list[float | None] | None = None
+    topk_prompt: tuple[np.ndarray, np.ndarray] | None = None
+    target_prompt: tuple[TargetIds, np.ndarray] | None = None
+    alt_tokens: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass(slots=True)
@@ -308,6 +331,44 @@ def tensor_data_from_json(td: Any, where: str) -> np.ndarray:
         raise InvalidRequest(f"{where}: {e}") from e
 
 
+def target_ids_from_json(td: Any, rows: int, vocab: int, max_values: int = MAX_REQUEST_VALUES) -> TargetIds:
+    """Decode `target_prompt_logprobs` (the SDK's JSON TensorData, dense or sparse CSR): int64
+    token ids of shape [rows, K], -1 where nothing is asked."""
+    where = "target_prompt_logprobs"
+    if not isinstance(td, dict) or "data" not in td:
+        raise InvalidRequest(f"{where}: expected a TensorData object")
+    if td.get("dtype", "int64") != "int64":
+        raise InvalidRequest(f"{where} must be an int64 tensor of token ids, got {td.get('dtype')!r}")
+    shape = td.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(x, int) and x >= 0 for x in shape)):
+        raise InvalidRequest(f"{where} must be 2-D, [len(prompt) - 1, K], got shape {shape!r}")
+    if shape[0] != rows:
+        raise InvalidRequest(f"{where} has {shape[0]} rows; the prompt has {rows + 1} tokens, so it needs "
+                             f"{rows} (row i scores prompt position i + 1)")
+    _Budget(max_values).take(shape, where)
+    crow_in, col_in = td.get("sparse_crow_indices"), td.get("sparse_col_indices")
+    try:
+        values = np.asarray(td["data"], dtype=np.int64).reshape(-1)
+        if crow_in is None and col_in is None:
+            if values.size != shape[0] * shape[1]:
+                raise InvalidRequest(f"{where}: shape {shape} does not match {values.size} values")
+            ids, crow, col = values.reshape(shape), None, None
+        else:
+            crow, col = np.asarray(crow_in, dtype=np.int64), np.asarray(col_in, dtype=np.int64)
+            if crow.size != shape[0] + 1 or col.size != values.size or crow[0] != 0 or crow[-1] != values.size \
+                    or np.any(np.diff(crow) < 0) or (col.size and (col.min() < 0 or col.max() >= shape[1])):
+                raise InvalidRequest(f"{where}: inconsistent sparse CSR indices")
+            ids = np.full(shape, -1, dtype=np.int64)
+            ids[np.repeat(np.arange(shape[0]), np.diff(crow)), col] = values
+    except (TypeError, ValueError, OverflowError) as e:
+        raise InvalidRequest(f"{where}: {e}") from e
+    bad = ids[(ids < -1) | (ids >= vocab)]
+    if bad.size:
+        raise InvalidRequest(f"{where}: token id {int(bad[0])} is outside the vocabulary (size {vocab}); "
+                             "use -1 for cells that ask nothing")
+    return TargetIds(ids, crow, col)
+
+
 def model_input_tokens(model_input: Any, where: str = "prompt") -> list[int]:
     """Concatenate the token ids of a JSON ModelInput (`{"chunks": [...]}`)."""
     if not isinstance(model_input, dict) or not isinstance(model_input.get("chunks"), list):
@@ -336,25 +397,41 @@ def is_finite(out: FwdBwdOutcome) -> bool:
 
 
 def encode_forward_backward_output(out: FwdBwdOutcome) -> bytes:
-    """Serialize per-datum outputs as one batched `ArrayRecord` (§6.4)."""
+    """Serialize per-datum outputs as batched `ArrayRecord`s (§6.4): one record per run of
+    consecutive datums whose fields have the same trailing shapes (the SDK concatenates the
+    records), so [N] outputs and [N, K] ones (2-D targets) can share one response."""
     msg = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
     for k, v in out.metrics.items():
         msg.metrics[k] = float(v)
-    record = msg.loss_fn_outputs.add(type_tag="ArrayRecord", num_datums=len(out.outputs))
-    names = sorted(set().union(*(o.keys() for o in out.outputs))) if out.outputs else []
-    for name in names:
-        arrays = [np.atleast_1d(np.asarray(o[name])) for o in out.outputs]
+    arrays = [{k: np.atleast_1d(np.asarray(v)) for k, v in o.items()} for o in out.outputs]
+    if not arrays:
+        msg.loss_fn_outputs.add(type_tag="ArrayRecord", num_datums=0)
+    start = 0
+    for end in range(1, len(arrays) + 1):
+        if end < len(arrays) and _layout(arrays[end]) == _layout(arrays[start]):
+            continue
+        _add_record(msg, arrays[start:end])
+        start = end
+    return msg.SerializeToString()
+
+
+def _layout(o: dict[str, np.ndarray]) -> tuple:
+    return tuple(sorted((k, a.shape[1:], a.dtype.kind in "iu") for k, a in o.items()))
+
+
+def _add_record(msg: Any, outputs: list[dict[str, np.ndarray]]) -> None:
+    record = msg.loss_fn_outputs.add(type_tag="ArrayRecord", num_datums=len(outputs))
+    for name in sorted(outputs[0]):
+        arrays = [o[name] for o in outputs]
         dtype_name = "int64" if arrays[0].dtype.kind in "iu" else "float32"
         wire_dtype = np.dtype(dtype_name).newbyteorder("<")
         arrays = [np.ascontiguousarray(a, dtype=wire_dtype) for a in arrays]
-        trailing = list(arrays[0].shape[1:])
         sizes = np.array([0] + [a.nbytes for a in arrays], dtype="<i8")
         bt = record.fields[name]
         bt.data = b"".join(a.tobytes() for a in arrays)
         bt.offsets = np.cumsum(sizes).astype("<i8").tobytes()
         bt.dtype = _NUMPY_TO_PROTO[dtype_name]
-        bt.trailing_shape.extend(trailing)
-    return msg.SerializeToString()
+        bt.trailing_shape.extend(list(arrays[0].shape[1:]))
 
 
 def encode_sample_response(out: SampleOutcome) -> bytes:
@@ -365,10 +442,51 @@ def encode_sample_response(out: SampleOutcome) -> bytes:
         seq.stop_reason = pb.STOP_REASON_STOP if s.stop_reason == "stop" else pb.STOP_REASON_LENGTH
         seq.tokens = np.asarray(s.tokens, dtype="<i4").tobytes()
         seq.logprobs = np.asarray(s.logprobs, dtype="<f4").tobytes()
+        if s.topk is not None:
+            _encode_topk(seq.topk_sampled_logprobs, s.topk)
     if out.prompt_logprobs is not None:
         vals = [math.nan if v is None else v for v in out.prompt_logprobs]
         msg.prompt_logprobs = np.asarray(vals, dtype="<f4").tobytes()
+    if out.topk_prompt is not None:
+        ids, lps = out.topk_prompt
+        msg.topk_prompt_logprobs.token_ids = np.ascontiguousarray(ids, dtype="<i4").tobytes()
+        msg.topk_prompt_logprobs.logprobs = np.ascontiguousarray(lps, dtype="<f4").tobytes()
+        msg.topk_prompt_logprobs.length, msg.topk_prompt_logprobs.k = int(ids.shape[0]), int(ids.shape[1])
+    if out.target_prompt is not None:
+        target, lps = out.target_prompt
+        _tensor_proto(msg.target_prompt_logprobs, lps.astype(np.float32), target)
+    if out.alt_tokens is not None:
+        tokens, lps = out.alt_tokens
+        _tensor_proto(msg.prompt_alt_tokens.tokens, tokens.astype(np.int64))
+        _tensor_proto(msg.prompt_alt_tokens.logprobs, lps.astype(np.float32))
     return msg.SerializeToString()
+
+
+def _encode_topk(msg: pb.TopkLogprobs, rows: list[TopK | None]) -> None:
+    """Dense (length, k) int32 / float32 matrices; an empty cell (and a None row) is the SDK's
+    sentinel (token 0, MASK_LOGPROB)."""
+    k = max((len(r) for r in rows if r), default=0)
+    ids = np.zeros((len(rows), k), dtype="<i4")
+    lps = np.full((len(rows), k), MASK_LOGPROB, dtype="<f4")
+    for i, row in enumerate(rows):
+        for j, (t, v) in enumerate(row or []):
+            ids[i, j], lps[i, j] = t, v
+    msg.token_ids, msg.logprobs, msg.k, msg.length = ids.tobytes(), lps.tobytes(), k, len(rows)
+
+
+def _tensor_proto(t: Any, dense: np.ndarray, layout: TargetIds | None = None) -> None:
+    """Fill a proto `Tensor` with `dense` (float32 or int64), sparse CSR where `layout` was."""
+    dtype_name = "int64" if dense.dtype.kind in "iu" else "float32"
+    t.dtype = _NUMPY_TO_PROTO[dtype_name]
+    t.shape.extend(list(dense.shape))
+    wire_dtype = np.dtype(dtype_name).newbyteorder("<")
+    if layout is not None and layout.crow is not None:
+        rows = np.repeat(np.arange(dense.shape[0]), np.diff(layout.crow))
+        t.sparse_csr.values = np.ascontiguousarray(dense[rows, layout.col], dtype=wire_dtype).tobytes()
+        t.sparse_csr.crow_indices = layout.crow.astype("<i8").tobytes()
+        t.sparse_csr.col_indices = layout.col.astype("<i8").tobytes()
+    else:
+        t.dense = np.ascontiguousarray(dense, dtype=wire_dtype).tobytes()
 
 
 # ---------------------------------------------------------------- results (JSON, SDK <= 0.24)
@@ -395,7 +513,17 @@ def sample_response_json(out: SampleOutcome) -> dict[str, Any]:
             for s in out.sequences
         ],
         "prompt_logprobs": out.prompt_logprobs,
+        "topk_prompt_logprobs": None if out.topk_prompt is None else _topk_lists(*out.topk_prompt),
     }
+
+
+def _topk_lists(ids: np.ndarray, lps: np.ndarray) -> list[list[tuple[int, float]] | None]:
+    """The JSON form of top-k prompt logprobs: per position (id, logprob) pairs, or None."""
+    rows: list[list[tuple[int, float]] | None] = []
+    for r_ids, r_lps in zip(ids.tolist(), lps.tolist()):
+        pairs = [(i, v) for i, v in zip(r_ids, r_lps) if not (i == 0 and v == MASK_LOGPROB)]
+        rows.append(pairs or None)
+    return rows
 
 
 def fwdbwd_proto_to_json(payload: bytes) -> dict[str, Any]:
@@ -433,4 +561,9 @@ def sample_proto_to_json(payload: bytes) -> dict[str, Any]:
     plp = None
     if msg.prompt_logprobs:
         plp = [None if math.isnan(v) else v for v in np.frombuffer(msg.prompt_logprobs, "<f4").tolist()]
-    return sample_response_json(SampleOutcome(sequences=seqs, prompt_logprobs=plp))
+    topk = None
+    if msg.HasField("topk_prompt_logprobs"):
+        shape = (msg.topk_prompt_logprobs.length, msg.topk_prompt_logprobs.k)
+        topk = (np.frombuffer(msg.topk_prompt_logprobs.token_ids, "<i4").reshape(shape),
+                np.frombuffer(msg.topk_prompt_logprobs.logprobs, "<f4").reshape(shape))
+    return sample_response_json(SampleOutcome(sequences=seqs, prompt_logprobs=plp, topk_prompt=topk))
