@@ -67,3 +67,15 @@ def assert_fused_equals_separate(engine, handles, reqs, rtol: float, atol: float
 
 # the devices present: tests that must hold on every device are parametrized over these
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def tinker_rows(svc, name: str, **where) -> list[dict]:
+    """The rows of one Tinker table (`tinker_<name>`, catalog/tinker_tables.py) matching `where`."""
+    from sqlalchemy import select
+
+    from lorafleet.catalog import tinker_tables as tt
+
+    table = getattr(tt, f"tinker_{name}")
+    stmt = select(table).where(*(table.c[k] == v for k, v in where.items()))
+    with svc.repo.db.read() as conn:
+        return [dict(r._mapping) for r in conn.execute(stmt)]

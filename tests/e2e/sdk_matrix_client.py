@@ -109,6 +109,16 @@ def main(url: str, base: str) -> None:
         check("RestClient.list_sessions", lambda: res(rest.list_sessions()))
         check("RestClient.get_session",
               lambda: res(rest.get_session(res(rest.list_sessions()).sessions[0])))
+        session_id = run_id.split(":")[0]
+        check("RestClient.copy_weights", lambda: res(rest.copy_weights(state, "proj-matrix")))
+        os.environ["TINKER_PROJECT_ID"] = "proj-matrix"  # ServiceClient.copy_weights' project
+        check("ServiceClient.copy_weights", lambda: res(sc.copy_weights(state)))
+        check("RestClient.assign_session_project",
+              lambda: res(rest.assign_session_project(session_id, "proj-matrix")))
+        check("RestClient.search_sessions", lambda: _found(res(rest.search_sessions(
+            types.SessionSearchRequest(project_ids=["proj-matrix"]))), session_id))
+        check("RestClient.export_session_trace",
+              lambda: _fetch_bytes(res(rest.export_session_trace(session_id))))
         if samp is not None:
             sid = getattr(samp, "_sampling_session_id", None)
             check("RestClient.get_sampler", lambda: res(rest.get_sampler(sid)))
@@ -116,6 +126,20 @@ def main(url: str, base: str) -> None:
               lambda: res(rest.delete_checkpoint_from_tinker_path(spath)))
         check("RestClient.get_checkpoint_archive_url_from_tinker_path",
               lambda: _fetch(res(rest.get_checkpoint_archive_url_from_tinker_path(state)).url))
+
+
+def _found(page, session_id: str) -> int:
+    assert session_id in [x.session_id for x in page.sessions], page
+    return len(page.sessions)
+
+
+def _fetch_bytes(url: str) -> int:
+    import urllib.request
+
+    with urllib.request.urlopen(url) as r:
+        data = r.read()
+    assert data, url
+    return len(data)
 
 
 def _fetch(url: str) -> int:

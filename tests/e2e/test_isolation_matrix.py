@@ -30,6 +30,10 @@ FWD = {"data": [{"model_input": TOKENS, "loss_fn_inputs": {
     "weights": {"data": [1.0, 1.0, 1.0], "dtype": "float32", "shape": [3]}}}],
     "loss_fn": "cross_entropy"}
 SAMPLING = {"max_tokens": 2, "temperature": 0.0}
+_T3 = {"dtype": "float32", "shape": [3]}
+KL_DATUM = {"student_input": TOKENS, "reference_input": TOKENS,
+            "target_tokens": {"data": [2, 3, 4], "dtype": "int64", "shape": [3]},
+            "weights": {"data": [0.0, 1.0, 1.0], **_T3}, "old_logprobs": {"data": [-1.0, -1.0, -1.0], **_T3}}
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 
 # Values in request templates that the fixture fills in with alice's objects.
@@ -81,6 +85,24 @@ BODIES: dict[tuple[str, str], list[dict]] = {
         {"adapters": [REF], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
          "extract": {"regex": "."}}],
     ("POST", "/v1/unload_lora_adapter"): [{"lora_name": "alice/iso"}],
+    ("POST", "/oai/api/v1/completions"): [
+        {"model": REF, "prompt": "hi", "max_tokens": 1},
+        {"model": SAMPLER_PATH, "prompt": "hi", "max_tokens": 1}],
+    ("POST", "/oai/api/v1/chat/completions"): [
+        {"model": REF, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}],
+    # SDK 0.38 and MinT: alice's checkpoints as sources, alice's runs as targets
+    ("POST", "/api/v1/copy_weights"): [
+        {"source_path": STATE, "destination_project_id": "p"},
+        {"source_path": SAMPLER_PATH, "destination_project_id": "p"},
+        {"source_path": STATE, "session_id": SESSION, "model_seq_id": 5}],
+    ("PUT", "/api/v1/sessions/{session_id}/project"): [{"project_id": "bob-project"}],
+    ("POST", "/api/v1/mint/checkpoints/interpolate"): [
+        {"source_paths": [SAMPLER_PATH], "coefficients": [1.0]},
+        {"source_paths": [STATE, SAMPLER_PATH], "coefficients": [0.5, 0.5]}],
+    ("POST", "/api/v1/train_step"): [{"model_id": RUN, "seq_id": 9, "forward_backward_input": FWD}],
+    ("POST", "/api/v1/mint/forward_backward_reverse_kl"): [
+        {"model_id": RUN, "seq_id": 9, "reference_model_path": TINY, "data": [KL_DATUM]},
+        {"model_id": BOB_RUN, "seq_id": 1, "reference_model_path": SAMPLER_PATH, "data": [KL_DATUM]}],
     ("POST", "/catalog/v1/policies"): [
         {"name": "bob/fork", "base_model": TINY, "parent": REF,
          "lora": {"rank": 4, "target_modules": ["q_proj", "v_proj"]}}],
@@ -96,12 +118,15 @@ BODIES: dict[tuple[str, str], list[dict]] = {
 # Collections: bob gets 200 without a trace of alice's private objects.
 LISTINGS = {("GET", "/api/v1/training_runs"), ("GET", "/api/v1/checkpoints"),
             ("GET", "/api/v1/sessions"), ("GET", "/v1/models"), ("GET", "/catalog/v1/policies"),
-            ("GET", "/catalog/v1/audit")}
+            ("GET", "/catalog/v1/audit"), ("GET", "/oai/api/v1/models"),
+            ("POST", "/api/v1/sessions/search")}
 # Routes about no tenant's object (bootstrap, health, admin, the signed URLs tested below).
 NO_OBJECT = {("POST", "/api/v1/client/config"), ("POST", "/api/v1/client/dynamic_config"),
              ("POST", "/api/v1/create_session"), ("POST", "/api/v1/telemetry"),
              ("GET", "/api/v1/healthz"), ("GET", "/api/v1/get_server_capabilities"),
              ("GET", "/api/v1/files/{token}/{expires}/{signature}/{filename}"),
+             ("GET", "/api/v1/files/trace/{session_id}/{expires}/{signature}/session.pftrace"),
+             ("POST", "/api/v1/checkpoints/upload"),  # makes a new run of the caller's own
              ("POST", "/catalog/v1/keys"), ("POST", "/catalog/v1/gc"),
              ("GET", "/metrics"), ("GET", "/healthz"), ("GET", "/health"), ("GET", "/readyz"),
              ("GET", "/admin/v1/serving"),  # fleet-wide counts, the same as /metrics
@@ -114,15 +139,17 @@ ADMIN = {("POST", "/catalog/v1/keys"), ("POST", "/catalog/v1/gc"), ("GET", "/adm
 
 def routes(app) -> list[tuple[str, str, APIRoute]]:
     """(method, path, route) of every API route of the app, included routers flattened (FastAPI
-    >= 0.16x keeps an included router as one entry holding the original router)."""
+    >= 0.16x keeps an included router as one entry holding the original router; the prefix it
+    was included with, e.g. /oai/api for the OpenAI routes' second mount, is its context's)."""
     out = []
 
-    def walk(entries):
+    def walk(entries, prefix=""):
         for r in entries:
             if isinstance(r, APIRoute):
-                out.extend((m, r.path, r) for m in sorted(r.methods))
-            elif getattr(r, "original_router", None) is not None:
-                walk(r.original_router.routes)
+                out.extend((m, prefix + r.path, r) for m in sorted(r.methods))
+            elif getattr(r, "original_router", None) is not None:  # included with its own prefix
+                context = getattr(r, "include_context", None)
+                walk(r.original_router.routes, prefix + (getattr(context, "prefix", "") or ""))
 
     walk(app.routes)
     return out
@@ -337,3 +364,13 @@ def test_bad_names_are_refused_at_the_edge(world):
     assert not wrong, wrong
     names = [p["name"] for p in alice.get("/catalog/v1/policies", params={"limit": 1000}).json()["items"]]
     assert {n for n in names if not n.startswith("alice/tinker-")} == {"alice/iso"}  # nothing new
+
+
+def test_session_search_finds_only_own_sessions(world):
+    live, alice, bob, values, _ = world
+    for body in ({"session_id": values[SESSION]}, {"owner": {"type": "accessible"}},
+                 {"owner": {"type": "user", "owner_urns": ["alice"]}}):
+        r = bob.post("/api/v1/sessions/search", json=body)
+        assert r.status_code == 200 and values[SESSION] not in r.text, (body, r.text[:300])
+    mine = alice.post("/api/v1/sessions/search", json={"session_id": values[SESSION]}).json()
+    assert [x["session_id"] for x in mine["sessions"]] == [values[SESSION]]

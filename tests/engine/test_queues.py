@@ -70,3 +70,19 @@ def test_ordered_queue_refuses_reuse_and_skips_gaps():
     q.pop()
     with pytest.raises(InvalidRequest, match="already used"):
         q.put(step(1))
+
+
+def test_a_job_with_then_is_followed_by_it_at_the_same_seq_id():
+    """A fused train_step: its optim_step runs next, before the run's next seq_id."""
+    q = OrderedQueue("r")
+    first = Job(WorkKind.FORWARD_BACKWARD, OptimStep(AdamParams()), NullSink(), run_id="r", seq_id=1)
+    first.then = Job(WorkKind.OPTIM_STEP, OptimStep(AdamParams()), NullSink(), run_id="r", seq_id=1)
+    follower = first.then
+    after = Job(WorkKind.FORWARD_BACKWARD, OptimStep(AdamParams()), NullSink(), run_id="r", seq_id=2)
+    q.put(first)
+    q.put(after)
+    assert q.head(5.0) is first and q.pop() is first
+    assert q.head(5.0) is follower and q.pop() is follower
+    assert q.head(5.0) is after and q.pop() is after and q.next_seq == 3
+    with pytest.raises(InvalidRequest, match="already used"):
+        q.put(Job(WorkKind.OPTIM_STEP, OptimStep(AdamParams()), NullSink(), run_id="r", seq_id=1))

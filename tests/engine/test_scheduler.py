@@ -42,10 +42,12 @@ class FakeSink:
         self.order: list[int] = []
         self.first_token: dict[int, float] = {}
         self._events: dict[int, threading.Event] = {}
+        self._alive: list[Job] = []
         self._lock = threading.Lock()
 
     def _event(self, job: Job) -> threading.Event:
         with self._lock:
+            self._alive.append(job)  # keyed by id(): a freed job's id could be reused
             return self._events.setdefault(id(job), threading.Event())
 
     def done(self, job, result) -> None:

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request, Response
 from lorafleet.api.edge import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_BYTES, Edge
 from lorafleet.api.errors import install as install_errors
 from lorafleet.api.tinker.catalog_bridge import CatalogBridge
+from lorafleet.api.tinker.ext_routes import router as tinker_ext_router
 from lorafleet.api.tinker.routes import router as tinker_router
 from lorafleet.api.tinker.service import TinkerService
 from lorafleet.api.tinker.state import open_state
@@ -34,6 +35,7 @@ log = logging.getLogger("lorafleet.api")
 # after SIGTERM, how long uvicorn waits for open responses (Tinker long polls, streams that are
 # not reading) before it cancels them; streams themselves end at once (begin_shutdown)
 GRACEFUL_SHUTDOWN_S = 10
+OAI_PREFIX = "/oai/api"  # + the OpenAI router's /v1: where hosted Tinker serves that API
 
 # Request classes for the one-line-per-request log; polls and heartbeats log at DEBUG.
 _QUIET = ("/api/v1/retrieve_future", "/api/v1/session_heartbeat", "/api/v1/telemetry",
@@ -246,6 +248,7 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
                        max_body_bytes=cfg.max_body_bytes, max_json_bytes=cfg.max_json_bytes)
     app.middleware("http")(_log_requests)
     app.include_router(tinker_router)
+    app.include_router(tinker_ext_router)  # SDK 0.38's session/copy calls, MinT's extensions
     from lorafleet.api.routes.console import mount as mount_console
 
     mount_console(app)  # the web console at /ui (api/ui/) and its /admin/v1 routes
@@ -267,6 +270,8 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
         app.state.dynamic_loras = DynamicLoras(app.state.openai, tuple(cfg.lora_roots))
         app.include_router(models_router)
         app.include_router(population_router)
+        # hosted Tinker serves its OpenAI-compatible API at <base>/oai/api/v1: the same routes
+        app.include_router(openai_router, prefix=OAI_PREFIX)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -7,7 +7,8 @@ body over its limit gets a 413 naming the limit, whether it declares its size
 up to the limit, which is no more than the route would hold). Refusals use the one error
 map (api/errors.py).
 
-Two limits: bulk routes (`BULK`: Tinker forward_backward/forward, catalog adapter uploads)
+Two limits: bulk routes (`BULK`: Tinker forward_backward/forward/train_step, checkpoint
+and catalog adapter uploads)
 take up to `max_body_bytes`; every other body is metadata, prompts or parameters and takes
 up to `max_json_bytes`. JSON parsing holds the GIL (a worker thread does not help), so this
 smaller bound is what keeps a parse from stalling the event loop: 16 MiB parse in ~0.3 s.
@@ -26,7 +27,8 @@ from lorafleet.errors import InvalidRequest, LorafleetError, TooLarge
 
 DEFAULT_MAX_BODY_BYTES = 64 << 20  # a Tinker forward_backward chunk is well under this
 DEFAULT_MAX_JSON_BYTES = 16 << 20
-BULK = re.compile(r"/api/v1/forward(_backward)?|/catalog/v1/policies/[^/]+/[^/]+/revisions")
+BULK = re.compile(r"/api/v1/(forward(_backward)?|train_step|checkpoints/upload"
+                  r"|mint/forward_backward_reverse_kl)|/catalog/v1/policies/[^/]+/[^/]+/revisions")
 
 
 class Edge:

@@ -59,6 +59,7 @@ def status_for(exc: LorafleetError) -> int:
     return next(STATUS[c] for c in type(exc).__mro__ if c in STATUS)
 
 
+OPENAI_PREFIXES = ("/v1/", "/oai/api/v1/")  # the OpenAI-compatible paths (api/app.py mounts both)
 # OpenAI's error `type` per status, for the /v1 (OpenAI-compatible) paths
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 413: "invalid_request_error",
@@ -78,7 +79,7 @@ def error_response(exc: LorafleetError, path: str = "") -> JSONResponse:
 
 def body(message: str, name: str, status: int, path: str = "") -> dict:
     """The error body: OpenAI's shape on /v1 paths (what the openai SDK reads), ours elsewhere."""
-    if path.startswith("/v1/"):
+    if path.startswith(OPENAI_PREFIXES):
         return {"error": {"message": message, "type": OPENAI_TYPES.get(status, "server_error"),
                           "param": None, "code": name}}
     return {"detail": message, "error": name}

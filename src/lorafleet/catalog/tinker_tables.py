@@ -47,6 +47,7 @@ tinker_sessions = Table(
     Column("display_name", Text),
     Column("tags", JSON),
     Column("sdk_version", Text),
+    Column("project_id", Text),  # a label (SDK 0.38 projects); NULL: the default project
 )
 Index("ix_tinker_sessions_tenant", tinker_sessions.c.tenant, tinker_sessions.c.created)
 Index("ix_tinker_sessions_open", tinker_sessions.c.finished, tinker_sessions.c.last_heartbeat)

@@ -185,6 +185,9 @@ class Job:
     seq_id: int | None = None
     tenant: str = ""
     tag: Any = None  # the sink's own reference (a future id, a request id)
+    # an ordered job that runs right after this one, at the same seq_id, before anything else
+    # of the run (a fused train_step: forward_backward, then its optim_step)
+    then: Job | None = None
     submitted: float = field(default_factory=time.monotonic)
     _cancelled: threading.Event = field(default_factory=threading.Event)
     _answered: threading.Lock = field(default_factory=threading.Lock)  # taken once: answered

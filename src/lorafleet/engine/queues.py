@@ -1,6 +1,7 @@
 """Queues of waiting engine work: per-run `seq_id` order for training, one fair queue for sampling.
 
-`OrderedQueue` (one per training run): jobs run strictly in `seq_id` order. A missing seq_id
+`OrderedQueue` (one per training run): jobs run strictly in `seq_id` order (a job with a
+`then` job is followed by it at the same seq_id). A missing seq_id
 blocks its run for `gap_timeout_s` (chunks of one client call arrive concurrently, the first
 chunk possibly last), then the hole is skipped and logged.
 
@@ -61,7 +62,10 @@ class OrderedQueue:
 
     def pop(self) -> Job:
         job = self.jobs.pop(self.next_seq)
-        self.next_seq += 1
+        if job.then is not None:  # its second half is next, at the same seq_id
+            self.jobs[self.next_seq], job.then = job.then, None
+        else:
+            self.next_seq += 1
         return job
 
     def wait_until(self, gap_timeout_s: float) -> float | None:

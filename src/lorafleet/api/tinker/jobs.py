@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import lorafleet
-from lorafleet.api.tinker import wire
+from lorafleet.api.tinker import encryption, wire
 from lorafleet.api.tinker.checkpoints import OPTIMIZER_NAME, Checkpoints, TinkerPath
 from lorafleet.api.tinker.futures import PROTO_TYPE, FutureTable
 from lorafleet.api.tinker.repo import TinkerRepo, now
@@ -28,6 +28,9 @@ from lorafleet.lora import io as lora_io
 from lorafleet.train.types import Datum
 
 log = logging.getLogger("lorafleet.tinker.jobs")
+
+
+PARTIAL = object()  # a sink answer that completes no future yet (the first half of a train_step)
 
 
 @dataclass(slots=True)
@@ -68,7 +71,7 @@ class TinkerSink:
     def done(self, job: Job, result: Any) -> None:
         t: Ticket = job.tag
         answer = getattr(self, f"_{t.call}")(job, t, result)
-        if not t.request_id:
+        if not t.request_id or answer is PARTIAL:
             return
         if isinstance(answer, bytes):
             self.futures.complete(t.request_id, answer, PROTO_TYPE)
@@ -127,6 +130,29 @@ class TinkerSink:
         self.repo.update_run(job.run_id, step=res.state.step, last_request=now())
         return {"metrics": res.metrics, "type": "optim_step"}
 
+    def _train_step_fwdbwd(self, job: Job, t: Ticket, res: Any) -> object:
+        """The first half of a fused train_step: kept for its optim_step (the same future)."""
+        t.info["forward_backward"] = self._forward_backward(job, t, res)
+        return PARTIAL
+
+    def _train_step(self, job: Job, t: Ticket, res: Any) -> dict[str, Any]:
+        step = self._optim_step(job, t, res)
+        output = wire.fwdbwd_proto_to_json(t.info.pop("forward_backward"))
+        return {"output": output, "metrics": step["metrics"], "type": "train_step"}
+
+    def _reverse_kl(self, job: Job, t: Ticket, res: Any) -> dict[str, Any]:
+        """MinT's reverse-KL answer; the run now carries its reference for the next save's
+        provenance (api/tinker/distill.py)."""
+        out = wire.fwdbwd_proto_to_json(self._forward_backward(job, t, res))
+        row = self.repo.run_by_id(job.run_id or "") or {}
+        lora = dict(row.get("lora") or {})
+        lora["reverse_kl"] = {**t.info, "calls": (lora.get("reverse_kl") or {}).get("calls", 0) + 1}
+        self.repo.update_run(job.run_id or "", lora=lora, last_request=now())
+        outputs = [{"loss": {"data": [float(sum(o["elementwise_loss"]["data"]))] if "elementwise_loss" in o
+                             else [0.0], "dtype": "float32", "shape": [1]}, **o}
+                   for o in out["loss_fn_outputs"]]
+        return {"outputs": outputs, "metrics": out["metrics"], "type": "mint_forward_backward_reverse_kl"}
+
     # ---- saving -------------------------------------------------------------------------------
 
     def _provenance(self, job: Job, snap: Snapshot, kind: str) -> dict[str, Any]:
@@ -156,6 +182,12 @@ class TinkerSink:
 
             files[OPTIMIZER_NAME] = st_save(snap.optimizer)
         meta = self._provenance(job, snap, kind)
+        distilled = (meta["lora_flags"] or {}).pop("reverse_kl", None)
+        if distilled and kind != "external":  # trained against a reference since the last save
+            meta["loss"] = {"loss_fn": "reverse_kl", "loss_config": {**distilled, "engine_loss": meta["loss"]}}
+        if t.info.get("age_recipients"):  # an encrypted export: only .age files leave the server
+            files = encryption.encrypt_files(files, t.info["age_recipients"])
+            meta["age_encrypted"] = True
         ttl = t.info.get("ttl_seconds")
         publish = None
         if self.catalog is not None and kind != "external":  # exports are downloads, not revisions
@@ -163,6 +195,8 @@ class TinkerSink:
                 job.tenant, path, files, meta, ttl, on_commit=on_commit)
         row = self.checkpoints.write(job.tenant, path, files, meta, ttl, t.info.get("user_metadata"),
                                      publish=publish)
+        if distilled and kind != "external":  # the next revision records only its own window
+            self.repo.clear_run_flag(job.run_id or "", "reverse_kl")
         return path, row
 
     def _save_weights(self, job: Job, t: Ticket, snap: Snapshot) -> dict[str, Any]:

@@ -100,6 +100,55 @@ class TinkerRepo:
         with self.db.read() as conn:
             return list(conn.execute(stmt).scalars())
 
+    def session_by_id(self, session_id: str) -> dict[str, Any] | None:
+        """Unscoped: for a signed URL, which names its session and carries no API key."""
+        return self._get(tt.tinker_sessions, "session_id", session_id)
+
+    def set_session_project(self, tenant: str, session_id: str, project_id: str) -> bool:
+        """Move one of the tenant's sessions into a project; False when it has no such session."""
+        s = tt.tinker_sessions.c
+        with self.db.write() as conn:
+            return conn.execute(update(tt.tinker_sessions).where(s.session_id == session_id, s.tenant == tenant)
+                                .values(project_id=project_id)).rowcount > 0
+
+    def tenant_sessions(self, tenant: str) -> list[dict[str, Any]]:
+        """Every session of the tenant, newest first (session search filters them)."""
+        s = tt.tinker_sessions.c
+        stmt = select(tt.tinker_sessions).where(s.tenant == tenant).order_by(s.created.desc(), s.session_id.desc())
+        with self.db.read() as conn:
+            return [dict(x._mapping) for x in conn.execute(stmt)]
+
+    def session_checkpoint_totals(self, tenant: str, session_ids: Iterable[str]) -> dict[str, tuple[int, int]]:
+        """session id -> (checkpoints, bytes) of the tenant's checkpoints of those sessions' runs."""
+        ids = list(session_ids)
+        if not ids:
+            return {}
+        c, r = tt.tinker_checkpoints.c, tt.tinker_runs.c
+        stmt = (select(r.session_id, func.count(), func.coalesce(func.sum(c.size_bytes), 0))
+                .select_from(tt.tinker_checkpoints.join(tt.tinker_runs, r.model_id == c.model_id))
+                .where(r.session_id.in_(ids), c.tenant == tenant).group_by(r.session_id))
+        with self.db.read() as conn:
+            return {sid: (int(n), int(b)) for sid, n, b in conn.execute(stmt)}
+
+    def insert_finished_run(self, session: Mapping[str, Any], run: Mapping[str, Any]) -> None:
+        """A finished session and its one run, together (an upload, interpolation or copy: a run
+        that holds a checkpoint and is never trained itself)."""
+        try:
+            with self.db.write() as conn:
+                conn.execute(insert(tt.tinker_sessions).values(**session))
+                conn.execute(insert(tt.tinker_runs).values(**{"step": 0, "corrupted": False, **run}))
+        except IntegrityError as e:
+            raise Conflict(f"training run {run['model_id']} already exists") from e
+
+    def delete_run(self, tenant: str, model_id: str, session_id: str | None = None) -> None:
+        """Undo `insert_run`/`insert_finished_run` when the checkpoint it was made for failed to
+        commit (with `session_id`: that session too)."""
+        r, s = tt.tinker_runs.c, tt.tinker_sessions.c
+        with self.db.write() as conn:
+            conn.execute(delete(tt.tinker_runs).where(r.model_id == model_id, r.tenant == tenant))
+            if session_id is not None:
+                conn.execute(delete(tt.tinker_sessions).where(s.session_id == session_id, s.tenant == tenant))
+
     # ------------------------------------------------------------------ runs
 
     def insert_run(self, row: Mapping[str, Any]) -> None:
@@ -113,6 +162,12 @@ class TinkerRepo:
 
     def update_run(self, model_id: str, **fields: Any) -> None:
         self._update(tt.tinker_runs, "model_id", model_id, **fields)
+
+    def clear_run_flag(self, model_id: str, flag: str) -> None:
+        """Drop one key of a run's `lora` flags (e.g. reverse_kl once a save recorded it)."""
+        row = self.run_by_id(model_id)
+        if row is not None and flag in (row["lora"] or {}):
+            self.update_run(model_id, lora={k: v for k, v in row["lora"].items() if k != flag})
 
     def runs(self, tenant: str, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
         """A page of the tenant's runs, newest first, and how many it has in all."""
@@ -263,6 +318,18 @@ class TinkerRepo:
                 if row is not None:
                     return dict(row._mapping)
         return None
+
+    def futures_of_scopes(self, tenant: str, scopes: Iterable[str]) -> list[dict[str, Any]]:
+        """(kind, scope, state, created, completed) of the tenant's futures in those ordering
+        scopes, oldest first: a session's trace."""
+        f = tt.tinker_futures.c
+        keys = list(scopes)
+        if not keys:
+            return []
+        stmt = (select(f.kind, f.scope, f.state, f.created, f.completed)
+                .where(f.tenant == tenant, f.scope.in_(keys)).order_by(f.created))
+        with self.db.read() as conn:
+            return [dict(x._mapping) for x in conn.execute(stmt)]
 
     def pending_count(self, tenant: str) -> int:
         f = tt.tinker_futures.c

@@ -25,6 +25,7 @@ from lorafleet.api.checks import refuse_nul_params
 from lorafleet.api.tinker import schemas as s
 from lorafleet.api.tinker import wire
 from lorafleet.api.tinker.checkpoints import parse_path
+from lorafleet.api.tinker.encryption import downloadable
 from lorafleet.api.tinker.futures import DONE, NOT_FINITE, PROTO_TYPE
 from lorafleet.api.tinker.service import SAFE_CLIENT_CONFIG, TinkerService
 from lorafleet.api.tinker.signing import sign, verify
@@ -362,7 +363,7 @@ async def external_weights_urls(model_id: str, kind: str, name: str, request: Re
     row = _downloadable(request, model_id, kind, name)
     expires = int(time.time()) + URL_TTL_S
     urls = {name: _signed_url(request, row["tinker_path"], name, expires)
-            for name in _svc(request).checkpoints.file_names(row)}
+            for name in _svc(request).checkpoints.file_names(row) if downloadable(name, row.get("meta"))}
     return {"urls": urls, "expires": datetime.fromtimestamp(expires, UTC).isoformat()}
 
 

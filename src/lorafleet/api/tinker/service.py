@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lorafleet.api.tinker import schemas as s
-from lorafleet.api.tinker import wire
+from lorafleet.api.tinker import encryption, wire
 from lorafleet.api.tinker.catalog_bridge import inherited_metadata, run_policy_name
 from lorafleet.api.tinker.checkpoints import (
     OPTIMIZER_NAME,
@@ -194,7 +194,7 @@ class TinkerService(SamplingCalls, RestQueries):
         self.repo.insert_session({
             "session_id": session_id, "tenant": tenant, "created": t, "last_heartbeat": t,
             "user_metadata": req.user_metadata, "display_name": req.display_name,
-            "tags": req.tags, "sdk_version": req.sdk_version,
+            "tags": req.tags, "sdk_version": req.sdk_version, "project_id": req.project_id,
         })
         return {"session_id": session_id, "type": "create_session"}
 
@@ -411,15 +411,12 @@ class TinkerService(SamplingCalls, RestQueries):
     def save_weights_external(
         self, tenant: str, req: s.SaveWeightsExternalRequest, idem: str | None
     ) -> Submitted:
-        if req.age_encryption_recipients:
-            raise InvalidRequest(
-                "age-encrypted exports are not supported by lorafleet; omit "
-                "age_encryption_recipients (the URLs are served by this server over your network)"
-            )
+        recipients = encryption.parse_recipients(req.age_encryption_recipients)
         name = check_name(req.path or f"export-{req.seq_id or 0:06d}")
         path = TinkerPath(req.model_id, "external", name)
         self._refuse_existing(tenant, path, req.model_dump_json(), req.model_id, req.seq_id)
-        info = {"name": name, "ttl_seconds": req.ttl_seconds, "user_metadata": req.user_metadata}
+        info = {"name": name, "ttl_seconds": req.ttl_seconds, "user_metadata": req.user_metadata,
+                "age_recipients": recipients}
         return self._ordered(tenant, "save_weights_external", WorkKind.SAVE, req.model_id,
                              req.seq_id, Save(parent=str(path)), info, req.model_dump_json(), idem)
 

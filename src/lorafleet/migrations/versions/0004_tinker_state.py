@@ -115,6 +115,7 @@ def upgrade() -> None:
     sa.Column('display_name', sa.Text(), nullable=True),
     sa.Column('tags', sa.JSON(), nullable=True),
     sa.Column('sdk_version', sa.Text(), nullable=True),
+    sa.Column('project_id', sa.Text(), nullable=True),
     sa.PrimaryKeyConstraint('session_id')
     )
     op.create_index('ix_tinker_sessions_open', 'tinker_sessions', ['finished', 'last_heartbeat'], unique=False)
