@@ -15,7 +15,6 @@ from lorafleet.api.routes.catalog import router
 from lorafleet.catalog import Catalog, Principal
 from lorafleet.errors import NoCapacity
 from lorafleet.lora.spec import LoraSpec
-from tests.catalog.backends import BACKENDS, database_url
 
 BASE = "lorafleet/tiny-llama"
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
@@ -34,14 +33,6 @@ def _app(catalog: Catalog, auth_mode: str) -> FastAPI:
     errors.install(app)
     app.add_middleware(Edge, mode=auth_mode, lookup=catalog.principal_for_key)
     return app
-
-
-@pytest.fixture(params=BACKENDS)
-def catalog(request, tmp_path):
-    with database_url(request.param, tmp_path) as url:
-        cat = Catalog.open(url, str(tmp_path / "store"))
-        yield cat
-        cat.close()
 
 
 @pytest.fixture

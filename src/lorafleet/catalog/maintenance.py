@@ -46,14 +46,15 @@ def check(db: Database, store: BlobStore, verify_bytes: bool = True) -> CheckRep
     seen: dict[str, str | None] = {}
     for rid, name, sha, size in files:
         if sha not in seen:
-            seen[sha] = _problem(store, BlobRef(sha, size), verify_bytes)
+            seen[sha] = blob_problem(store, BlobRef(sha, size), verify_bytes)
         if seen[sha]:
             problems.append(f"revision {rid} file {name}: {seen[sha]}")
     stray = sum(1 for sha, _ in store.list_blobs() if sha not in referenced)
     return CheckReport(n, tuple(problems), stray)
 
 
-def _problem(store: BlobStore, ref: BlobRef, verify_bytes: bool) -> str | None:
+def blob_problem(store: BlobStore, ref: BlobRef, verify_bytes: bool) -> str | None:
+    """What is wrong with one stored blob (None: nothing); also used by Tinker checkpoint fsck."""
     try:
         if verify_bytes:
             store.verify(ref)

@@ -24,6 +24,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
 from lorafleet.api.tinker.repo import TinkerRepo, now
+from lorafleet.catalog.maintenance import blob_problem
 from lorafleet.catalog.refs import (  # the one parser of tinker paths, shared with the catalog
     KIND_SEGMENT,
     SEGMENT_KIND,
@@ -185,21 +186,10 @@ class Checkpoints:
         seen: dict[str, str | None] = {}
         for path, name, ref in files:
             if ref.sha256 not in seen:
-                seen[ref.sha256] = _blob_problem(self.store, ref, verify_bytes)
+                seen[ref.sha256] = blob_problem(self.store, ref, verify_bytes)
             if seen[ref.sha256]:
                 problems.append(f"checkpoint {path} file {name}: {seen[ref.sha256]}")
         return CheckpointReport(len(paths), tuple(problems))
-
-
-def _blob_problem(store: BlobStore, ref: BlobRef, verify_bytes: bool) -> str | None:
-    try:
-        if verify_bytes:
-            store.verify(ref)
-        elif not store.exists(ref.sha256):
-            return f"blob {ref.sha256} missing"
-    except (NotFound, Corrupt) as e:
-        return str(e)
-    return None
 
 
 @dataclass(frozen=True, slots=True)
