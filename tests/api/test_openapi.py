@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from lorafleet.api.openai.models import lora_router
 from lorafleet.api.openai.models import router as models_router
 from lorafleet.api.openai.population import router as population_router
 from lorafleet.api.openai.routes import router as openai_router
@@ -19,7 +20,7 @@ BODYLESS = {"/api/v1/client/dynamic_config", "/api/v1/training_runs/{model_id}/c
 
 def _spec() -> dict:
     app = FastAPI()
-    for r in (tinker_router, openai_router, models_router, population_router, catalog_router):
+    for r in (tinker_router, openai_router, models_router, lora_router, population_router, catalog_router):
         app.include_router(r)
     return app.openapi()
 

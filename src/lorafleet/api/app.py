@@ -264,14 +264,17 @@ def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAP
         app.state.openai = OpenAIService(svc.runners, catalog, metrics)
         app.include_router(openai_router)
         from lorafleet.api.openai.dynamic import DynamicLoras
+        from lorafleet.api.openai.models import lora_router
         from lorafleet.api.openai.models import router as models_router
         from lorafleet.api.openai.population import router as population_router
 
         app.state.dynamic_loras = DynamicLoras(app.state.openai, tuple(cfg.lora_roots))
         app.include_router(models_router)
+        app.include_router(lora_router)
         app.include_router(population_router)
         # hosted Tinker serves its OpenAI-compatible API at <base>/oai/api/v1: the same routes
         app.include_router(openai_router, prefix=OAI_PREFIX)
+        app.include_router(models_router, prefix=OAI_PREFIX)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -29,6 +29,8 @@ from lorafleet.catalog.validate import MAX_PAGE
 from lorafleet.errors import InvalidRequest, NotFound
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(refuse_nul_params)])
+# vLLM's runtime LoRA routes: on /v1 only (hosted Tinker's /oai/api/v1 mount has none)
+lora_router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(refuse_nul_params)])
 
 
 class ModelPage(BaseModel):
@@ -141,7 +143,7 @@ async def retrieve_model(model: str, who: Principal = Depends(get_tenant),
     return await asyncio.to_thread(one)  # catalog reads stay off the event loop
 
 
-@router.post("/load_lora_adapter", response_class=PlainTextResponse)
+@lora_router.post("/load_lora_adapter", response_class=PlainTextResponse)
 async def load_lora_adapter(req: LoadLoraRequest, who: Principal = Depends(get_tenant),
                             dyn: DynamicLoras = Depends(get_dynamic)) -> PlainTextResponse:
     """vLLM's route: import the PEFT folder at `lora_path` (under a `--lora-root`) as a new
@@ -153,7 +155,7 @@ async def load_lora_adapter(req: LoadLoraRequest, who: Principal = Depends(get_t
     return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
 
-@router.post("/unload_lora_adapter", response_class=PlainTextResponse)
+@lora_router.post("/unload_lora_adapter", response_class=PlainTextResponse)
 async def unload_lora_adapter(req: UnloadLoraRequest, who: Principal = Depends(get_tenant),
                               dyn: DynamicLoras = Depends(get_dynamic)) -> PlainTextResponse:
     """vLLM's route: unpin and evict what `load_lora_adapter` loaded (the revision stays)."""
