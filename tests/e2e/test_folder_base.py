@@ -61,13 +61,13 @@ def test_capabilities_describe_every_folder_base(live, folders):
 def test_train_over_tinker_then_serve_over_openai(live, folders, family):
     name = str(folders[family])
     client = tinker.ServiceClient(base_url=live.url)
-    tc = client.create_lora_training_client(base_model=name, rank=4).result()
+    tc = client.create_lora_training_client(base_model=name, rank=4, seed=0).result()
     info = tc.get_info()
     assert info.model_data.tokenizer_id == name and info.model_data.arch == family
     assert tc.get_tokenizer().chat_template == TEMPLATE  # the SDK opens the folder's tokenizer offline
     first = tc.forward_backward(BATCH, "cross_entropy").result().metrics["loss:sum"]
-    for _ in range(3):
-        tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    for _ in range(3):  # 5e-2 oscillates on the random phi3 (loss up at step 3 for some seeds)
+        tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
         loss = tc.forward_backward(BATCH, "cross_entropy").result().metrics["loss:sum"]
     assert loss < first
     path = tc.save_weights_for_sampler("s").result().path
