@@ -189,6 +189,13 @@ def test_both_engines_serve_and_adapters_stay_on_one_engine(scaled):
     metrics = httpx.get(f"{scaled.url}/metrics", headers=HEADERS).text
     assert f'lorafleet_engine_alive{{base="{TINY}",engine="{TINY}#1"}} 1.0' in metrics
     scaled.texts, scaled.where = texts, where
+    # structured output: the grammar crosses to the engine actor as its spec (llguidance
+    # matchers do not pickle) and is compiled there; a random model, so only the mask fits it
+    for rev in scaled.revs[:2]:
+        out = client(scaled).completions.create(
+            model=f"local/s{scaled.revs.index(rev)}@{rev}", prompt="Hello", max_tokens=12, temperature=1.0,
+            extra_body={"structured_outputs": {"regex": "[a-z]{3}-[0-9]{2}"}}).choices[0].text
+        assert re.fullmatch("[a-z]{3}-[0-9]{2}", out), out
 
 
 def test_killed_engine_fails_in_flight_work_then_traffic_and_training_move(scaled):

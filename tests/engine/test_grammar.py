@@ -4,6 +4,7 @@ the reference `generate`, on tiny-llama (random weights: only the mask makes out
 from __future__ import annotations
 
 import json
+import pickle
 import re
 
 import jsonschema_rs
@@ -110,6 +111,16 @@ def test_compile_is_cached_and_bad_grammars_are_invalid_requests(compiler):
     compiler.compile(GrammarSpec("json_schema", json.dumps({"type": "string", "format": "weird"}), strict=False))
     with pytest.raises(InvalidRequest, match="not JSON"):
         compiler.compile(GrammarSpec("json_schema", "{"))
+
+
+def test_a_grammar_crosses_processes_as_its_spec_and_compiles_again(compiler):
+    g = compiler.compile(GrammarSpec("regex", "[a-z]{2}"))
+    crossed = pickle.loads(pickle.dumps(g))  # what a Ray engine actor receives
+    assert not crossed.compiled and crossed.spec == g.spec and crossed.eos == g.eos
+    with pytest.raises(RuntimeError, match="not compiled again"):
+        crossed.start()
+    again = compiler.compile(crossed.spec)
+    assert again is g and again.start().matcher.consume_token(compiler.tokenizer.encode("ab")[0])
 
 
 def test_preempted_grammar_rows_keep_their_state_and_match_the_reference(paths, compiler):

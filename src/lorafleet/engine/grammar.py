@@ -71,8 +71,19 @@ class Grammar:
         self.eos = eos  # the tokenizer's EOS ids, which llguidance allows where complete
         self._template = template
 
+    @property
+    def compiled(self) -> bool:
+        return self._template is not None
+
     def start(self) -> GrammarState:
+        if self._template is None:
+            raise RuntimeError(f"{self!r} crossed a process boundary and was not compiled again there")
         return GrammarState(self._template.deep_copy(), self.eos)
+
+    def __reduce__(self):
+        # llguidance matchers do not pickle: a grammar crosses a process boundary (to an engine
+        # actor, fleet/worker.py) as its spec, and the other side compiles it again (cached)
+        return (Grammar, (self.spec, self.vocab_size, self.eos, None))
 
     def __repr__(self) -> str:
         return f"Grammar({self.spec.kind}, {len(self.spec.source)} chars)"

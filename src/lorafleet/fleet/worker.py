@@ -15,6 +15,7 @@ which fails every job still out there at once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.engine.jobs import Job, Sample, WorkKind
-from lorafleet.engine.types import TopLogprobs
+from lorafleet.engine.types import SampleRequest, TopLogprobs
 from lorafleet.errors import LorafleetError
 from lorafleet.fleet.messages import DONE, FAILED, TOKENS, EngineState, Event, Report, WireJob
 
@@ -114,6 +115,7 @@ class EngineWorker:
         from lorafleet.config import Paths
         from lorafleet.engine import Engine
         from lorafleet.engine.decode import Budgets
+        from lorafleet.engine.grammar import GrammarCompiler
         from lorafleet.engine.scheduler import Scheduler
         from lorafleet.metrics import Metrics
         from lorafleet.model import load_base
@@ -135,6 +137,7 @@ class EngineWorker:
         self.scheduler = Scheduler(engine, self.base, residency=residency, budgets=budgets,
                                    gap_timeout_s=cfg.gap_timeout_s, max_sample_queue=cfg.max_sample_queue,
                                    micro_batch_tokens=cfg.micro_batch_tokens, metrics=residency.metrics)
+        self.grammars = GrammarCompiler(self.base.tokenizer, self.base.info.vocab_size)
         self.outbox = _Outbox()
         self.sink = _ActorSink(self.outbox)
         self._jobs: dict[int, Job] = {}  # unanswered jobs, for cancels
@@ -216,7 +219,8 @@ class EngineWorker:
     # ---- internals --------------------------------------------------------------------------
 
     def _submit(self, w: WireJob) -> None:
-        job = Job(w.kind, w.payload, self.sink, run_id=w.run_id, seq_id=w.seq_id, tenant=w.tenant, tag=w.id)
+        payload = Sample(self._compiled(w.payload.requests)) if w.kind is WorkKind.SAMPLE else w.payload
+        job = Job(w.kind, payload, self.sink, run_id=w.run_id, seq_id=w.seq_id, tenant=w.tenant, tag=w.id)
         with self._lock:
             self._jobs[w.id] = job
         if w.kind is not WorkKind.SAMPLE or w.key is None:
@@ -226,7 +230,7 @@ class EngineWorker:
         hit = res.has_host(w.key)
         self.routing["sample_hits" if hit else "sample_misses"] += 1
         lease = res.acquire(w.key, None if w.weights is None else (lambda: w.weights))
-        job.payload = Sample(w.payload.requests, lease)
+        job.payload = Sample(payload.requests, lease)
 
         def loaded(f: Any) -> None:  # the cold loader's thread, or here on a hit
             try:
@@ -238,6 +242,17 @@ class EngineWorker:
                 self.outbox.put(Event(w.id, FAILED, portable(e)))
 
         lease.loaded.add_done_callback(loaded)
+
+    def _compiled(self, requests: list[SampleRequest]) -> list[SampleRequest]:
+        """The requests with their structured-output grammars compiled in this process (a
+        grammar crosses as its spec; the control plane already validated it)."""
+        out = []
+        for r in requests:
+            g = r.params.grammar
+            if g is not None and not g.compiled:
+                r = dataclasses.replace(r, params=dataclasses.replace(r.params, grammar=self.grammars.compile(g.spec)))
+            out.append(r)
+        return out
 
     def _forget(self, job_id: int) -> None:
         with self._lock:
