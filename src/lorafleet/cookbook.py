@@ -11,19 +11,24 @@ file is edited; everything goes through the cookbook's module attributes at run 
    message is present), or `--renderer NAME`;
 3. the datasets: `--data HUB_NAME=PATH` answers `datasets.load_dataset(HUB_NAME, ...)` from a
    local `.jsonl`/`.json`/`.parquet` file (the train split) or a folder `datasets` can load;
-   `--demo-data` answers `HuggingFaceH4/no_robots`, `openai/gsm8k` and `hicai-zju/SciKnowEval`
-   (sdft's) with 64 made-up rows each, to try a recipe end to end. Other names go to `datasets` unchanged (its local cache
-   under `HF_DATASETS_OFFLINE=1`).
+   `--demo-data` answers `HuggingFaceH4/no_robots`, `openai/gsm8k`, `hicai-zju/SciKnowEval`
+   (sdft's), `zwhe99/DeepMath-103K` and `allenai/tulu-3-sft-mixture` (on_policy_distillation's)
+   and `Anthropic/hh-rlhf` (DPO's) with 64 made-up rows each, to try a recipe end to end. Other
+   names go to `datasets` unchanged (its local cache under `HF_DATASETS_OFFLINE=1`).
 
 `base_url` defaults to `$TINKER_BASE_URL` or http://127.0.0.1:8000 and `model_name` to the
-default base. `rl_loop`'s default loss `stable_reinforce` is not supported by lorafleet, so
-`loss_fn` defaults to `importance_sampling` here.
+default base (`teacher_model`, where a recipe has one, to `model_name`). `rl_loop`'s default
+loss `stable_reinforce` is not supported by lorafleet, so `loss_fn` defaults to
+`importance_sampling` here. `prompt_distillation.create_data` hard-codes its teacher and reads
+a file relative to the cookbook's checkout: see `_create_data_setup`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,7 +42,8 @@ DEMO_ROWS = 64
 
 
 def demo_dataset(hub_name: str) -> list[dict[str, Any]] | None:
-    """Small made-up stand-ins (same columns) for the datasets of sl_loop and rl_loop."""
+    """Small made-up stand-ins (same columns) for the datasets of sl_loop, rl_loop, sdft,
+    on_policy_distillation and preference.dpo."""
     if hub_name == "HuggingFaceH4/no_robots":
         return [{"messages": [
             {"role": "system", "content": "You are a helpful assistant."},
@@ -51,6 +57,18 @@ def demo_dataset(hub_name: str) -> list[dict[str, Any]] | None:
         return [{"question": f"Which of these has {i % 4 + 1} carbon atoms?", "answerKey": "ABCD"[i % 4],
                  "choices": {"label": list("ABCD"), "text": ["methane", "ethane", "propane", "butane"]},
                  "domain": "Chemistry", "details": {"level": "L3"}, "type": "mcq-4-choices"}
+                for i in range(DEMO_ROWS)]
+    if hub_name == "zwhe99/DeepMath-103K":  # distillation.on_policy_distillation dataset=deepmath
+        return [{"question": f"Compute {i} + {i + 1}.", "final_answer": str(2 * i + 1), "difficulty": 1.0,
+                 "topic": "Mathematics -> Algebra -> Prealgebra -> Integers"} for i in range(DEMO_ROWS)]
+    if hub_name == "allenai/tulu-3-sft-mixture":  # on_policy_distillation dataset=tulu3
+        return [{"id": f"demo_{i}", "source": "demo", "messages": [
+            {"role": "user", "content": f"Name a colour that starts with the letter {'bgry'[i % 4]}."},
+            {"role": "assistant", "content": ["Blue.", "Green.", "Red.", "Yellow."][i % 4]},
+        ]} for i in range(DEMO_ROWS)]
+    if hub_name == "Anthropic/hh-rlhf":  # preference.dpo.train dataset=hhh: transcripts, last turn differs
+        return [{"chosen": f"\n\nHuman: What is {i} plus one?\n\nAssistant: {i} plus one is {i + 1}.",
+                 "rejected": f"\n\nHuman: What is {i} plus one?\n\nAssistant: I won't tell you."}
                 for i in range(DEMO_ROWS)]
     return None
 
@@ -122,6 +140,11 @@ def install(model: str, paths: Paths, *, renderer: str | None = None,
         return hub_load(path, name, *args, **kwargs)
 
     datasets.load_dataset = load_dataset
+    # modules that did `from datasets import load_dataset` before this (distillation.datasets)
+    for mod in list(sys.modules.values()):
+        if getattr(mod, "__name__", "").startswith("tinker_cookbook") and \
+                getattr(mod, "load_dataset", None) is hub_load:
+            mod.load_dataset = load_dataset  # type: ignore[attr-defined]
 
 
 def run(recipe: str, overrides: Mapping[str, str], paths: Paths, *, renderer: str | None = None,
@@ -158,13 +181,101 @@ def run(recipe: str, overrides: Mapping[str, str], paths: Paths, *, renderer: st
         args["loss_fn"] = "importance_sampling"  # the default stable_reinforce is not supported here
     if "behavior_if_log_dir_exists" in fields and "behavior_if_log_dir_exists" not in args:
         args["behavior_if_log_dir_exists"] = "raise"  # never a prompt on stdin
-    install(args["model_name"], paths, renderer=renderer, data=data, demo_data=demo_data)
+    model = args["model_name"] if "model_name" in fields else args.pop("model_name")
+    if "teacher_model" in fields:  # on_policy_distillation's Qwen/Qwen3.5-9B is not served here
+        args.setdefault("teacher_model", model)
+    install(model, paths, renderer=renderer, data=data, demo_data=demo_data)
     import asyncio
     import inspect
 
     import chz
 
-    config = chz.entrypoint(config_cls, argv=[f"{k}={v}" for k, v in args.items()])
-    result = entry(config)
-    if inspect.iscoroutine(result):
-        asyncio.run(result)
+    with contextlib.ExitStack() as stack:
+        if recipe == "prompt_distillation.create_data":
+            stack.enter_context(_create_data_setup(mod, model, args, renderer=renderer, data=data,
+                                                   demo_data=demo_data))
+        config = chz.entrypoint(config_cls, argv=[f"{k}={v}" for k, v in args.items()])
+        result = entry(config)
+        if inspect.iscoroutine(result):
+            asyncio.run(result)
+
+
+class _ContextCapped:
+    """A sampling client whose `sample` asks at most the tokens the base's context leaves after the
+    prompt: create_data asks 1000 after its ~1100-token prompt, more than a 2048-token base holds
+    (lorafleet answers 400 to a request that cannot fit)."""
+
+    def __init__(self, client: Any, max_context: int | None):
+        self._client, self._max_context = client, max_context
+
+    def sample(self, prompt: Any, num_samples: int, sampling_params: Any, **kwargs: Any) -> Any:
+        room = None if self._max_context is None else self._max_context - prompt.length
+        if room is not None and sampling_params.max_tokens is not None and sampling_params.max_tokens > room > 0:
+            sampling_params = sampling_params.model_copy(update={"max_tokens": room})
+        return self._client.sample(prompt=prompt, num_samples=num_samples, sampling_params=sampling_params,
+                                   **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+# the file prompt_distillation.create_data reads, relative to the working directory (the cookbook's
+# checkout), and the made-up stand-in --demo-data gives instead of its 2100 sentences
+SENTENCES = "tinker_cookbook/example_data/multilingual.txt"
+DEMO_SENTENCES = ["And he said, Mama, I'm home.", "und er hat gesagt, Mama ich bin daheim.",
+                  "Et il a dit, maman, je suis à la maison.", "Y él dijo: Mamá, estoy en casa.",
+                  "The weather is nice today and the sun is out.", "Das Wetter ist heute schön.",
+                  "Le temps est beau aujourd'hui.", "Hace buen tiempo hoy."]
+
+
+@contextlib.contextmanager
+def _create_data_setup(mod: Any, model: str, args: dict[str, str], *, renderer: str | None,
+                       data: Mapping[str, Path] | None, demo_data: bool):  # type: ignore[no-untyped-def]
+    """`prompt_distillation.create_data` hard-codes its teacher (`Qwen/Qwen3.6-35B-A3B` with the
+    `qwen3_5_disable_thinking` renderer) in `setup_clients` and reads its sentences from a path
+    relative to the cookbook checkout. Here the teacher is `model_name` (a base, or with
+    `teacher_checkpoint=tinker://...` sampler weights on it) with its renderer, and the sentences
+    are `--data tinker_cookbook/example_data/multilingual.txt=FILE`, `--demo-data`'s eight, or
+    the copy installed with the cookbook; a relative `output_file` stays relative to here."""
+    import tempfile
+
+    import tinker
+    import tinker_cookbook
+    from tinker_cookbook import model_info, renderers
+    from tinker_cookbook.tokenizer_utils import get_tokenizer
+    from tinker_cookbook.utils.git_rev import recipe_user_metadata
+
+    checkpoint = args.pop("teacher_checkpoint", None)
+    if checkpoint is not None and not checkpoint.startswith("tinker://"):
+        raise InvalidRequest(f"teacher_checkpoint={checkpoint!r}: expected sampler weights, tinker://...")
+    if "output_file" in args:
+        args["output_file"] = str(Path(args["output_file"]).expanduser().absolute())
+
+    def setup_clients():  # type: ignore[no-untyped-def]
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        service_client = tinker.ServiceClient(user_metadata=recipe_user_metadata("dataset_prompt_distillation"))
+        sampling_client = (service_client.create_sampling_client(model_path=checkpoint) if checkpoint else
+                           service_client.create_sampling_client(base_model=model)).result()
+        limits = {m.model_name: m.max_context_length
+                  for m in service_client.get_server_capabilities().supported_models}
+        tokenizer = get_tokenizer(model)
+        name = renderer or model_info.get_recommended_renderer_name(model)
+        log.info("create_data teacher: %s (%s renderer)", checkpoint or model, name)
+        return _ContextCapped(sampling_client, limits.get(model)), tokenizer, renderers.get_renderer(name, tokenizer)
+
+    original, cwd = mod.setup_clients, os.getcwd()
+    mod.setup_clients = setup_clients
+    with tempfile.TemporaryDirectory() as tmp:
+        source = (data or {}).get(SENTENCES)
+        if source is None and not demo_data:
+            os.chdir(Path(tinker_cookbook.__file__).parent.parent)  # the installed example_data
+        else:
+            target = Path(tmp) / SENTENCES
+            target.parent.mkdir(parents=True)
+            target.write_text(source.read_text() if source else "".join(x + "\n" for x in DEMO_SENTENCES))
+            os.chdir(tmp)
+        try:
+            yield
+        finally:
+            os.chdir(cwd)
+            mod.setup_clients = original

@@ -26,7 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="answer load_dataset(HUB_NAME) from a local .jsonl/.json/.parquet/.csv "
                         "file (the train split) or a dataset folder (repeatable)")
     p.add_argument("--demo-data", action="store_true",
-                   help="64 made-up rows for HuggingFaceH4/no_robots and openai/gsm8k, to try a recipe")
+                   help="64 made-up rows for the recipes' datasets (no_robots, gsm8k, SciKnowEval, "
+                        "DeepMath-103K, tulu-3-sft-mixture, hh-rlhf), eight sentences for "
+                        "prompt_distillation.create_data, to try a recipe")
     p.add_argument("--renderer", help="cookbook renderer for the model (default for lorafleet "
                                       "bases: qwen3_instruct, i.e. ChatML)")
     p.set_defaults(func=run)
