@@ -78,9 +78,11 @@ class RecordingEngine(Engine):
         self.calls: list[tuple] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()  # set when a forward_backward has started
         self.discarded: list[int] = []
 
     def forward_backward(self, reqs):
+        self.entered.set()
         self.gate.wait()
         self.calls.append(("fb", [(r.adapter, int(r.data[0].tokens[0]), len(r.data)) for r in reqs]))
         return super().forward_backward(reqs)
@@ -414,6 +416,29 @@ def test_training_and_decoding_both_progress_under_load_of_the_other(paths):
         sink.wait(decoding)
     finally:
         sched.stop()
+
+
+def test_sampling_runs_while_a_training_micro_batch_is_in_progress(rig):
+    """The two lanes: with the training lane held inside a forward_backward, a sample job is
+    admitted, decoded and answered (one thread for both would wait for the micro-batch), and
+    the training job completes once released, with its run's gradient."""
+    sched, engine, sink = rig
+    create(sched, sink, "a")
+    engine.gate.clear()
+    try:
+        train = submit(sched, sink, WorkKind.FORWARD_BACKWARD, "a", 1, fwdbwd(5, n=2))
+        assert engine.entered.wait(30)
+        params = SamplingParams(max_tokens=8, temperature=0, stop_token_ids=())
+        job = sample(sched, sink, [SampleRequest(None, [1, 2, 3], 1, params)])
+        out = ok(sink.wait(job, timeout=30))
+        assert len(out[0].sequences[0].tokens) == 8 and id(train) not in sink.outcomes
+        health = sched.health(stall_s=0.0)  # the held training lane is pending and not progressing
+        assert health["stalled_lanes"] == ["engine-train-lorafleet/tiny-llama"] and not health["ok"]
+    finally:
+        engine.gate.set()
+    ok(sink.wait(train))
+    assert engine.has_grads(sched.runs["a"].handle)
+    assert sched.health(stall_s=60.0)["ok"]
 
 
 def test_the_engine_imports_nothing_from_the_api():

@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--kv-cache-bytes", type=int, default=2 << 30,
                    help="KV cache budget of the running batch; past it rows are preempted (default 2 GiB)")
     s.add_argument("--micro-batch-tokens", type=int, default=1024,
-                   help="training tokens per scheduler iteration, between decode steps (default 1024)")
+                   help="training tokens per micro-batch of a fused batch (bounds its activations; default 1024)")
     r = p.add_argument_group("scale-out on Ray (docs/scale-out.md; needs the ray extra)")
     r.add_argument("--engines", type=int, default=0, metavar="N",
                    help="N engine actors per base on Ray, with adapter-affinity routing and failover "

@@ -1,9 +1,11 @@
 """Engine: one resident base model executing training and sampling for many adapters.
 
-Synchronous and single-threaded by design: the scheduler (engine/scheduler.py) drives it from
-one compute thread. `sample` is the whole-batch reference path (engine/generate.py); serving
-decodes through engine/decode.py, which joins and retires rows every step. Adapters are addressed by engine-assigned integer handles; adding or removing
-one never touches the base weights (the LoRA layers read the batch's adapters from the
+Synchronous and not locked: the scheduler (engine/scheduler.py) makes the training calls from
+its training lane and the sampling calls from its decode lane, at the same time (the LoRA
+operands of each forward are thread-local, the base frozen). `sample` is the whole-batch
+reference path (engine/generate.py); serving decodes through engine/decode.py, which joins and
+retires rows every step. Adapters are addressed by engine-assigned integer handles; adding or
+removing one never touches the base weights (the LoRA layers read the batch's adapters from the
 runtime, see lora/layers.py).
 """
 

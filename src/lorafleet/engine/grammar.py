@@ -4,7 +4,7 @@
   a Lark/GBNF grammar).
 - `GrammarCompiler` (one per base tokenizer) turns a spec into a `Grammar`: an immutable,
   validated template, cached per spec. Compiling is for a worker thread (the API compiles
-  before it submits the job), never the compute thread.
+  before it submits the job), never a compute lane.
 - A row with a grammar carries its own `GrammarState` (a copy of the template's matcher,
   advanced by every token the row chooses). `constrain` masks a batch's logits right before
   sampling: tokens the grammar does not allow are -inf, and the row's stop tokens (EOS) are

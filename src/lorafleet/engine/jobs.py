@@ -8,7 +8,7 @@ what a result means to a client is the sink's business (api/tinker/jobs.py, api/
 
 Results per kind: CREATE_RUN / LOAD_RUN / LOAD_WEIGHTS / UNLOAD_RUN -> `RunState`;
 FORWARD_BACKWARD -> `FwdBwdResult`; OPTIM_STEP -> `StepResult`; SAVE -> `Snapshot` (the
-compute thread only copies tensors; the sink writes files on the I/O worker); SAMPLE ->
+training lane only copies tensors; the sink writes files on the I/O worker); SAMPLE ->
 list[SampleResult], one per request.
 """
 
@@ -152,7 +152,7 @@ class StepResult:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """A copy of a run's tensors (CPU fp32), taken on the compute thread."""
+    """A copy of a run's tensors (CPU fp32), taken on the training lane."""
 
     weights: LoraWeights
     optimizer: dict[str, Tensor] | None
@@ -164,7 +164,7 @@ class Snapshot:
 
 class Sink(Protocol):
     """Where a job's outcome goes. `done`/`failed` run on the scheduler's I/O worker (they may
-    write files and databases); `on_token` runs on the compute thread and must be cheap."""
+    write files and databases); `on_token` runs on the decode lane and must be cheap."""
 
     def done(self, job: Job, result: Any) -> None: ...
 

@@ -1,7 +1,7 @@
 """The sampler seam: where a scheduler's SAMPLE jobs run.
 
 The default is lorafleet's own engine: `Scheduler` (engine/scheduler.py) decodes SAMPLE jobs on
-its compute thread with continuous batching (engine/decode.py). A `Sampler` runs them
+its decode lane with continuous batching (engine/decode.py). A `Sampler` runs them
 elsewhere instead; `RoutedScheduler` is a Scheduler whose SAMPLE jobs go to one, while training
 (forward_backward, optim_step, saves) stays on the engine. The only other sampler today is vLLM
 (engine/vllm/, `lorafleet serve --sampler vllm`). Services (api/tinker, api/openai) see no

@@ -1,29 +1,36 @@
-"""The engine's scheduler: one compute thread per resident base, an I/O worker, typed jobs in,
-results out through each job's sink.
+"""The engine's scheduler: two compute lanes per resident base (a training thread and a decode
+thread over the same engine), an I/O worker, typed jobs in, results out through each job's sink.
 
-Per iteration of the compute thread:
+The training lane, per iteration:
 1. unordered jobs (create / load / unload a run), in arrival order;
-2. training: the next micro-batch of the fused forward_backward batch in progress (or the
-   start of a new one, or barrier jobs), see engine/training.py;
-3. sampling: one `DecodeBatch.step` (engine/decode.py): every running row decodes one token,
-   finished rows leave, and waiting sample jobs are admitted under the budgets (chunked
-   prefill), least-served adapter first (engine/queues.py `SampleQueue`).
-So training and decoding interleave at micro-batch / decode-step granularity: a decode row
-waits at most one training micro-batch between its tokens, and training advances one
-micro-batch per step however busy sampling is.
+2. the next micro-batch of the fused forward_backward batch in progress (or the start of a new
+   one, or barrier jobs), see engine/training.py.
+The decode lane, per iteration: one `DecodeBatch.step` (engine/decode.py): every running row
+decodes one token, finished rows leave, and waiting sample jobs are admitted under the budgets
+(chunked prefill), least-served adapter first (engine/queues.py `SampleQueue`).
+
+Why two threads: a decode step is many small kernels and a training micro-batch a few large
+ones; run one after the other on one thread, a decode row waits a whole micro-batch (seconds on
+a CPU) between two tokens. On two threads both run at once (torch releases the GIL inside its
+kernels), each with the configured torch thread count, so decoding keeps its inter-token
+latency while training runs and training keeps its throughput while decoding runs. What they
+share is safe to share: the base weights are frozen, each thread has its own LoRA operands
+(`LoraRuntime` is thread-local, lora/layers.py) and grad mode (torch's is per thread), the
+training lane alone touches runs and their trainable leaves, the decode lane alone the decode
+batch and the adapter slots; the queues and residency are locked.
 
 Results leave through the job's sink: `done` / `failed` on the I/O worker thread (which may
-write files and databases: checkpoints, catalog publishes, futures), never on the compute
-thread; `on_token` on the compute thread.
+write files and databases: checkpoints, catalog publishes, futures), never on a compute lane;
+`on_token` on the decode lane.
 
 Guarantees:
-- The compute thread never dies of a request. Each phase of an iteration (training, sampling)
-  runs guarded: an unexpected exception fails that phase's unanswered jobs (a server error,
-  logged), and the loop goes on. Sink calls are guarded too.
+- A lane never dies of a request. Each lane's iteration runs guarded: an unexpected exception
+  fails that iteration's unanswered jobs (a server error, logged), and the loop goes on. Sink
+  calls are guarded too.
 - A client that gives up only frees its work: `Job.cancel()` drops a queued job when it is
   reached and takes a running job's rows out of the batch at the next step.
-- Liveness is observable: `health(stall_s)` says whether the thread is alive and how long ago
-  it last made progress (an iteration or an idle wake-up) while work was pending.
+- Liveness is observable: `health(stall_s)` says whether both lanes are alive and how long ago
+  each last made progress (an iteration or an idle wake-up) while it had work pending.
 - `drain()` (shutdown begins) fails every queued and running sample job and refuses new ones,
   so open streams end at once with an error; `stop()` drains, then ends the threads.
 
@@ -76,11 +83,22 @@ class IOWorker:
         self._thread.join(timeout)
 
 
+class _Lane:
+    """One compute thread of a scheduler and what its health is judged by."""
+
+    def __init__(self, name: str, target: Callable[[], None]) -> None:
+        self.name = name
+        self.thread = threading.Thread(target=target, name=name, daemon=True)
+        self.progress_at = time.monotonic()  # last iteration or idle wake-up
+        self.busy = False  # an iteration's work is taken and not finished yet
+
+
 class Scheduler:
-    """Owns one engine, its compute thread and its I/O worker.
+    """Owns one engine, its two compute lanes (training, decoding) and its I/O worker.
 
     Args:
-        engine: the Engine (synchronous, not thread-safe: only the compute thread uses it).
+        engine: the Engine (training calls on the training lane only, sampling calls on the
+            decode lane only).
         base: the engine's LoadedBase (name, tokenizer, info).
         residency: slots / host cache / cold loader of this engine's adapters.
         budgets: sampling budgets (engine/decode.py `Budgets`).
@@ -120,22 +138,26 @@ class Scheduler:
         self._scored_tokens = 0  # prompt tokens scored in the current sampling step
         self._cv = threading.Condition()
         self._stop = False
-        self._thread = threading.Thread(target=self._loop, name=f"engine-{base.name}", daemon=True)
+        self._train_lane = _Lane(f"engine-train-{base.name}", self._train_loop)
+        self._decode_lane = _Lane(f"engine-decode-{base.name}", self._decode_loop)
         self.io = IOWorker(f"engine-io-{base.name}")
-        self._progress_at = time.monotonic()  # last iteration or idle wake-up
-        self._busy = False  # an iteration's work is taken and not finished yet
         self._closed: str | None = None  # set by drain(): new sample jobs are refused
-        # OpenMP thread counts are per thread: carry the creator's setting into the engine thread
+        # OpenMP thread counts are per thread: carry the creator's setting into both lanes
         self._torch_threads = torch.get_num_threads()
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        for lane in self._lanes:
+            lane.thread.start()
+
+    @property
+    def _lanes(self) -> tuple[_Lane, _Lane]:
+        return self._train_lane, self._decode_lane
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return all(lane.thread.is_alive() for lane in self._lanes)
 
     def drain(self, reason: str = "the server is shutting down") -> None:
         """Shutdown begins: fail queued and running sample jobs, refuse new ones (idempotent;
@@ -152,29 +174,37 @@ class Scheduler:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        self._thread.join(timeout=30)
+        for lane in self._lanes:
+            lane.thread.join(timeout=30)
         for job in self.training.drain():
             self._report(job, NoCapacity("the server is shutting down"))
         self._fail_decoding(NoCapacity("the server is shutting down"))
         self.io.close()
 
     def health(self, stall_s: float) -> dict[str, Any]:
-        """Whether the compute thread is alive and making progress (any thread).
+        """Whether both lanes are alive and making progress.
 
-        Unhealthy when the thread is not running, or when it has pending work (queued, or an
-        iteration in progress) but made no progress for more than `stall_s` seconds.
+        Unhealthy when a lane's thread is not running, or when a lane has pending work (queued,
+        or an iteration in progress) but made no progress for more than `stall_s` seconds
+        (`stalled_lanes` names it). `progress_age_s` is the oldest progress of a pending lane,
+        or the newest of any when none is pending.
         """
-        alive = self._thread.is_alive()
         if self._cv.acquire(timeout=0.1):  # the queues are read under the lock
             try:
-                pending = self._busy or self._has_work()
+                pending = {self._train_lane.name: self._train_lane.busy or self._train_work(),
+                           self._decode_lane.name: self._decode_lane.busy or self._decode_work()}
             finally:
                 self._cv.release()
-        else:  # the compute thread holds it (an unordered job): it has work
-            pending = True
-        age = time.monotonic() - self._progress_at
-        return {"ok": alive and not (pending and age > stall_s), "alive": alive,
-                "pending": pending, "progress_age_s": round(age, 3)}
+        else:  # a lane holds it (running unordered jobs): say pending
+            pending = {lane.name: True for lane in self._lanes}
+        now = time.monotonic()
+        ages = {lane.name: now - lane.progress_at for lane in self._lanes}
+        dead = [lane.name for lane in self._lanes if not lane.thread.is_alive()]
+        stalled = [n for n in ages if pending[n] and ages[n] > stall_s]
+        waiting = [ages[n] for n in ages if pending[n]]
+        age = max(waiting) if waiting else min(ages.values())
+        return {"ok": not dead and not stalled, "alive": not dead, "pending": any(pending.values()),
+                "progress_age_s": round(age, 3), "stalled_lanes": sorted(set(stalled) | set(dead))}
 
     # ---- any thread ---------------------------------------------------------------------------
 
@@ -234,35 +264,55 @@ class Scheduler:
                 self.samples.put(job)
             self._cv.notify_all()
 
-    # ---- the compute thread -------------------------------------------------------------------
+    # ---- the compute lanes --------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _train_loop(self) -> None:
+        lane = self._train_lane
         torch.set_num_threads(self._torch_threads)
         torch.set_grad_enabled(True)
         while True:
             with self._cv:
-                while not self._stop and not self._has_work():
-                    self._progress_at = time.monotonic()
+                while not self._stop and not self._train_work():
+                    lane.progress_at = time.monotonic()
                     wake = self.training.wake_at()
                     self._cv.wait(timeout=5.0 if wake is None else max(0.01, wake - time.monotonic()))
                 if self._stop:
                     return
-                self._progress_at = time.monotonic()
-                self._busy = True
+                lane.progress_at = time.monotonic()
+                lane.busy = True
                 unordered, self._unordered = self._unordered, []
                 for job in unordered:  # quick (adapter create / remove), under the lock
                     self.training.run_unordered(job, self._report)
                 train = self.training.take()
             try:
                 self._train_step(train)
-                if self.decode.busy or len(self.samples) or self._closed:
-                    self._sample_step()
             finally:
-                self._busy = False
-                self._progress_at = time.monotonic()
+                lane.busy = False
+                lane.progress_at = time.monotonic()
 
-    def _has_work(self) -> bool:
-        return bool(self._unordered or len(self.samples) or self.decode.busy or self.training.ready())
+    def _decode_loop(self) -> None:
+        lane = self._decode_lane
+        torch.set_num_threads(self._torch_threads)
+        while True:
+            with self._cv:
+                while not self._stop and not self._decode_work():
+                    lane.progress_at = time.monotonic()
+                    self._cv.wait(timeout=5.0)
+                if self._stop:
+                    return
+                lane.progress_at = time.monotonic()
+                lane.busy = True
+            try:
+                self._sample_step()
+            finally:
+                lane.busy = False
+                lane.progress_at = time.monotonic()
+
+    def _train_work(self) -> bool:
+        return bool(self._unordered or self.training.ready())
+
+    def _decode_work(self) -> bool:
+        return bool(len(self.samples) or self.decode.busy)
 
     def _train_step(self, taken: list[Job]) -> None:
         """Start the taken training jobs and/or run one micro-batch; a bug fails them, not us."""

@@ -1,12 +1,12 @@
-"""Training work on the compute thread: runs, fused forward_backward in micro-batches, optim
+"""Training work on the scheduler's training lane: runs, fused forward_backward in micro-batches, optim
 steps, snapshots.
 
 Each resident run has an `OrderedQueue`; its jobs run in seq_id order. The ready prefix of
 forward_backward jobs of *every* run is fused into one batch (weights do not change until
 `optim_step`, so a run's consecutive chunks fuse too), capped at `max_fused_tokens`. The
-fused batch is then split into micro-batches of at most `micro_batch_tokens` tokens, and the
-scheduler runs one micro-batch per iteration between decode steps, so decoding keeps a
-bounded inter-token latency while training runs. Gradients accumulate across micro-batches
+fused batch is then split into micro-batches of at most `micro_batch_tokens` tokens (which bound
+the activations held for one backward), one per iteration of the training lane; the decode lane
+runs beside it (engine/scheduler.py). Gradients accumulate across micro-batches
 exactly as across calls (losses are sums). When no forward_backward is ready, at most one
 barrier job (optim_step, save, load_weights) per run runs.
 

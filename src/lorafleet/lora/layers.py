@@ -7,6 +7,7 @@ that no adapter of the batch targets runs as the plain base layer.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,8 +22,12 @@ from lorafleet.lora.moe import experts_forward, route, split_experts
 RowOperands = dict[str, tuple[Tensor, ...]]
 
 
-class LoraRuntime:
-    """The LoRA operands of the batch being run, shared by every wrapper of one model."""
+class LoraRuntime(threading.local):
+    """The LoRA operands of the batch being run, shared by every wrapper of one model.
+
+    Thread-local: the scheduler's training and decode lanes run forwards of the same model at
+    once (engine/scheduler.py), each with its own batch's operands, replay and recording.
+    """
 
     def __init__(self) -> None:
         self.operands: RowOperands = {}

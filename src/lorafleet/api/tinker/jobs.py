@@ -2,8 +2,8 @@
 that turns engine results into futures, checkpoints and catalog revisions.
 
 `TinkerSink.done` / `failed` run on the engine's I/O worker (engine/scheduler.py), never on
-the compute thread: a save's PEFT serialisation, blob writes and catalog publish happen here,
-from the tensor snapshot the compute thread took. A training or sampler save is one catalog
+a compute lane: a save's PEFT serialisation, blob writes and catalog publish happen here,
+from the tensor snapshot the training lane took. A training or sampler save is one catalog
 revision with provenance (see `catalog_bridge.py`) and its checkpoint row, in one transaction.
 """
 
