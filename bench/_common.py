@@ -114,10 +114,22 @@ def serve(paths, state: Path, **cfg):
         port = s.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            access_log=False))
-    threading.Thread(target=server.run, daemon=True).start()
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    _server_threads[id(server)] = thread
     while not server.started:
         time.sleep(0.05)
     return app, server, f"http://127.0.0.1:{port}"
+
+
+_server_threads: dict = {}
+
+
+def stop(server, timeout: float = 120.0) -> None:
+    """Shut a `serve` server down and wait for its lifespan to stop the engines: a process that
+    exits while an engine lane is still inside a torch kernel aborts ("terminate called")."""
+    server.should_exit = True
+    _server_threads.pop(id(server)).join(timeout)
 
 
 def percentile(xs: list[float], q: float) -> float:

@@ -134,7 +134,7 @@ def main() -> None:
                 for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tok_s"):
                     out[f"{mode}_{tag}_{k}"] = round(res[k], 1)
         runner.decode.budgets.boundary_only = False
-        server.should_exit = True
+        c.stop(server)
         out["cont_burst_tok_s"] = round(burst["tok_s"], 1)
         out |= vllm_column(loop, paths, Path(tmp), names, reqs, saturation, burst["tok_s"])
     out["throughput_over_boundary_only"] = round(out["cont_r100_tok_s"] / out["boundary_r100_tok_s"], 3)
@@ -209,7 +209,7 @@ def vllm_column(loop, paths, tmp: Path, names: list[str], reqs: list[dict], satu
     out["engine_over_vllm_tok_s"] = round(engine_burst / burst["tok_s"], 3)
     out["vllm_over_engine_tok_s"] = round(burst["tok_s"] / engine_burst, 3)
     out["vllm_control_plane_cost"] = round(vdirect["tok_s"] / burst["tok_s"] - 1, 3)
-    server.should_exit = True
+    c.stop(server)
     return out
 
 

@@ -5,7 +5,8 @@ A real lorafleet server (uvicorn on loopback, in a thread) on HuggingFaceTB/Smol
 Chats: 8 concurrent streaming /v1/completions of 256 tokens on the base (quick: 64), run in
 rounds back to back. Training: one fused SFT job, 4 runs x 8 datums x 256 tokens (quick:
 4 x 2 x 128), submitted as typed forward_backward jobs to the same engine's scheduler, which
-splits it into micro-batches of `--micro-batch-tokens` and runs one per decode step. Measured:
+splits it into micro-batches of `--micro-batch-tokens` on its training lane while its decode
+lane serves the chats (engine/scheduler.py). Measured:
 chats alone, training alone, then both at once (chat rounds continue until training ends).
 Prints ONE JSON line.
 
@@ -130,7 +131,7 @@ def main() -> None:
             rounds += 1
         trainer.join()
         c.note(f"training while serving: {box['s']:.1f} s, {rounds} chat rounds")
-        server.should_exit = True
+        c.stop(server)
     tokens = len(runs) * datums * length
     p99_alone, p99_training = c.percentile(gaps_alone, 0.99), c.percentile(gaps_training, 0.99)
     c.emit({
