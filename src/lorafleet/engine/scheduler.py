@@ -84,11 +84,15 @@ class IOWorker:
 
 
 class _Lane:
-    """One compute thread of a scheduler and what its health is judged by."""
+    """One compute thread of a scheduler: what it waits for, takes and runs, and what its
+    health is judged by. `take` runs under the scheduler's lock, `step(taken)` outside it."""
 
-    def __init__(self, name: str, target: Callable[[], None]) -> None:
+    def __init__(self, name: str, loop: Callable[[_Lane], None], has_work: Callable[[], bool],
+                 take: Callable[[], Any], step: Callable[[Any], None],
+                 wake_at: Callable[[], float | None] = lambda: None) -> None:
         self.name = name
-        self.thread = threading.Thread(target=target, name=name, daemon=True)
+        self.has_work, self.take, self.step, self.wake_at = has_work, take, step, wake_at
+        self.thread = threading.Thread(target=loop, args=(self,), name=name, daemon=True)
         self.progress_at = time.monotonic()  # last iteration or idle wake-up
         self.busy = False  # an iteration's work is taken and not finished yet
 
@@ -138,8 +142,12 @@ class Scheduler:
         self._scored_tokens = 0  # prompt tokens scored in the current sampling step
         self._cv = threading.Condition()
         self._stop = False
-        self._train_lane = _Lane(f"engine-train-{base.name}", self._train_loop)
-        self._decode_lane = _Lane(f"engine-decode-{base.name}", self._decode_loop)
+        self._lanes = (
+            _Lane(f"engine-train-{base.name}", self._loop, self._train_work, self._take_training,
+                  self._train_step, self.training.wake_at),
+            _Lane(f"engine-decode-{base.name}", self._loop, self._decode_work, lambda: None,
+                  lambda _: self._sample_step()),
+        )
         self.io = IOWorker(f"engine-io-{base.name}")
         self._closed: str | None = None  # set by drain(): new sample jobs are refused
         # OpenMP thread counts are per thread: carry the creator's setting into both lanes
@@ -150,10 +158,6 @@ class Scheduler:
     def start(self) -> None:
         for lane in self._lanes:
             lane.thread.start()
-
-    @property
-    def _lanes(self) -> tuple[_Lane, _Lane]:
-        return self._train_lane, self._decode_lane
 
     @property
     def alive(self) -> bool:
@@ -191,8 +195,7 @@ class Scheduler:
         """
         if self._cv.acquire(timeout=0.1):  # the queues are read under the lock
             try:
-                pending = {self._train_lane.name: self._train_lane.busy or self._train_work(),
-                           self._decode_lane.name: self._decode_lane.busy or self._decode_work()}
+                pending = {lane.name: lane.busy or lane.has_work() for lane in self._lanes}
             finally:
                 self._cv.release()
         else:  # a lane holds it (running unordered jobs): say pending
@@ -266,47 +269,31 @@ class Scheduler:
 
     # ---- the compute lanes --------------------------------------------------------------------
 
-    def _train_loop(self) -> None:
-        lane = self._train_lane
+    def _loop(self, lane: _Lane) -> None:
         torch.set_num_threads(self._torch_threads)
-        torch.set_grad_enabled(True)
         while True:
             with self._cv:
-                while not self._stop and not self._train_work():
+                while not self._stop and not lane.has_work():
                     lane.progress_at = time.monotonic()
-                    wake = self.training.wake_at()
+                    wake = lane.wake_at()
                     self._cv.wait(timeout=5.0 if wake is None else max(0.01, wake - time.monotonic()))
                 if self._stop:
                     return
                 lane.progress_at = time.monotonic()
                 lane.busy = True
-                unordered, self._unordered = self._unordered, []
-                for job in unordered:  # quick (adapter create / remove), under the lock
-                    self.training.run_unordered(job, self._report)
-                train = self.training.take()
+                taken = lane.take()
             try:
-                self._train_step(train)
+                lane.step(taken)
             finally:
                 lane.busy = False
                 lane.progress_at = time.monotonic()
 
-    def _decode_loop(self) -> None:
-        lane = self._decode_lane
-        torch.set_num_threads(self._torch_threads)
-        while True:
-            with self._cv:
-                while not self._stop and not self._decode_work():
-                    lane.progress_at = time.monotonic()
-                    self._cv.wait(timeout=5.0)
-                if self._stop:
-                    return
-                lane.progress_at = time.monotonic()
-                lane.busy = True
-            try:
-                self._sample_step()
-            finally:
-                lane.busy = False
-                lane.progress_at = time.monotonic()
+    def _take_training(self) -> list[Job]:
+        """Run the unordered jobs (quick: adapter create / remove) and take the next training jobs."""
+        unordered, self._unordered = self._unordered, []
+        for job in unordered:
+            self.training.run_unordered(job, self._report)
+        return self.training.take()
 
     def _train_work(self) -> bool:
         return bool(self._unordered or self.training.ready())
