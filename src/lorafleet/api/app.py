@@ -55,6 +55,7 @@ class ServeConfig:
         max_json_bytes: the largest body of every other route (see api/edge.py).
         dtype: base model dtype ('float32' or 'bfloat16').
         device: where the engines compute ('cpu', 'cuda', 'cuda:1').
+        cpu_prepack: on CPU, batched inference reads oneDNN-packed base weights (engine/prepack.py).
         max_num_seqs / max_num_batched_tokens / kv_cache_bytes: sampling budgets per engine
             (engine/decode.py `Budgets`); micro_batch_tokens: training tokens per iteration.
         hold_s: how long retrieve_future holds a poll before answering try_again (SDK: 45 s timeout).
@@ -77,6 +78,7 @@ class ServeConfig:
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
     dtype: str = "float32"
     device: str = "cpu"
+    cpu_prepack: bool = True
     hold_s: float = 30.0
     gap_timeout_s: float = 30.0
     state_dir: Path | None = None
@@ -189,7 +191,8 @@ def _fleet(name: str, cfg: ServeConfig, metrics: Any) -> Any:
     base = cfg.engines[name][0] if name in cfg.engines else load_base(name, cfg.paths, dtype=cfg.dtype)
     worker = WorkerConfig(
         base=name, home=str(cfg.paths.home), database_url=cfg.paths.database_url if cfg.use_catalog else None,
-        store_url=cfg.paths.store_url, dtype=cfg.dtype, device=cfg.device, threads=cfg.engine_threads,
+        store_url=cfg.paths.store_url, dtype=cfg.dtype, device=cfg.device, cpu_prepack=cfg.cpu_prepack,
+        threads=cfg.engine_threads,
         gap_timeout_s=cfg.gap_timeout_s, max_sample_queue=cfg.max_sample_queue,
         micro_batch_tokens=cfg.micro_batch_tokens, max_slots=cfg.max_slots,
         max_host_adapters=cfg.max_host_adapters, max_host_bytes=cfg.max_host_bytes, load_queue=cfg.load_queue,
@@ -204,7 +207,7 @@ def _load(name: str, cfg: ServeConfig) -> tuple[Any, Any]:
     from lorafleet.model import load_base
 
     base = load_base(name, cfg.paths, dtype=cfg.dtype, device=cfg.device)
-    return base, Engine(base)
+    return base, Engine(base, cpu_prepack=cfg.cpu_prepack)
 
 
 def create_app(cfg: ServeConfig, service: TinkerService | None = None) -> FastAPI:

@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="base model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--no-cpu-prepack", dest="cpu_prepack", action="store_false",
+                   help="on CPU, do not keep a oneDNN-packed copy of the base's Linear weights for "
+                        "batched decoding (saves that memory; decoding several rows is slower)")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="folder of the Tinker service's database and checkpoints "
                         "(default: <lorafleet home>/tinker)")
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     bases = list(dict.fromkeys(canonical_name(b) for b in args.bases or [DEFAULT_BASE]))  # paths made absolute
     cfg = ServeConfig(bases=bases, paths=paths_from_env(), auth=args.auth,
-                      dtype=dtype, device=args.device, threads=args.threads, state_dir=args.state_dir,
+                      dtype=dtype, device=args.device, cpu_prepack=args.cpu_prepack, threads=args.threads, state_dir=args.state_dir,
                       max_slots=args.max_slots, max_host_adapters=args.max_host_adapters or None,
                       max_host_bytes=args.max_host_bytes, load_queue=args.load_queue,
                       load_batch=args.load_batch, max_num_seqs=args.max_num_seqs,

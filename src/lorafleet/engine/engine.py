@@ -23,6 +23,7 @@ from torch import Tensor
 from lorafleet.engine.batch import right_pad, row_operands
 from lorafleet.engine.generate import generate
 from lorafleet.engine.logprobs import PromptScorer, PromptScores, PromptScoring
+from lorafleet.engine.prepack import prepack
 from lorafleet.engine.types import MAX_TOP_LOGPROBS, SampleRequest, SampleResult, SamplingParams
 from lorafleet.errors import BadTokens, InvalidRequest, NotFound
 from lorafleet.lora.inject import inject
@@ -102,11 +103,15 @@ def target_logprobs(logits_BTV: Tensor, targets: list[Tensor]) -> list[Tensor]:
 class Engine:
     """Trains and samples any number of LoRA adapters over one frozen base model."""
 
-    def __init__(self, base: LoadedBase) -> None:
+    def __init__(self, base: LoadedBase, cpu_prepack: bool = True) -> None:
+        """`cpu_prepack`: on CPU, batched inference reads oneDNN-packed base weights
+        (engine/prepack.py: faster decoding, one more copy of the Linear weights)."""
         self.base = base
         self.info = base.info
         self.device = next(base.model.parameters()).device
         self.runtime = inject(base.model, base.info.lora_modules + base.info.unembed)
+        if cpu_prepack:
+            prepack(base.model)
         # MoE routers in layer order: the first axis of recorded / replayed routes
         self.router_paths = [m.path for m in base.model.modules() if isinstance(m, MultiLoraRouter)]
         self._adapters: dict[int, _Live] = {}

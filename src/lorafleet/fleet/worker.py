@@ -44,6 +44,7 @@ class WorkerConfig:
     store_url: str | None
     dtype: str = "float32"
     device: str = "cpu"
+    cpu_prepack: bool = True
     threads: int = 1
     gap_timeout_s: float = 30.0
     max_sample_queue: int = 512
@@ -125,7 +126,7 @@ class EngineWorker:
         self.started = time.time()
         paths = Paths(home=Path(cfg.home), database_url=cfg.database_url or "", store_url=cfg.store_url or "")
         self.base = load_base(cfg.base, paths, dtype=cfg.dtype, device=cfg.device)
-        engine = Engine(self.base)
+        engine = Engine(self.base, cpu_prepack=cfg.cpu_prepack)
         self.catalog = None
         if cfg.database_url:
             from lorafleet.catalog.service import Catalog
