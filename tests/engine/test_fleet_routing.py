@@ -42,6 +42,22 @@ def test_resident_engine_wins_then_hash_then_spill():
     assert c.id != other
 
 
+def test_a_home_far_busier_than_the_least_loaded_engine_spills_below_the_depth():
+    key = "rev-7"
+    hashed = rendezvous(key, IDS)
+    other = next(i for i in IDS if i != hashed)
+    res = tuple(i == hashed for i in IDS)
+    within = tuple(5 if i == hashed else 1 for i in IDS)  # 4 more: still at home
+    assert route_sample(key, cands(loads=within, resident=res), spill_depth=32, spill_slack=4)[0].id == hashed
+    assert route_sample(key, cands(loads=within), spill_depth=32, spill_slack=4) == (
+        next(c for c in cands(loads=within) if c.id == hashed), HASHED)
+    beyond = tuple(6 if i == hashed else (1 if i == other else 3) for i in IDS)  # 5 more than `other`
+    c, why = route_sample(key, cands(loads=beyond, resident=res), spill_depth=32, spill_slack=4)
+    assert (c.id, why) == (other, SPILLED)
+    c, why = route_sample(key, cands(loads=beyond), spill_depth=32, spill_slack=4)
+    assert (c.id, why) == (other, SPILLED)
+
+
 def test_base_requests_and_runs_go_to_the_least_loaded():
     c, why = route_sample(None, cands(loads=(3, 1, 2)), spill_depth=4)
     assert (c.id, why) == ("b#1", LEAST_LOADED)

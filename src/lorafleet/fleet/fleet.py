@@ -152,7 +152,8 @@ class Fleet:
             stay in each engine's own process).
         handles: one per engine actor.
         spill_depth: a sample goes to the least loaded engine instead of its adapter's home
-            engine when the home has more jobs out than this.
+            engine when the home has more jobs out than this, or more than the least loaded
+            engine's by over `routing.SPILL_SLACK`.
         max_sample_queue: sample jobs out per engine at most (more: NoCapacity, 429).
     """
 

@@ -5,8 +5,11 @@
 - A sampling request goes to an engine where its adapter is resident (the least loaded of
   them); otherwise to the engine that rendezvous hashing of the adapter key picks among the
   live engines (so the same adapter keeps landing on the same engine, and when an engine
-  leaves only its adapters move); if that engine's queue is over `spill_depth`, to the least
-  loaded engine instead. Base-only requests go to the least loaded engine.
+  leaves only its adapters move). An engine is passed over, for the least loaded one, when it is
+  overloaded: its queue is over `spill_depth`, or longer than the least loaded engine's by more
+  than `spill_slack` (a Zipf-hot adapter would otherwise pin a share of the traffic to its home
+  however busy that is; a spilled request's adapter loads there, and from then on both engines
+  hold it). Base-only requests go to the least loaded engine.
 
 Pure functions over `Candidate` records: no Ray, no threads; fleet/fleet.py feeds them.
 """
@@ -18,6 +21,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 RESIDENT, HASHED, SPILLED, LEAST_LOADED = "resident", "hashed", "spilled", "least_loaded"
+SPILL_SLACK = 4  # jobs more than the least loaded engine's: docs/scale-out.md
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,17 +48,21 @@ def place_run(cands: Sequence[Candidate]) -> Candidate:
     return min(cands, key=lambda c: (c.runs, c.load, c.id))
 
 
-def route_sample(key: Hashable | None, cands: Sequence[Candidate], spill_depth: int) -> tuple[Candidate, str]:
+def route_sample(key: Hashable | None, cands: Sequence[Candidate], spill_depth: int,
+                 spill_slack: int = SPILL_SLACK) -> tuple[Candidate, str]:
     """(engine, why) for a sample job on adapter `key` (None: the base alone)."""
+    spill = least_loaded(cands)
     if key is None:
-        return least_loaded(cands), LEAST_LOADED
-    resident = [c for c in cands if c.resident and c.load <= spill_depth]
+        return spill, LEAST_LOADED
+
+    def overloaded(c: Candidate) -> bool:
+        return c.load > spill_depth or c.load - spill.load > spill_slack
+
+    resident = [c for c in cands if c.resident and not overloaded(c)]
     if resident:
         return least_loaded(resident), RESIDENT
     chosen = rendezvous(key, [c.id for c in cands])
     home = next(c for c in cands if c.id == chosen)
-    if home.load > spill_depth:
-        spill = least_loaded(cands)
-        if spill.load < home.load:
-            return spill, SPILLED
+    if overloaded(home) and spill.load < home.load:
+        return spill, SPILLED
     return home, HASHED
