@@ -169,6 +169,11 @@ def test_local_ray_listens_on_loopback_only_with_token_auth(scaled):
     assert "Token authentication is enabled" in scaled.log.read_text()
 
 
+def test_the_control_plane_loads_no_base_weights(scaled):
+    text = scaled.log.read_text()
+    assert f"loaded base {TINY}" in text and "no weights, the engines hold them" in text, text[-2000:]
+
+
 def test_both_engines_serve_and_adapters_stay_on_one_engine(scaled):
     listed = engines(scaled)
     assert [e["id"] for e in listed] == [f"{TINY}#0", f"{TINY}#1"]

@@ -36,6 +36,16 @@ def test_cached_smollm2_loads_fast_and_frozen(smol_base, paths):
     assert (base.tokenizer_dir / "tokenizer.json").exists()
 
 
+@pytest.mark.parametrize("name", [DEFAULT_BASE, "lorafleet/tiny-llama"])
+def test_a_base_without_weights_has_everything_else(name, paths):
+    full, bare = load_base(name, paths), load_base(name, paths, dtype="bf16", weights=False)
+    assert all(p.is_meta for p in bare.model.parameters())
+    assert sum(p.numel() for p in bare.model.parameters()) == sum(p.numel() for p in full.model.parameters())
+    assert (bare.name, bare.digest, bare.info, bare.eos_token_id) == (full.name, full.digest, full.info, full.eos_token_id)
+    assert bare.dtype == torch.bfloat16
+    assert bare.tokenizer.encode("Paris is") == full.tokenizer.encode("Paris is")
+
+
 def test_bf16_is_selectable(paths):
     base = load_base("lorafleet/tiny-llama", paths, dtype="bf16")
     assert base.dtype == torch.bfloat16

@@ -184,11 +184,11 @@ def _fetch_many(bridge: CatalogBridge) -> Any:
 
 def _fleet(name: str, cfg: ServeConfig, metrics: Any) -> Any:
     """The engine actors of one base on Ray (lorafleet/fleet/); the base here only gives its
-    tokenizer and facts to the services."""
+    tokenizer and facts to the services: its weights stay in the engines' processes."""
     from lorafleet.fleet import RayOptions, WorkerConfig, build_fleet
     from lorafleet.model import load_base
 
-    base = cfg.engines[name][0] if name in cfg.engines else load_base(name, cfg.paths, dtype=cfg.dtype)
+    base = cfg.engines[name][0] if name in cfg.engines else load_base(name, cfg.paths, dtype=cfg.dtype, weights=False)
     worker = WorkerConfig(
         base=name, home=str(cfg.paths.home), database_url=cfg.paths.database_url if cfg.use_catalog else None,
         store_url=cfg.paths.store_url, dtype=cfg.dtype, device=cfg.device, cpu_prepack=cfg.cpu_prepack,

@@ -320,8 +320,13 @@ def folder_digest(folder: Path, memo_dir: Path | None = None) -> str:
 
 
 def load_base(name: str, paths: Paths, dtype: torch.dtype | str = torch.float32,
-              device: torch.device | str = "cpu") -> LoadedBase:
-    """Load a base model (see `resolve`), frozen, in eval mode, in `dtype` (fp32 or bf16), on `device`."""
+              device: torch.device | str = "cpu", weights: bool = True) -> LoadedBase:
+    """Load a base model (see `resolve`), frozen, in eval mode, in `dtype` (fp32 or bf16), on `device`.
+
+    `weights=False`: everything but the weights (tokenizer, facts, digest; the model's module tree
+    on the meta device), for a control plane whose engines run elsewhere (lorafleet/fleet/). The
+    base's files are still made ready (a GGUF converted once), so engines started next find them.
+    """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UnknownBaseModel(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
@@ -333,18 +338,25 @@ def load_base(name: str, paths: Paths, dtype: torch.dtype | str = torch.float32,
     if src.kind == sources.REGISTRY:
         info = base_info(name, paths)
         tok_dir = smollm2.tokenizer_dir(paths.models_dir)
-        model = smollm2.load_model(paths.models_dir) if name == DEFAULT_BASE else _build_tiny(name)
+        if not weights:
+            if name == DEFAULT_BASE:
+                smollm2.model_dir(paths.models_dir)
+            model = meta_model(_config_for(src, paths))
+        else:
+            model = smollm2.load_model(paths.models_dir) if name == DEFAULT_BASE else _build_tiny(name)
         model = model.to(dtype)
     else:
         tok_dir = model_folder(src, paths)
         info = base_info(name, paths)
-        model = _load_folder(tok_dir, dtype)
+        model = _load_folder(tok_dir, dtype) if weights else meta_model(_config_for(src, paths)).to(dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     digest = base_digest(name, paths)
-    model = model.to(device)
+    if weights:
+        model = model.to(device)
     model.eval()
     model.requires_grad_(False)
-    log.info("loaded base %s (%s, %s on %s, digest %s)", info.name, info.arch, dtype, device, digest[:12])
+    log.info("loaded base %s (%s, %s on %s, digest %s)%s", info.name, info.arch, dtype, device, digest[:12],
+             "" if weights else ": no weights, the engines hold them")
     return LoadedBase(name=info.name, digest=digest, model=model, tokenizer=tokenizer, tokenizer_dir=tok_dir, info=info)
 
 

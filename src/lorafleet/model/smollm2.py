@@ -95,14 +95,19 @@ def tokenizer_dir(models_dir: Path) -> Path:
     return final
 
 
-def load_model(models_dir: Path) -> nn.Module:
-    """The fp32 model from the safetensors cache, converting from the GGUF the first time."""
-    from transformers import AutoModelForCausalLM
-
+def model_dir(models_dir: Path) -> Path:
+    """The safetensors cache of the model, converted from the GGUF the first time."""
     final = _cache_dir(models_dir) / "model"
     if not (final / "done").exists():
         _convert(final)
-    return AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.float32)
+    return final
+
+
+def load_model(models_dir: Path) -> nn.Module:
+    """The fp32 model from the safetensors cache (see `model_dir`)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir(models_dir)), dtype=torch.float32)
 
 
 def _convert(final: Path) -> None:
