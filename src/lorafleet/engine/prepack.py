@@ -7,8 +7,10 @@ allow ~1x. oneDNN can reorder a weight once into the blocked layout its kernels 
 (what IPEX's `optimize` and inductor's CPU freezing pass do); rows then go through
 `mkldnn._linear_pointwise`. Measured by `bench/cpu_prepack.py` (docs/BENCHMARKS.md).
 
-    forward(x):  autograd on, or fewer than MIN_ROWS rows  ->  F.linear(x, weight)   (as before)
-                 otherwise (sampling, scoring, prefill)    ->  oneDNN, packed weight
+    forward(x):  autograd on, or x has fewer than MIN_ROWS rows  ->  F.linear(x, weight)  (as before)
+                 otherwise (decode steps, prefills, scoring)      ->  oneDNN, packed weight
+
+(a row is one token of the batch: a decode step of 9 sequences has 9, a 5-token prefill 5.)
 
 The plain weight stays (training's backward, and one-row decoding, where torch's GEMV is
 faster, use it; tied embeddings keep reading it), so prepacking costs one more copy of every
