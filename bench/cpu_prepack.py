@@ -27,15 +27,14 @@ def main() -> None:
     set_threads(args.threads)
     from lorafleet.config import paths_from_env
     from lorafleet.engine import Engine, SampleRequest, SamplingParams
-    from lorafleet.engine.prepack import PrepackedLinear
+    from lorafleet.engine.prepack import packed_bytes
     from lorafleet.lora.spec import LoraSpec
     from lorafleet.model import load_base
 
     paths = paths_from_env()
     engines = {"plain": Engine(load_base(SMOL, paths), cpu_prepack=False),
                "prepacked": Engine(load_base(SMOL, paths), cpu_prepack=True)}
-    extra = sum(m.weight.numel() * 4 for m in engines["prepacked"].base.model.modules()
-                if isinstance(m, PrepackedLinear))
+    extra = packed_bytes(engines["prepacked"].base.model)
     spec = LoraSpec(rank=8, alpha=16.0, target_modules=ATTN)
     handles = {name: [e.create_adapter(spec, weights=random_adapter(e.info, spec, seed=i)) for i in range(max(ROWS))]
                for name, e in engines.items()}

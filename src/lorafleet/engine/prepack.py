@@ -73,14 +73,19 @@ def prepack(model: nn.Module) -> int:
     returns how many. Idempotent; a model `supported` rejects is left alone."""
     if not supported(model):
         return 0
-    swapped, size = 0, 0
+    swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.dtype == torch.float32:
                 setattr(parent, name, PrepackedLinear(child))
                 swapped += 1
-                size += child.weight.numel() * 4
     if swapped:
         log.info("prepacked %d Linear weights for CPU inference (%.0f MiB more memory; "
-                 "--no-cpu-prepack turns it off)", swapped, size / 2**20)
+                 "--no-cpu-prepack turns it off)", swapped, packed_bytes(model) / 2**20)
     return swapped
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """The memory the packed copies of `model` take: its prepacked Linear weights once more."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+               if isinstance(m, PrepackedLinear))

@@ -335,24 +335,21 @@ def load_base(name: str, paths: Paths, dtype: torch.dtype | str = torch.float32,
     smollm2.progress_bars()
     from transformers import AutoTokenizer
 
-    if src.kind == sources.REGISTRY:
-        info = base_info(name, paths)
-        tok_dir = smollm2.tokenizer_dir(paths.models_dir)
-        if not weights:
-            if name == DEFAULT_BASE:
-                smollm2.model_dir(paths.models_dir)
-            model = meta_model(_config_for(src, paths))
-        else:
-            model = smollm2.load_model(paths.models_dir) if name == DEFAULT_BASE else _build_tiny(name)
-        model = model.to(dtype)
+    tok_dir = smollm2.tokenizer_dir(paths.models_dir) if src.kind == sources.REGISTRY else model_folder(src, paths)
+    info = base_info(name, paths)
+    if not weights:
+        if name == DEFAULT_BASE:  # converted now, so that the engines started next find it
+            smollm2.model_dir(paths.models_dir)
+        model = meta_model(_config_for(src, paths))
+    elif src.kind == sources.REGISTRY:
+        model = smollm2.load_model(paths.models_dir) if name == DEFAULT_BASE else _build_tiny(name)
     else:
-        tok_dir = model_folder(src, paths)
-        info = base_info(name, paths)
-        model = _load_folder(tok_dir, dtype) if weights else meta_model(_config_for(src, paths)).to(dtype)
+        model = _load_folder(tok_dir, dtype)
+    model = model.to(dtype)
+    if weights:  # a meta model has no tensors to move
+        model = model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     digest = base_digest(name, paths)
-    if weights:
-        model = model.to(device)
     model.eval()
     model.requires_grad_(False)
     log.info("loaded base %s (%s, %s on %s, digest %s)%s", info.name, info.arch, dtype, device, digest[:12],
